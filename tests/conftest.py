@@ -1,0 +1,41 @@
+"""Shared test setup: where the sample clips are, and which tests run by default.
+
+Slow tests run with `--runslow` or DUALFORCE_SLOW=1; GPU tests run only where CUDA is present.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = Path(os.environ.get("DUALFORCE_SAMPLES", REPO.parent / "shared" / "samples"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    run_slow = config.getoption("--runslow") or os.environ.get("DUALFORCE_SLOW") == "1"
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:
+        has_cuda = False
+    skip_slow = pytest.mark.skip(reason="slow: use --runslow or DUALFORCE_SLOW=1")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def samples_dir() -> Path:
+    if not (SAMPLES / "sun.mp4").exists():
+        pytest.fail(f"sample clips not found under {SAMPLES} (set DUALFORCE_SAMPLES)")
+    return SAMPLES

@@ -1,0 +1,16 @@
+"""Per-clip failures: a step raises ClipRejected and the flow records it in the ledger and moves on."""
+from __future__ import annotations
+
+
+class ClipRejected(Exception):
+    """This clip cannot go through this step; `reason` is a short stable code, `detail` is for people.
+
+    Reason codes used across steps (keep them stable: ledgers and dashboards group by them):
+    unreachable, download_failed, corrupt, no_video, no_audio, too_short, no_face, multiple_faces,
+    face_too_small, av_length_mismatch, silent_audio, pose_disagreement, missing_input.
+    """
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail

@@ -149,3 +149,81 @@ def read_audio(path: str | Path, sample_rate: int = 16_000) -> np.ndarray:
     if proc.returncode != 0:
         raise MediaError(f"reading audio of {path} failed: {proc.stderr.decode(errors='replace')[-300:]}")
     return np.frombuffer(proc.stdout, np.float32).copy()
+
+
+class VideoWriter:
+    """Pipe RGB frames into libx264; the file appears under its final name only after a clean close.
+
+    Bit-exact flags and a fixed thread count make the same frames give the same bytes on every run.
+    """
+
+    def __init__(self, path: str | Path, width: int, height: int, fps: int = 25, crf: int = 18,
+                 preset: str = "veryfast", threads: int = 2):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp.mp4")
+        self.size = (width, height)
+        self.frames = 0
+        cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
+               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "-",
+               "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
+               "-threads", str(threads), "-fflags", "+bitexact", "-flags:v", "+bitexact",
+               "-map_metadata", "-1", "-movflags", "+faststart", str(self.tmp)]
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def write(self, frames: np.ndarray) -> None:
+        """frames: [n, H, W, 3] or [H, W, 3] uint8 RGB."""
+        frames = np.ascontiguousarray(frames, dtype=np.uint8)
+        if frames.shape[-3:-1] != (self.size[1], self.size[0]):
+            raise ValueError(f"frame size {frames.shape[-3:-1]} does not match writer {self.size[::-1]}")
+        self._proc.stdin.write(frames.tobytes())
+        self.frames += 1 if frames.ndim == 3 else frames.shape[0]
+
+    def close(self) -> Path:
+        self._proc.stdin.close()
+        err = self._proc.stderr.read().decode(errors="replace")
+        self._proc.stderr.close()
+        if self._proc.wait() != 0:
+            self.tmp.unlink(missing_ok=True)
+            raise MediaError(f"encoding {self.path.name} failed: {err.strip()[-300:]}")
+        self.tmp.replace(self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+        self._proc.kill()
+        self._proc.wait()
+        self._proc.stderr.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_wav(path: str | Path, samples: np.ndarray, sample_rate: int = 16_000) -> Path:
+    """16-bit PCM mono wav, written atomically."""
+    import soundfile as sf
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.wav")
+    sf.write(tmp, np.clip(samples, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+    tmp.replace(path)
+    return path
+
+
+def wav_bytes(samples: np.ndarray, sample_rate: int = 16_000) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(samples, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+    return buf.getvalue()

@@ -39,3 +39,24 @@ def samples_dir() -> Path:
     if not (SAMPLES / "sun.mp4").exists():
         pytest.fail(f"sample clips not found under {SAMPLES} (set DUALFORCE_SAMPLES)")
     return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def yongen_crop(samples_dir, tmp_path_factory):
+    """The real yongen.mp4 through the crop step once per session (about 8 s)."""
+    from tasks.crop import crop_clip
+
+    out = tmp_path_factory.mktemp("crop") / "yongen"
+    return crop_clip(samples_dir / "yongen.mp4", out)
+
+
+def make_video(path: Path, *, seconds: float, size: str = "320x240", source: str = "testsrc2", audio: bool = True) -> Path:
+    """A small synthetic clip via ffmpeg lavfi (for no-face cases only; faces come from the real samples)."""
+    from tasks.media import run_ffmpeg
+
+    args = ["-y", "-f", "lavfi", "-i", f"{source}=size={size}:rate=25:duration={seconds}"]
+    if audio:
+        args += ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=16000:duration={seconds}"]
+    args += ["-c:v", "libx264", "-pix_fmt", "yuv420p"] + (["-c:a", "aac", "-shortest"] if audio else []) + [str(path)]
+    run_ffmpeg(args, "making a test clip")
+    return path

@@ -1,0 +1,126 @@
+"""`dualforce` command line: dry-run, preprocess, manifest, and the model/training tools."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SAMPLES = REPO.parent / "shared" / "samples"
+
+
+def _prefect_env() -> None:
+    """Embedded Prefect by default: a temporary local server, no telemetry, state under the repo."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_HOME", str(REPO / ".prefect"))
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def _print_summary(report: dict, seconds: float) -> None:
+    print()
+    print(f"== {report['dataset']}: {report['clips_out']}/{report['clips_in']} clips made it through")
+    for r in report["rejected"]:
+        print(f"   - {r['clip_id']}: {r['status']} at {r['step']} [{r['reason']}] {r['detail']}")
+    print(f"{'step':<16}{'ok':>5}{'rej':>5}{'fail':>6}{'cached':>8}{'seconds':>10}")
+    for c in report["step_counts"]:
+        print(f"{c['step']:<16}{c['ok']:>5}{c['rejected']:>5}{c['failed']:>6}{c['skipped']:>8}{c['seconds']:>10.2f}")
+    sh = report.get("shards")
+    if sh:
+        print(f"samples: {sh['samples']} in {sh['shards']} shards ({sh['bytes'] / 1e6:.1f} MB), per split {sh['per_split']}")
+    print(f"wall time: {seconds:.1f}s")
+    print(f"output: {report['output']}")
+
+
+def cmd_dry_run(args: argparse.Namespace) -> int:
+    _prefect_env()
+    from datasets_manifest import build_manifest
+    from datasets_manifest.schema import write_manifest
+    from flows.preprocess import run_preprocess
+
+    out = Path(args.out or Path.cwd() / "dryrun-output").resolve()
+    samples = Path(args.samples).resolve()
+    if not samples.is_dir():
+        print(f"error: sample clips not found at {samples} (use --samples DIR)", file=sys.stderr)
+        return 2
+    built = build_manifest("samples", samples)
+    manifest = write_manifest(built.rows, out / "manifest" / "samples.parquet")
+    print(f"dry-run: {len(built.rows)} sample clips from {samples} -> {out}", file=sys.stderr)
+    t0 = time.perf_counter()
+    report = run_preprocess(
+        dataset="samples", manifest=str(manifest), output_root=str(out), workers=args.workers,
+        batch_size=args.batch_size, window_n=args.window_n, progress=not args.no_progress,
+    )
+    _print_summary(report, time.perf_counter() - t0)
+    (out / "dryrun-report.json").write_text(json.dumps(report, indent=1, default=str))
+    if not report.get("shards") or report["shards"]["samples"] == 0:
+        print("error: the dry-run produced no samples", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    _prefect_env()
+    from flows.preprocess import run_preprocess
+
+    t0 = time.perf_counter()
+    report = run_preprocess(
+        dataset=args.dataset, manifest=args.manifest, output_root=args.out, steps=args.steps or None,
+        limit=args.limit, batch_size=args.batch_size, workers=args.workers, window_n=args.window_n,
+        progress=not args.no_progress,
+    )
+    _print_summary(report, time.perf_counter() - t0)
+    return 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from datasets_manifest.summary import manifest_command
+
+    print(manifest_command(args.dataset, args.src, args.out, seed=args.seed))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dualforce", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("dry-run", help="manifest -> download -> crop -> shard on the sample clips, locally")
+    d.add_argument("--out", help="output folder (default: ./dryrun-output)")
+    d.add_argument("--samples", default=str(DEFAULT_SAMPLES), help="folder of sample clips")
+    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--batch-size", type=int, default=1)
+    d.add_argument("--window-n", type=int, default=8, help="windows of 4n+1 frames")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_dry_run)
+
+    pp = sub.add_parser("preprocess", help="run the preprocess flow on a manifest")
+    pp.add_argument("dataset")
+    pp.add_argument("--manifest", required=True)
+    pp.add_argument("--out", required=True, help="output root")
+    pp.add_argument("--steps", nargs="*")
+    pp.add_argument("--limit", type=int)
+    pp.add_argument("--batch-size", type=int, default=8)
+    pp.add_argument("--workers", type=int, default=2)
+    pp.add_argument("--window-n", type=int, default=8)
+    pp.add_argument("--no-progress", action="store_true")
+    pp.set_defaults(func=cmd_preprocess)
+
+    m = sub.add_parser("manifest", help="build a normalised clip manifest from a dataset's published metadata")
+    m.add_argument("dataset")
+    m.add_argument("src")
+    m.add_argument("-o", "--out", required=True)
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=cmd_manifest)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

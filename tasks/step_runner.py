@@ -1,0 +1,127 @@
+"""Run one preprocessing step over a batch of clips: skip what is done, record what happened.
+
+A step is any object with `name`, `version`, `requires`, `fingerprint()` and
+`run(row, inputs, out_dir) -> info`. Per-clip failures never escape: ClipRejected becomes a cached
+`rejected` record (re-runs skip it until the step's key changes); any other exception becomes a `failed`
+record that the next run retries.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Protocol
+
+from datasets_manifest.schema import ClipRow
+from tasks.errors import ClipRejected
+from tasks.step_store import StepRecord, StepStore, fingerprint
+
+
+class Step(Protocol):
+    name: str
+    version: str
+    requires: tuple[str, ...]
+
+    def fingerprint(self) -> str: ...
+
+    def run(self, row: ClipRow, inputs: dict[str, Path], out_dir: Path) -> dict: ...
+
+
+@dataclass
+class ClipState:
+    """A clip and what each step did to it so far (in this run or a cached earlier one)."""
+
+    row: ClipRow
+    records: dict[str, StepRecord] = field(default_factory=dict)
+
+    @property
+    def alive(self) -> bool:
+        return all(r.status == "ok" for r in self.records.values())
+
+    @property
+    def failure(self) -> Optional[StepRecord]:
+        return next((r for r in self.records.values() if r.status != "ok"), None)
+
+
+@dataclass
+class LedgerEntry:
+    clip_id: str
+    dataset: str
+    step: str
+    status: str  # ok | rejected | failed
+    action: str  # ran | skipped (cached result reused)
+    reason: str
+    detail: str
+    version: str
+    key: str
+    checksum: str
+    seconds: float
+    run_id: str
+    finished_at: float
+
+
+def step_key(step: Step, upstream: list[StepRecord]) -> str:
+    return fingerprint(step.name, step.version, step.fingerprint(), [(r.step, r.checksum) for r in upstream])
+
+
+def run_step(
+    step: Step,
+    states: list[ClipState],
+    store: StepStore,
+    run_id: str,
+    on_clip: Optional[Callable[[ClipState, LedgerEntry], None]] = None,
+) -> list[LedgerEntry]:
+    """Advance every alive clip in `states` through `step` (in place); returns the ledger entries."""
+    entries: list[LedgerEntry] = []
+    for state in states:
+        if not state.alive:
+            continue
+        row = state.row
+        missing = [r for r in step.requires if r not in state.records]
+        if missing:
+            rec = StepRecord(row.clip_id, step.name, "failed", "", step.version, "missing_input",
+                             f"upstream steps {missing} have no result")
+            action = "ran"
+        else:
+            upstream = [state.records[r] for r in step.requires]
+            key = step_key(step, upstream)
+            cached = store.load(step.name, row.clip_id)
+            if cached is not None and cached.key == key and cached.status in ("ok", "rejected"):
+                rec, action = cached, "skipped"
+            else:
+                rec, action = _execute(step, row, upstream, key, store), "ran"
+        state.records[step.name] = rec
+        entry = LedgerEntry(
+            clip_id=row.clip_id, dataset=row.dataset, step=step.name, status=rec.status, action=action,
+            reason=rec.reason, detail=rec.detail, version=rec.version, key=rec.key, checksum=rec.checksum,
+            seconds=rec.seconds if action == "ran" else 0.0, run_id=run_id, finished_at=time.time(),
+        )
+        entries.append(entry)
+        if on_clip:
+            on_clip(state, entry)
+    return entries
+
+
+def _execute(step: Step, row: ClipRow, upstream: list[StepRecord], key: str, store: StepStore) -> StepRecord:
+    inputs = {r.step: store.clip_dir(r.step, row.clip_id) for r in upstream}
+    staging = store.staging_dir(step.name, row.clip_id)
+    t0 = time.perf_counter()
+    rec = StepRecord(row.clip_id, step.name, "ok", key, step.version)
+    try:
+        rec.info = step.run(row, inputs, staging) or {}
+    except ClipRejected as exc:
+        rec.status, rec.reason, rec.detail = "rejected", exc.reason, exc.detail
+    except Exception as exc:  # an unexpected bug or environment problem: recorded, retried next run
+        rec.status, rec.reason = "failed", "error"
+        rec.detail = f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=3).splitlines()[-2].strip()}"
+    rec.seconds = time.perf_counter() - t0
+    if rec.status == "failed":
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        return rec
+    if rec.status == "rejected":
+        for f in staging.iterdir():  # keep only the status: a rejection has no outputs
+            f.unlink() if f.is_file() else None
+    return store.commit(staging, rec)

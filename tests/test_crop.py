@@ -1,0 +1,135 @@
+"""Step 2 on real clips: geometry, lengths, centring, and every rejection reason."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import make_video
+from tasks.contract import AUDIO_SAMPLES_PER_FRAME, FPS
+from tasks.crop import CropConfig, crop_clip
+from tasks.crop_geometry import CropParams, crop_matrix, rect_from_landmarks, smooth_rects, transform_points
+from tasks.errors import ClipRejected
+from tasks.face_landmarks import get_landmarker
+from tasks.media import probe, read_frames, run_ffmpeg
+
+# The crop puts the eye-lip box centre 0.125 * 512 = 64 px above the face centre (vy_ratio -0.125), so the
+# face's landmark centroid should sit near (256, 320). Tolerance: 8% of the crop side (41 px) on each axis.
+EXPECTED_FACE = np.array([256.0, 256.0 + 0.125 * 512])
+TOL = 0.08 * 512
+
+
+def _face_points(lm: np.ndarray) -> np.ndarray:
+    """A plausible 68-point face: eye corners, mouth corners and a jaw ring around a centre."""
+    pts = np.zeros((68, 2))
+    ring = np.linspace(0, 2 * np.pi, 68, endpoint=False)
+    pts[:] = np.stack([50 * np.cos(ring), 60 * np.sin(ring)], 1)
+    pts[36], pts[39], pts[42], pts[45] = [-30, -15], [-10, -15], [10, -15], [30, -15]
+    pts[48], pts[54] = [-20, 30], [20, 30]
+    return pts + lm
+
+
+def test_rect_recovers_roll_and_centre():
+    pts = _face_points(np.array([300.0, 200.0]))
+    for deg in (-25.0, 0.0, 15.0):
+        a = math.radians(deg)
+        rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+        rp = (pts - [300, 200]) @ rot.T + [300, 200]
+        cx, cy, size, angle = rect_from_landmarks(rp, CropParams())
+        assert math.degrees(angle) == pytest.approx(deg, abs=1e-6)
+        # square from the rotated extent (100 x 120 -> 120) times scale 2.3
+        assert size == pytest.approx(120 * 2.3, rel=1e-6)
+        # with vy=-0.125 the centre moves up along the face's own vertical axis by 0.125 * size
+        up = np.array([-math.sin(a), math.cos(a)]) * (-0.125 * size)
+        assert np.allclose([cx, cy], np.array([300, 200]) + up, atol=1e-6)
+        m = crop_matrix(np.array([cx, cy, size, angle]), 512)
+        assert np.allclose(transform_points(np.array([[cx, cy]]), m), [[256, 256]], atol=1e-9)
+        # the eye line comes out horizontal: roll is removed
+        out = transform_points(rp, m)
+        assert out[36, 1] == pytest.approx(out[45, 1], abs=1e-6)
+
+
+def test_smoothing_removes_jitter_and_keeps_constants():
+    rng = np.random.default_rng(0)
+    base = np.tile([200.0, 150.0, 300.0, 0.1], (100, 1))
+    noisy = base + rng.normal(0, [3, 3, 5, 0.01], base.shape)
+    smoothed = smooth_rects(noisy, 2.0)
+    assert np.std(np.diff(smoothed[:, 0])) < 0.3 * np.std(np.diff(noisy[:, 0]))
+    assert np.allclose(smooth_rects(base, 2.0), base)
+    # an angle crossing +-pi is unwrapped, not averaged through zero
+    wrap = np.tile([0.0, 0.0, 1.0, 0.0], (10, 1))
+    wrap[:, 3] = [3.1, 3.12, 3.13, -3.14, -3.13, -3.12, -3.1, -3.09, -3.08, -3.07]
+    assert np.all(np.abs(np.cos(smooth_rects(wrap, 1.0)[:, 3]) + 1) < 0.01)
+
+
+def test_real_clip_geometry_lengths_and_centring(yongen_crop):
+    r = yongen_crop
+    info = probe(r.video)
+    assert (info.width, info.height, info.fps) == (512, 512, 25.0)
+    frames = read_frames(r.video)
+    # yongen: 10.7 s of video but only 8.0 s of audio -> trimmed to the audio
+    assert r.source_frames == 268 and r.frames == 200 and frames.shape == (200, 512, 512, 3)
+    assert info.duration_s * FPS == pytest.approx(r.frames, abs=1)
+    audio, sr = sf.read(r.audio)
+    assert sr == 16000 and audio.ndim == 1 and len(audio) == r.frames * AUDIO_SAMPLES_PER_FRAME
+    assert np.abs(audio).max() > 0.05  # real speech, not silence
+    lm = np.load(r.landmarks)
+    assert lm.shape == (200, 68, 2) and lm.dtype == np.float32
+    # re-detect the face on the output frames, independently of the crop's own landmarks
+    det = get_landmarker("dlib")
+    for i in (0, 100, 199):
+        boxes = det.detect(frames[i])
+        assert len(boxes) == 1
+        centre = det.landmarks(frames[i], boxes[0]).mean(0)
+        assert np.all(np.abs(centre - EXPECTED_FACE) <= TOL), (i, centre)
+        assert np.abs(lm[i].mean(0) - centre).max() < 12  # stored landmarks agree with a fresh detection
+
+
+def test_30fps_source_becomes_25fps(samples_dir, tmp_path):
+    r = crop_clip(samples_dir / "more" / "lp_d19.mp4", tmp_path / "d19")
+    info = probe(r.video)
+    assert info.fps == 25.0 and (info.width, info.height) == (512, 512)
+    assert r.frames == pytest.approx(8.3 * 25, abs=3)
+    assert len(read_frames(r.video)) == r.frames
+    assert sf.info(r.audio).frames == r.frames * AUDIO_SAMPLES_PER_FRAME
+
+
+@pytest.mark.parametrize(
+    "make, cfg, reason",
+    [
+        ("no_audio", CropConfig(), "no_audio"),
+        ("noise", CropConfig(), "no_face"),
+        ("corrupt", CropConfig(), "corrupt"),
+        ("side_by_side", CropConfig(), "multiple_faces"),
+        ("d12", CropConfig(min_face_px=400), "face_too_small"),
+        ("d12", CropConfig(min_frames=1000), "too_short"),
+        ("yongen", CropConfig(av_mismatch="reject"), "av_length_mismatch"),
+    ],
+)
+def test_rejections_carry_a_reason(make, cfg, reason, samples_dir, tmp_path):
+    src = {
+        "no_audio": lambda: samples_dir / "more" / "lp_d0.mp4",
+        "noise": lambda: make_video(tmp_path / "noise.mp4", seconds=2, source="testsrc2"),
+        "corrupt": lambda: _corrupt(tmp_path / "bad.mp4"),
+        "side_by_side": lambda: _side_by_side(samples_dir / "more" / "lp_d12.mp4", tmp_path / "two.mp4"),
+        "d12": lambda: samples_dir / "more" / "lp_d12.mp4",
+        "yongen": lambda: samples_dir / "yongen.mp4",
+    }[make]()
+    with pytest.raises(ClipRejected) as exc:
+        crop_clip(src, tmp_path / "out", cfg)
+    assert exc.value.reason == reason
+    assert exc.value.detail
+    assert not (tmp_path / "out" / "crop.mp4").exists()
+
+
+def _corrupt(path):
+    path.write_bytes(np.random.default_rng(1).bytes(50_000))
+    return path
+
+
+def _side_by_side(src, path):
+    run_ffmpeg(["-y", "-t", "2", "-i", str(src), "-filter_complex", "[0:v]split[a][b];[a][b]hstack",
+                "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", str(path)], "side by side")
+    return path

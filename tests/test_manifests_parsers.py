@@ -211,3 +211,40 @@ def test_unreadable_json_is_a_source_error(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset 'vox3'; known: hdtf, celebvhq"):
         build_manifest("vox3", FIX)
+
+
+def test_one_broken_file_in_a_folder_is_reported_not_fatal(tmp_path):
+    import shutil
+
+    shutil.copytree(FIX / "talkvid", tmp_path / "talkvid")
+    (tmp_path / "talkvid" / "zz_broken.json").write_text("[{\"id\": ")
+    b = build_manifest("talkvid", tmp_path / "talkvid")
+    assert len(b.rows) == 4
+    assert "is not valid JSON" in reasons(b)["zz_broken.json"]
+
+    shutil.copytree(FIX / "panda70m", tmp_path / "panda")
+    (tmp_path / "panda" / "other.csv").write_text("a,b\n1,2\n")
+    b = build_manifest("panda70m", tmp_path / "panda")
+    assert len(b.rows) == 4 and "lacks Panda-70M columns ['videoID', 'url', 'timestamp']" in reasons(b)["other.csv"]
+
+
+def test_undecodable_meta_file_is_a_record_error(tmp_path):
+    import shutil
+
+    shutil.copytree(FIX / "vfhq", tmp_path / "vfhq")
+    (tmp_path / "vfhq" / "Clip+Zz11Yy22Xx3+P0+C0+F0-50.txt").write_bytes(b"Video ID: \xff\xfe\xfa\n")
+    b = build_manifest("vfhq", tmp_path / "vfhq")
+    assert len(b.rows) == 2
+    assert "can't decode" in reasons(b)["Clip+Zz11Yy22Xx3+P0+C0+F0-50.txt"]
+
+
+def test_ids_that_sanitise_to_the_same_id_are_reported_as_duplicates(tmp_path):
+    clip = {"ytb_id": "Aa1Bb2Cc3Dd", "duration": {"start_sec": 1.0, "end_sec": 3.0},
+            "bbox": {"top": 0.1, "bottom": 0.8, "left": 0.2, "right": 0.6}}
+    import json
+
+    (tmp_path / "celebvhq_info.json").write_text(json.dumps({"clips": {"x y": clip, "x/y": clip}}))
+    b = build_manifest("celebvhq", tmp_path)
+    assert [r.clip_id for r in b.rows] == ["celebvhq_x_y"]
+    (err,) = b.errors
+    assert "duplicate clip_id 'celebvhq_x_y'" in err.reason

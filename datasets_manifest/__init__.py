@@ -9,15 +9,22 @@ from datasets_manifest.build import (
     summary_text,
 )
 from datasets_manifest.records import ParseError, ParseResult
+from datasets_manifest.splits import assign_splits
+from datasets_manifest.summary import ManifestSummary, SplitStats, format_summary, summarize
 
 __all__ = [
     "DATASETS",
     "PARSERS",
     "ManifestBuild",
     "ManifestSourceError",
+    "ManifestSummary",
+    "SplitStats",
     "ParseError",
     "ParseResult",
+    "assign_splits",
     "build_manifest",
+    "format_summary",
     "manifest_command",
+    "summarize",
     "summary_text",
 ]

@@ -90,5 +90,10 @@ def parse_panda70m(src: Path) -> ParseResult:
         raise ValueError(f"{src} holds no Panda-70M csv files")
     result = ParseResult()
     for path in files:
-        _parse_csv(path, result)
+        try:
+            _parse_csv(path, result)
+        except (OSError, ValueError, csv.Error) as exc:
+            if len(files) == 1:
+                raise
+            result.error(path.name, str(exc))  # one broken csv in a folder does not sink the others
     return result

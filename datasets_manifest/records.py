@@ -31,6 +31,8 @@ def describe_error(exc: BaseException) -> str:
             loc = ".".join(str(p) for p in err.get("loc", ())) or "record"
             parts.append(f"{loc}: {err.get('msg', 'invalid')}")
         return "; ".join(parts)
+    if isinstance(exc, OSError):
+        return f"cannot read {exc.filename or 'file'}: {exc.strerror or exc}"
     if isinstance(exc, KeyError):
         return f"missing field {exc.args[0]!r}" if exc.args else "missing field"
     return str(exc).replace("\n", " ") or type(exc).__name__
@@ -49,10 +51,11 @@ class ParseResult:
         make: Callable[[], ClipRow],
         published: Optional[tuple[str, ...]] = None,
     ) -> Optional[ClipRow]:
-        """Build one row; a bad record (ValueError/KeyError/TypeError/IndexError) becomes a ParseError."""
+        """Build one row; a bad record (ValueError/KeyError/TypeError/IndexError, or an unreadable per-record
+        file: OSError) becomes a ParseError."""
         try:
             row = make()
-        except (ValueError, KeyError, TypeError, IndexError) as exc:  # pydantic's ValidationError is a ValueError
+        except (ValueError, KeyError, TypeError, IndexError, OSError) as exc:  # ValidationError is a ValueError
             self.error(where, describe_error(exc))
             return None
         if published is not None:

@@ -71,6 +71,11 @@ def parse_talkvid(src: Path) -> ParseResult:
         raise ValueError(f"{src} holds no TalkVid metadata (*.json / *.jsonl)")
     result = ParseResult()
     for path in files:
-        for where, rec in _records(path, result):
-            result.add(where, lambda r=rec: _row(r))
+        try:
+            for where, rec in _records(path, result):
+                result.add(where, lambda r=rec: _row(r))
+        except (OSError, ValueError) as exc:
+            if len(files) == 1:
+                raise
+            result.error(path.name, str(exc))  # one broken file in a folder does not sink the others
     return result

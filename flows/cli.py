@@ -37,23 +37,13 @@ def _print_summary(report: dict, seconds: float) -> None:
 
 def cmd_dry_run(args: argparse.Namespace) -> int:
     _prefect_env()
-    from datasets_manifest import build_manifest
-    from datasets_manifest.schema import write_manifest
-    from flows.preprocess import run_preprocess
+    from flows.dryrun import dry_run
 
     out = Path(args.out or Path.cwd() / "dryrun-output").resolve()
-    samples = Path(args.samples).resolve()
-    if not samples.is_dir():
-        print(f"error: sample clips not found at {samples} (use --samples DIR)", file=sys.stderr)
-        return 2
-    built = build_manifest("samples", samples)
-    manifest = write_manifest(built.rows, out / "manifest" / "samples.parquet")
-    print(f"dry-run: {len(built.rows)} sample clips from {samples} -> {out}", file=sys.stderr)
+    print(f"dry-run: sample clips from {args.samples} -> {out}", file=sys.stderr)
     t0 = time.perf_counter()
-    report = run_preprocess(
-        dataset="samples", manifest=str(manifest), output_root=str(out), workers=args.workers,
-        batch_size=args.batch_size, window_n=args.window_n, progress=not args.no_progress,
-    )
+    report = dry_run(out=str(out), samples=args.samples, batch_size=args.batch_size, workers=args.workers,
+                     window_n=args.window_n, progress=not args.no_progress)
     _print_summary(report, time.perf_counter() - t0)
     (out / "dryrun-report.json").write_text(json.dumps(report, indent=1, default=str))
     if not report.get("shards") or report["shards"]["samples"] == 0:
@@ -64,12 +54,12 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     _prefect_env()
-    from flows.preprocess import run_preprocess
+    from flows.preprocess import with_workers
 
     t0 = time.perf_counter()
-    report = run_preprocess(
+    report = with_workers(args.workers)(
         dataset=args.dataset, manifest=args.manifest, output_root=args.out, steps=args.steps or None,
-        limit=args.limit, batch_size=args.batch_size, workers=args.workers, window_n=args.window_n,
+        limit=args.limit, batch_size=args.batch_size, window_n=args.window_n,
         progress=not args.no_progress,
     )
     _print_summary(report, time.perf_counter() - t0)

@@ -5,6 +5,7 @@ so orchestration stays cheap at 30K+ clips); batch b's crop starts as soon as ba
 """
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -124,7 +125,7 @@ def _publish(dataset: str, counts: list[dict], rejected: list[dict], shard_stats
         create_markdown_artifact(markdown=md, key=f"preprocess-{slug}-shards", description="Shard set summary")
 
 
-@flow(name="preprocess", log_prints=True)
+@flow(name="preprocess", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 1))
 def preprocess(
     dataset: str,
     manifest: str,
@@ -132,7 +133,6 @@ def preprocess(
     steps: Optional[list[str]] = None,
     limit: Optional[int] = None,
     batch_size: int = 8,
-    workers: int = 1,
     window_n: int = 8,
     window_stride: Optional[int] = None,
     progress: bool = False,
@@ -191,6 +191,6 @@ def preprocess(
     }
 
 
-def run_preprocess(workers: int = 1, **kwargs) -> dict:
-    """Call the flow with a thread pool sized for `workers` (steps shell out to ffmpeg / release the GIL)."""
-    return preprocess.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, workers)))(workers=workers, **kwargs)
+def with_workers(workers: int):
+    """The flow with a thread pool of `workers` batches at a time (steps shell out to ffmpeg or release the GIL)."""
+    return preprocess.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, workers)))

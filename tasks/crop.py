@@ -212,7 +212,8 @@ def crop_clip(source: str | Path, out_dir: str | Path, cfg: CropConfig = CropCon
         landmarker=get_landmarker(cfg.landmarker).name,
         seconds=time.perf_counter() - t0,
     )
-    meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
+    # Only facts that depend on the input: no paths, no timings (the dir's checksum keys downstream steps).
+    meta = {k: v for k, v in asdict(result).items() if k not in ("clip_dir", "seconds")}
     meta["params"] = asdict(cfg.params)
     meta["crop_size"] = CROP_SIZE
     tmpj = out_dir / (CROP_INFO + ".tmp")

@@ -8,8 +8,8 @@ weights are already in the user's torch hub cache.
 from __future__ import annotations
 
 import importlib.util
+import threading
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
@@ -114,11 +114,18 @@ class FanLandmarker:
         return np.asarray(out[0], np.float32)[:, :2]
 
 
-@lru_cache(maxsize=4)
+_per_thread = threading.local()
+
+
 def get_landmarker(name: str = "dlib") -> FaceLandmarker:
-    """Cached per process: loading the predictor costs ~1 s."""
-    if name == "dlib":
-        return DlibLandmarker()
-    if name == "fan":
-        return FanLandmarker()
-    raise ValueError(f"unknown landmarker {name!r} (choose 'dlib' or 'fan')")
+    """One instance per thread: dlib's detector and predictor are not safe to share between threads,
+    and loading the predictor costs ~1 s, so each worker thread keeps its own."""
+    cache = _per_thread.__dict__.setdefault("landmarkers", {})
+    if name not in cache:
+        if name == "dlib":
+            cache[name] = DlibLandmarker()
+        elif name == "fan":
+            cache[name] = FanLandmarker()
+        else:
+            raise ValueError(f"unknown landmarker {name!r} (choose 'dlib' or 'fan')")
+    return cache[name]

@@ -1,0 +1,74 @@
+"""The preprocess flow in-process: bad inputs are recorded per clip while the rest of the run completes."""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from datasets_manifest.schema import MANIFEST_SCHEMA, ClipRow, rows_to_table
+from tasks import contract
+from tasks.ledger import latest_status, read_ledger
+from tasks.shard import iter_samples
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def test_bad_inputs_are_recorded_and_the_rest_completes(prefect_harness, samples_dir, tmp_path):
+    from flows.preprocess import preprocess
+
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 200)
+    rows = [
+        ClipRow(clip_id="good", dataset="t", source=str(samples_dir / "yongen.mp4"), identity="a"),
+        ClipRow(clip_id="corrupt", dataset="t", source=str(corrupt), identity="b"),
+        ClipRow(clip_id="silent", dataset="t", source=str(samples_dir / "more" / "lp_d0.mp4"), identity="c"),
+        ClipRow(clip_id="nowhere", dataset="t", source=str(tmp_path / "missing.mp4"), identity="d"),
+        ClipRow(clip_id="nohost", dataset="t", source="http://127.0.0.1:9/clip.mp4", identity="e"),
+    ]
+    table = rows_to_table(rows)
+    malformed = pa.Table.from_pylist(
+        [{"clip_id": "backwards", "dataset": "t", "source": "x.mp4", "start_s": 5.0, "end_s": 1.0,
+          "face_box": None, "identity": "f", "split": "train", "attribution": ""}], schema=MANIFEST_SCHEMA)
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.concat_tables([table, malformed]), manifest)
+
+    report = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"), batch_size=2)
+
+    assert report["clips_in"] == 6 and report["clips_out"] == 1
+    reasons = {r["clip_id"]: (r["step"], r["reason"]) for r in report["rejected"]}
+    assert reasons == {
+        "corrupt": ("download", "corrupt"),
+        "silent": ("crop", "no_audio"),
+        "nowhere": ("download", "unreachable"),
+        "nohost": ("download", "unreachable"),
+        "row-5": ("manifest", "malformed_row"),
+    }
+    assert all(r["detail"] for r in report["rejected"])
+    status = latest_status(tmp_path / "out" / "t")
+    assert status[("good", "shard")]["status"] == "ok"
+    assert status[("silent", "crop")]["reason"] == "no_audio"
+    assert report["shards"]["samples"] == 6  # 200 frames of yongen -> 6 windows of 33
+    keys = [s["__key__"] for s in iter_samples(tmp_path / "out" / "t" / "shards", contract.ContractSpec(33, require_features=False))]
+    assert keys == [f"good_w{s:06d}" for s in range(0, 166, 33)]
+
+    # the same run again does no step work: every step result is reused from the store
+    again = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"), batch_size=2)
+    assert again["shards"]["skipped"]
+    second = [r for r in read_ledger(tmp_path / "out" / "t").to_pylist() if r["run_id"] == again["run_id"]]
+    actions = {(r["clip_id"], r["step"]): r["action"] for r in second if r["step"] != "manifest"}
+    assert set(actions.values()) == {"skipped"} and ("good", "crop") in actions
+
+
+def test_unknown_step_is_refused(prefect_harness, tmp_path):
+    from flows.preprocess import preprocess
+
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(rows_to_table([]), manifest)
+    with pytest.raises(ValueError, match="unknown steps"):
+        preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path), steps=["crop", "teleport"])

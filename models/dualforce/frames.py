@@ -9,7 +9,6 @@ anything computed per latent frame from these groups sees no future video frames
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from tasks.contract import VAE_TIME_STRIDE
 

@@ -4,9 +4,14 @@ Block order: for each video block i, run it, then the struct blocks scheduled af
 spread evenly over the video depth), then the bridge if i is a bridge block (config.bridge_blocks). Everything is
 per latent frame and frame-causal, so running frames [a, b) with a KV cache of clean frames [0, a) equals running
 frames [0, b) in one pass and slicing.
+
+Conditioning: the reference latent enters as Wan i2v channels at latent frame 0 (video_dit.py); the cross-attention
+of every block attends to the frame's own audio tokens (audio.py; their windows already hold past audio); audio
+also drives a zero-initialised AdaLN branch. There is no text encoder. Struct rows are expected normalised upstream.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Union
 
 import torch
@@ -174,8 +179,6 @@ def build_model(name_or_config: Union[str, DualForceConfig], **overrides) -> Dua
     """A DualForce model from a preset name (with field overrides) or a config."""
     if isinstance(name_or_config, DualForceConfig):
         if overrides:
-            from dataclasses import replace
-
             name_or_config = replace(name_or_config, **overrides)
         return DualForce(name_or_config)
     return DualForce(get_config(name_or_config, **overrides))

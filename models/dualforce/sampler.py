@@ -16,7 +16,7 @@ import torch
 
 from .attention import KVCache
 from .diffusion_forcing import shift_sigma
-from .frames import group_rows, num_latent_frames, video_frames_of
+from .frames import num_latent_frames, video_frames_of
 
 
 @dataclass

@@ -1,0 +1,86 @@
+"""Locating and checking model weights before any work starts (nothing is ever downloaded)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+
+
+class WeightsError(RuntimeError):
+    """Model weights are missing or do not fit the architecture; the message says which file and why."""
+
+
+def check_state_dict(model: nn.Module, state: dict, source: str) -> None:
+    """Raise WeightsError listing missing keys, unexpected keys and shape mismatches (all of them at once)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state))
+        if tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
+        if mismatched:
+            parts.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched[:20])}")
+        raise WeightsError(f"{source} does not fit {type(model).__name__}: " + " | ".join(parts))
+
+
+_WEIGHT_FILES = ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin",
+                 "diffusion_pytorch_model.bin", "model.safetensors.index.json",
+                 "diffusion_pytorch_model.safetensors.index.json")
+
+
+def _hf_model_problem(name_or_dir: str | Path, subfolder: str | None, what: str) -> str | None:
+    """None when a config + weights for `name_or_dir` are on disk (local dir or HF cache), else what is missing."""
+    from pathlib import Path as _P
+
+    local = _P(name_or_dir)
+    if local.is_dir():
+        d = local / subfolder if subfolder else local
+        if not (d / "config.json").is_file():
+            return f"{what}: {d / 'config.json'}"
+        if not any((d / f).is_file() for f in _WEIGHT_FILES):
+            return f"{what}: no weight file ({' / '.join(_WEIGHT_FILES[:3])}) in {d}"
+        return None
+    if local.is_absolute() or str(name_or_dir).startswith("."):
+        return f"{what}: directory {local}"
+    from huggingface_hub import try_to_load_from_cache
+
+    sub = f"{subfolder}/" if subfolder else ""
+    if not isinstance(try_to_load_from_cache(str(name_or_dir), f"{sub}config.json"), str):
+        return f"{what}: '{name_or_dir}' ({sub}config.json) is not in the Hugging Face cache"
+    if not any(isinstance(try_to_load_from_cache(str(name_or_dir), f"{sub}{f}"), str) for f in _WEIGHT_FILES):
+        return f"{what}: '{name_or_dir}' has no cached weight file under '{sub or '/'}'"
+    return None
+
+
+def check_real_weights(
+    liveportrait_root: str | Path | None = None,
+    hubert: str | Path | None = None,
+    wan_vae: str | Path | None = None,
+    wan_vae_subfolder: str | None = None,
+) -> None:
+    """Fail fast, before any work, with every missing weight path at once (only the models asked for)."""
+    from pathlib import Path as _P
+
+    from models.motion_extractor import MOTION_EXTRACTOR_RELPATH
+
+    problems = []
+    if liveportrait_root is not None:
+        p = _P(liveportrait_root) / MOTION_EXTRACTOR_RELPATH
+        if not p.is_file():
+            problems.append(f"LivePortrait motion extractor: {p}")
+    if hubert is not None:
+        problems.append(_hf_model_problem(hubert, None, "HuBERT"))
+    if wan_vae is not None:
+        problems.append(_hf_model_problem(wan_vae, wan_vae_subfolder, "Wan VAE"))
+    problems = [p for p in problems if p]
+    if problems:
+        raise WeightsError("missing model weights (nothing is downloaded; use a dry run for random models):\n  "
+                           + "\n  ".join(problems))

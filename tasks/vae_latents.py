@@ -1,0 +1,147 @@
+"""Step 6: Wan VAE latents of the 512x512 crop, in 4n+1-frame windows, plus a reference-image latent.
+
+Windows. With `window_frames = 4n+1`, windows start every `stride` frames (default: back to back) and each
+is encoded on its own, from its first frame, so window k's latent [16, n+1, H/8, W/8] is what the VAE gives
+for that window as a video (first latent frame = its first video frame alone), the form a training sample
+needs. Frames after the last whole window are dropped and counted. With `window_frames=None` the whole clip
+is one stream, trimmed to the largest 4n+1 <= T.
+
+Memory stays bounded: frames arrive as an iterator of chunks, only the current window's frames are held, and
+the encoder runs one group of 4 frames at a time (models/wan_vae.py). The reference latent is frame 0 encoded
+as a 1-frame video. Everything is stored float16.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+
+from models.wan_vae import TIME_STRIDE, CausalStreamEncoder, WanVae
+from tasks.errors import ClipRejected
+
+
+@dataclass(frozen=True)
+class VaeLatentConfig:
+    window_frames: Optional[int] = 81  # 4n+1 video frames per window; None = whole clip as one stream
+    stride: Optional[int] = None  # frames between window starts; None = window_frames (no overlap)
+
+    def __post_init__(self):
+        w = self.window_frames
+        if w is not None and (w < 1 or (w - 1) % TIME_STRIDE):
+            raise ValueError(f"window_frames must be 4n+1, got {w}")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"stride must be >= 1, got {self.stride}")
+
+
+@dataclass
+class VaeLatents:
+    latents: np.ndarray  # [W, 16, n+1, h, w] float16, normalised
+    window_starts: np.ndarray  # [W] int64 first video frame of each window
+    window_frames: int  # 4n+1
+    reference_latent: np.ndarray  # [16, 1, h, w] float16, frame 0 as a 1-frame video
+    num_frames: int  # T frames seen
+    dropped_tail_frames: int  # frames after the last whole window
+    meta: dict = field(default_factory=dict)
+
+
+def _iter_chunks(frames: np.ndarray | Iterable[np.ndarray]) -> Iterable[np.ndarray]:
+    if isinstance(frames, np.ndarray):
+        if frames.ndim != 4:
+            raise ValueError(f"frames must be [T, H, W, 3], got {frames.shape}")
+        yield frames
+    else:
+        yield from frames
+
+
+def _encode_window(wan: WanVae, frames: np.ndarray) -> torch.Tensor:
+    enc = CausalStreamEncoder(wan)
+    parts = enc.push(frames)
+    enc.close()
+    return torch.cat(parts, dim=2)[0]  # [C, n+1, h, w]
+
+
+def encode_reference(wan: WanVae, frame: np.ndarray) -> np.ndarray:
+    """One frame [H, W, 3] uint8 -> [16, 1, h, w] float16."""
+    return _encode_window(wan, frame[None]).cpu().numpy().astype(np.float16)
+
+
+def encode_clip(
+    frames: np.ndarray | Iterable[np.ndarray],
+    wan: WanVae,
+    cfg: VaeLatentConfig = VaeLatentConfig(),
+) -> VaeLatents:
+    """uint8 RGB frames [T, H, W, 3] (or an iterator of chunks) -> windowed latents + reference latent."""
+    meta = {"untrained_dryrun": wan.untrained_dryrun, "vae": wan.source, "window_frames": cfg.window_frames,
+            "normalised": "(mean - latents_mean) / latents_std", "posterior": "mean"}
+    first: Optional[np.ndarray] = None  # frame 0, encoded after the streams close (they share the VAE cache)
+    total = 0
+    windows: list[torch.Tensor] = []
+    starts: list[int] = []
+    if cfg.window_frames is None:  # whole clip, one causal stream
+        enc = CausalStreamEncoder(wan)
+        parts: list[torch.Tensor] = []
+        for chunk in _iter_chunks(frames):
+            if first is None and len(chunk):
+                first = chunk[0].copy()
+            total += len(chunk)
+            parts.extend(enc.push(chunk))
+        dropped = enc.close()
+        if not parts:
+            raise ClipRejected("too_short", "no frames to encode")
+        windows.append(torch.cat(parts, dim=2)[0])
+        starts.append(0)
+        window = total - dropped
+    else:
+        window = cfg.window_frames
+        stride = cfg.stride or window
+        buf = np.zeros((0,), np.uint8)
+        buf_start = 0  # video index of buf[0]
+        next_start = 0
+        for chunk in _iter_chunks(frames):
+            if len(chunk) == 0:
+                continue
+            if first is None:
+                first = chunk[0].copy()
+            total += len(chunk)
+            buf = chunk if buf.size == 0 else np.concatenate([buf, chunk])
+            while buf_start + len(buf) >= next_start + window:
+                off = next_start - buf_start
+                windows.append(_encode_window(wan, buf[off: off + window]))
+                starts.append(next_start)
+                next_start += stride
+                keep_from = min(max(0, next_start - buf_start), len(buf))
+                buf, buf_start = buf[keep_from:], buf_start + keep_from
+        if not windows:
+            raise ClipRejected("too_short", f"{total} frames, fewer than one {window}-frame window")
+        dropped = total - (starts[-1] + window)
+    reference = encode_reference(wan, first)
+    latents = torch.stack(windows).cpu().numpy().astype(np.float16)  # [W, C, n+1, h, w]
+    return VaeLatents(latents, np.asarray(starts, np.int64), window, reference, total, dropped, meta)
+
+
+def save_vae_latents(path: str | Path, result: VaeLatents) -> Path:
+    """npz (no pickle; meta as a JSON string), temp file + rename."""
+    import json
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, latents=result.latents, window_starts=result.window_starts,
+             reference_latent=result.reference_latent,
+             info_json=np.array(json.dumps({"window_frames": result.window_frames, "num_frames": result.num_frames,
+                                            "dropped_tail_frames": result.dropped_tail_frames,
+                                            "meta": result.meta}, sort_keys=True)))
+    os.replace(tmp, path)
+    return path
+
+
+def load_vae_latents(path: str | Path) -> VaeLatents:
+    import json
+
+    with np.load(path, allow_pickle=False) as z:
+        info = json.loads(str(z["info_json"]))
+        return VaeLatents(z["latents"], z["window_starts"], info["window_frames"], z["reference_latent"],
+                          info["num_frames"], info["dropped_tail_frames"], info["meta"])

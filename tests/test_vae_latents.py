@@ -1,0 +1,94 @@
+"""Wan VAE: 4n+1 -> n+1 frame counts, streamed == diffusers encode, windows, reference latent, errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.dryrun_models import write_dryrun_wan_vae
+from models.wan_vae import CausalStreamEncoder, frames_to_input, load_wan_vae
+from models.weights import WeightsError
+from tasks.errors import ClipRejected
+from tasks.media import read_frames
+from tasks.vae_latents import VaeLatentConfig, encode_clip, load_vae_latents, save_vae_latents
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    return load_wan_vae(write_dryrun_wan_vae(tmp_path_factory.mktemp("vae")))
+
+
+@pytest.fixture(scope="module")
+def frames(samples_dir):
+    # 14 real frames, downscaled to 64x64 to keep the test fast (the VAE is fully convolutional)
+    return read_frames(samples_dir / "more" / "lp_d12.mp4", scale_to=(64, 64))[:14]
+
+
+def _diffusers_reference(wan, frames):
+    with torch.inference_mode():
+        mean = wan.vae.encode(frames_to_input(frames, wan.device, wan.dtype)).latent_dist.mean
+    return wan.normalise(mean.float())[0].numpy()
+
+
+def test_loader_flags_and_errors(wan, tmp_path):
+    assert wan.untrained_dryrun and wan.z_dim == 16
+    assert torch.equal(wan.latents_mean, torch.zeros(16)) and torch.equal(wan.latents_std, torch.ones(16))
+    with pytest.raises(WeightsError, match="not found"):
+        load_wan_vae(tmp_path / "absent")
+    with pytest.raises(WeightsError, match="local_files_only"):
+        load_wan_vae("nobody/no-such-wan", subfolder="vae")
+
+
+@pytest.mark.parametrize("T", [1, 5, 9, 13])
+def test_stream_equals_diffusers_encode(wan, frames, T):
+    ref = _diffusers_reference(wan, frames[:T])
+    assert ref.shape == (16, (T - 1) // 4 + 1, 8, 8)
+    enc = CausalStreamEncoder(wan)
+    parts = []
+    for chunk in np.array_split(frames[:T], [1, 3, 7, 8]):  # uneven chunks, including empty ones
+        if len(chunk):
+            parts += enc.push(chunk)
+    assert enc.close() == 0
+    got = torch.cat(parts, dim=2)[0].numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_windows_counts_and_causality(wan, frames):
+    res = encode_clip(frames, wan, VaeLatentConfig(window_frames=5))
+    assert res.latents.shape == (2, 16, 2, 8, 8) and res.latents.dtype == np.float16
+    assert res.window_starts.tolist() == [0, 5] and res.dropped_tail_frames == 4 and res.num_frames == 14
+    assert res.reference_latent.shape == (16, 1, 8, 8) and res.reference_latent.dtype == np.float16
+    # causal VAE: a window's first latent is its first frame alone, so window 0's equals the reference
+    np.testing.assert_array_equal(res.latents[0, :, :1], res.reference_latent)
+    np.testing.assert_allclose(res.latents[1].astype(np.float32), _diffusers_reference(wan, frames[5:10]),
+                               atol=2e-3, rtol=2e-3)
+    # chunked iterator input gives the same windows
+    chunked = encode_clip(iter(np.array_split(frames, 5)), wan, VaeLatentConfig(window_frames=5))
+    np.testing.assert_array_equal(chunked.latents, res.latents)
+    overlap = encode_clip(frames, wan, VaeLatentConfig(window_frames=5, stride=4))
+    assert overlap.window_starts.tolist() == [0, 4, 8]
+    np.testing.assert_array_equal(overlap.latents[0], res.latents[0])
+    assert res.meta["untrained_dryrun"] is True
+
+
+def test_whole_clip_stream_trims_to_4n_plus_1(wan, frames, tmp_path):
+    res = encode_clip(iter([frames[:6], frames[6:]]), wan, VaeLatentConfig(window_frames=None))
+    assert res.window_frames == 13 and res.dropped_tail_frames == 1
+    assert res.latents.shape == (1, 16, 4, 8, 8)
+    np.testing.assert_allclose(res.latents[0].astype(np.float32), _diffusers_reference(wan, frames[:13]),
+                               atol=2e-3, rtol=2e-3)
+    back = load_vae_latents(save_vae_latents(tmp_path / "vae.npz", res))
+    np.testing.assert_array_equal(back.latents, res.latents)
+    assert back.meta["untrained_dryrun"] is True and back.window_frames == 13
+
+
+def test_bad_config_and_short_clip(wan, frames):
+    with pytest.raises(ValueError, match="4n\\+1"):
+        VaeLatentConfig(window_frames=8)
+    with pytest.raises(ClipRejected) as err:
+        encode_clip(frames[:4], wan, VaeLatentConfig(window_frames=5))
+    assert err.value.reason == "too_short"
+    with pytest.raises(ValueError, match="uint8"):
+        encode_clip(frames.astype(np.float32), wan, VaeLatentConfig(window_frames=5))

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -58,3 +62,61 @@ def environment(base: Optional[dict[str, str]] = None) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@dataclass(frozen=True)
+class ProcessResult:
+    returncode: int
+    tail: list[str]  # last lines of the combined stdout/stderr
+    timed_out: bool = False
+
+
+def run_streaming(
+    args: list[str],
+    on_line: Callable[[str], None],
+    env: Optional[dict[str, str]] = None,
+    cwd: Path = REPO_ROOT,
+    timeout_s: Optional[float] = None,
+    tail_lines: int = 60,
+) -> ProcessResult:
+    """Run `args` (no shell) in its own process group, hand every output line to on_line, keep the tail.
+
+    On timeout (or if the caller is interrupted) the whole group is killed, so no trainer process outlives it.
+    """
+    proc = subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        start_new_session=True,
+    )
+    tail: deque[str] = deque(maxlen=tail_lines)
+    timed_out = threading.Event()
+
+    def kill_group() -> None:
+        if proc.poll() is None:
+            timed_out.set()
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    timer = threading.Timer(timeout_s, kill_group) if timeout_s else None
+    if timer:
+        timer.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            on_line(line)
+        returncode = proc.wait()
+    except BaseException:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        raise
+    finally:
+        if timer:
+            timer.cancel()
+    return ProcessResult(returncode, list(tail), timed_out.is_set())

@@ -39,7 +39,6 @@ def _config(shards: Path, out_dir: Path, **kw) -> dict:
         window=WINDOW,
         crop_size=CROP,
         audio_dim=AUDIO_DIM,
-        model_module="tests.tiny_df_model",
         micro_batch=2,
         total_steps=3,
         ckpt_every=10,

@@ -31,10 +31,10 @@ class TrainConfig:
     train_window: Optional[int] = None  # shorter window cut from each sample (memory fallback)
     crop_size: int = 512
     audio_dim: int = 768
-    model_variant: str = "tiny"
-    model_module: str = "models.dualforce"  # provides build_model, DiffusionForcingConfig, diffusion_forcing_loss
+    model_variant: str = "tiny"  # models.dualforce preset: "tiny" (CPU tests) or "lite" (~1.5B)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # DualForceConfig fields
     noise_mode: str = "per_frame"
-    loss_options: dict[str, Any] = field(default_factory=dict)  # extra DiffusionForcingConfig fields
+    loss_options: dict[str, Any] = field(default_factory=dict)  # other DiffusionForcingConfig fields
     ds_config: str = "zero2"  # name in training/ds_configs/ or a path to a JSON file
     micro_batch: int = 1  # per process
     grad_accum: int = 1

@@ -8,7 +8,6 @@ on CPU the loss sequence after a resume equals the uninterrupted one.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import os
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from models.dualforce import DiffusionForcingConfig, build_model, diffusion_forcing_loss
 from tasks.contract import STRUCT_DIM
 from training import checkpoint, rng_state
 from training.config import TrainConfig, load_ds_config
@@ -71,10 +71,9 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
-        self.api = importlib.import_module(cfg.model_module)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = self.api.build_model(cfg.model_variant, audio_dim=cfg.audio_dim, struct_dim=STRUCT_DIM)
-        self.loss_cfg = self.api.DiffusionForcingConfig(noise_mode=cfg.noise_mode, **cfg.loss_options)
+        model = build_model(cfg.model_variant, audio_dim=cfg.audio_dim, struct_dim=STRUCT_DIM, **cfg.model_overrides)
+        self.loss_cfg = DiffusionForcingConfig(noise_mode=cfg.noise_mode, **cfg.loss_options)
 
         rank_seed = cfg.seed * 10_007 + 1 + self.rank
         random.seed(rank_seed)
@@ -183,7 +182,7 @@ class Trainer:
             batch = next(data)
             samples += len(batch["sample_keys"])
             self._inject_faults(step, len(batch["sample_keys"]))
-            out = self.api.diffusion_forcing_loss(self.engine, self._to_device(batch), self.loss_cfg, self.generator)
+            out = diffusion_forcing_loss(self.engine, self._to_device(batch), self.loss_cfg, self.generator)
             loss = out["loss"]
             f = self.cfg.faults
             if f.nan_at_step == step and f.nan_if_noise_mode in (None, self.cfg.noise_mode):

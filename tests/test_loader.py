@@ -1,0 +1,136 @@
+"""Training loader: contract checks, splits by worker and node, determinism and exact resume positions."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from tasks import contract
+from training.loader import LoaderConfig, ShardLoader, crop_window, expand_shards
+from tests.training_shards import AUDIO_DIM, CROP, WINDOW, write_shards
+
+
+def _cfg(tmp_path, **kw) -> LoaderConfig:
+    base = dict(shards=[str(tmp_path / "shard-*.tar")], window=WINDOW, crop_size=CROP, batch_size=2)
+    base.update(kw)
+    return LoaderConfig(**base)
+
+
+def _epoch_keys(loader: ShardLoader) -> list[str]:
+    return [k for batch in loader.epoch_iter() for k in batch["sample_keys"]]
+
+
+def test_batch_shapes_dtypes_and_values(tmp_path):
+    write_shards(tmp_path, n_shards=1, per_shard=4, seed=3)
+    loader = ShardLoader(_cfg(tmp_path, shuffle_buffer=0, shuffle_shards=False))
+    batch = next(iter(loader))
+    assert batch["video_latents"].shape == (2, 16, 3, 8, 8) and batch["video_latents"].dtype == torch.float32
+    assert batch["reference_latent"].shape == (2, 16, 1, 8, 8)
+    assert batch["struct"].shape == (2, WINDOW, 133) and batch["struct"].dtype == torch.float32
+    assert batch["audio_features"].shape == (2, WINDOW, AUDIO_DIM)
+    assert batch["keep_mask"].shape == (2, WINDOW) and batch["keep_mask"].dtype == torch.bool
+    assert batch["sample_keys"] == ["clip000_000", "clip000_001"]
+    # values are the written ones (same generator, same draw order)
+    rng = np.random.default_rng(3)
+    from tests.training_shards import sample_members
+
+    first = sample_members(rng, "clip000_000")
+    expected = contract.load_npy(first[contract.VIDEO_LATENTS]).astype(np.float32)
+    np.testing.assert_array_equal(batch["video_latents"][0].numpy(), expected)
+    expected_struct = contract.load_npy(first[contract.STRUCT])
+    np.testing.assert_array_equal(batch["struct"][0].numpy(), expected_struct)
+
+
+def test_each_sample_once_per_epoch_across_two_workers(tmp_path):
+    write_shards(tmp_path, n_shards=4, per_shard=5)
+    loader = ShardLoader(_cfg(tmp_path, num_workers=2, partial_batches=True, shuffle_buffer=8))
+    keys0 = _epoch_keys(loader)
+    keys1 = _epoch_keys(loader)
+    everything = sorted(f"clip{s:03d}_{i:03d}" for s in range(4) for i in range(5))
+    assert sorted(keys0) == everything and len(keys0) == 20
+    assert sorted(keys1) == everything
+    assert keys0 != keys1  # a new epoch reshuffles
+    assert loader.epoch == 2 and loader.stats.samples == 40
+
+
+def test_split_by_node_partitions_the_epoch(tmp_path):
+    write_shards(tmp_path, n_shards=4, per_shard=3)
+    keys = [
+        _epoch_keys(ShardLoader(_cfg(tmp_path, rank=r, world_size=2, partial_batches=True, num_workers=0)))
+        for r in range(2)
+    ]
+    assert not set(keys[0]) & set(keys[1])
+    assert len(keys[0]) == len(keys[1]) == 6
+    assert sorted(keys[0] + keys[1]) == sorted(f"clip{s:03d}_{i:03d}" for s in range(4) for i in range(3))
+
+
+def test_tampered_samples_are_rejected_and_counted(tmp_path):
+    def tamper(key, members):
+        if key == "clip000_001":  # wrong struct width
+            members[contract.STRUCT] = contract.npy_bytes(np.zeros((WINDOW, 7), np.float32))
+        if key == "clip001_002":  # object array: needs pickle, must be refused
+            buf = io.BytesIO()
+            np.save(buf, np.array([None] * WINDOW, dtype=object), allow_pickle=True)
+            members[contract.KEEP_MASK] = buf.getvalue()
+        if key == "clip001_000":  # NaN latents
+            arr = contract.load_npy(members[contract.VIDEO_LATENTS]).copy()
+            arr[0, 0, 0, 0] = np.nan
+            members[contract.VIDEO_LATENTS] = contract.npy_bytes(arr)
+        return members
+
+    write_shards(tmp_path, n_shards=2, per_shard=3, tamper=tamper)
+    loader = ShardLoader(_cfg(tmp_path, partial_batches=True, num_workers=2))
+    keys = _epoch_keys(loader)
+    assert sorted(keys) == ["clip000_000", "clip000_002", "clip001_001"]
+    assert loader.stats.rejected == {"contract": 2, "decode": 1}
+    joined = " ".join(loader.stats.last_rejections)
+    assert "clip000_001" in joined and "struct.npy" in joined and "clip001_000" in joined
+
+
+def test_resume_position_gives_the_same_remaining_batches(tmp_path):
+    write_shards(tmp_path, n_shards=3, per_shard=4)
+    cfg = _cfg(tmp_path, num_workers=2, shuffle_buffer=5, seed=7)
+    full = ShardLoader(cfg)
+    it = iter(full)
+    reference = [next(it)["sample_keys"] for _ in range(9)]  # crosses into the next epoch
+    part = ShardLoader(cfg)
+    it = iter(part)
+    first = [next(it)["sample_keys"] for _ in range(4)]
+    resumed = ShardLoader(cfg, **part.state())
+    it = iter(resumed)
+    rest = [next(it)["sample_keys"] for _ in range(5)]
+    assert first + rest == reference
+
+
+def test_resampled_epochs_draw_with_replacement_and_differ(tmp_path):
+    write_shards(tmp_path, n_shards=3, per_shard=2)
+    loader = ShardLoader(_cfg(tmp_path, resampled=True, shards_per_epoch=6, partial_batches=True, seed=1))
+    e0, e1 = _epoch_keys(loader), _epoch_keys(loader)
+    assert len(e0) == len(e1) == 12
+    assert len(set(e0)) < 12  # drawn with replacement from 6 distinct samples
+    assert e0 != e1
+
+
+def test_train_window_crops_from_the_start(tmp_path):
+    arrays = {
+        "video_latents": np.arange(16 * 5 * 2 * 2).reshape(16, 5, 2, 2),
+        "struct": np.arange(17 * 3).reshape(17, 3),
+        "audio_features": np.arange(17 * 2).reshape(17, 2),
+        "keep_mask": np.ones(17, bool),
+        "reference_latent": np.zeros((16, 1, 2, 2)),
+    }
+    out = crop_window(arrays, 9)
+    assert out["video_latents"].shape == (16, 3, 2, 2) and out["struct"].shape == (9, 3)
+    np.testing.assert_array_equal(out["video_latents"], arrays["video_latents"][:, :3])
+    write_shards(tmp_path, n_shards=1, per_shard=2, window=17)
+    batch = next(iter(ShardLoader(_cfg(tmp_path, window=17, train_window=9))))
+    assert batch["video_latents"].shape[2] == 3 and batch["struct"].shape[1] == 9
+    with pytest.raises(ValueError, match="4n\\+1"):
+        ShardLoader(_cfg(tmp_path, window=17, train_window=8))
+
+
+def test_no_shards_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no shards match"):
+        expand_shards([str(tmp_path / "nothing-*.tar")])

@@ -1,0 +1,99 @@
+"""Trainer configuration: one JSON file -> TrainConfig (unknown keys are an error, not silently ignored)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
+
+
+@dataclass
+class FaultInjection:
+    """Test hooks: make the run fail in a known way at a known step (never set in real configs)."""
+
+    crash_at_step: Optional[int] = None  # raise RuntimeError before this step (1-based)
+    crash_rank: Optional[int] = None  # None: every rank
+    oom_at_step: Optional[int] = None  # raise torch.OutOfMemoryError before this step ...
+    oom_if_batch_above: int = 0  # ... when micro batch > this
+    oom_if_window_above: int = 0  # ... and window > this
+    nan_at_step: Optional[int] = None  # make the loss NaN at this step ...
+    nan_if_noise_mode: Optional[str] = None  # ... when the noise mode is this (None: always)
+
+
+@dataclass
+class TrainConfig:
+    shards: list[str]
+    out_dir: str
+    window: int  # video frames per shard sample (4n+1)
+    train_window: Optional[int] = None  # shorter window cut from each sample (memory fallback)
+    crop_size: int = 512
+    audio_dim: int = 768
+    model_variant: str = "tiny"  # models.dualforce preset: "tiny" (CPU tests) or "lite" (~1.5B)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # DualForceConfig fields
+    noise_mode: str = "per_frame"
+    loss_options: dict[str, Any] = field(default_factory=dict)  # other DiffusionForcingConfig fields
+    ds_config: str = "zero2"  # name in training/ds_configs/ or a path to a JSON file
+    micro_batch: int = 1  # per process
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    decay: str = "cosine"  # "cosine" | "linear" | "constant"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # 0 disables EMA
+    total_steps: int = 1000
+    stop_at_step: Optional[int] = None  # leave early (after a checkpoint) as if interrupted
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = True
+    log_every: int = 1
+    seed: int = 0
+    num_workers: int = 2
+    shuffle_buffer: int = 64
+    resampled: bool = False
+    shards_per_epoch: Optional[int] = None
+    faults: FaultInjection = field(default_factory=FaultInjection)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.faults, dict):
+            self.faults = FaultInjection(**self.faults)
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if self.noise_mode not in ("per_frame", "per_sample"):
+            raise ValueError(f"noise_mode must be per_frame or per_sample, got {self.noise_mode!r}")
+        if self.decay not in ("cosine", "linear", "constant"):
+            raise ValueError(f"decay must be cosine, linear or constant, got {self.decay!r}")
+        if self.ckpt_every < 1 or self.total_steps < 1 or self.micro_batch < 1:
+            raise ValueError("ckpt_every, total_steps and micro_batch must be >= 1")
+
+    @property
+    def effective_window(self) -> int:
+        return self.train_window or self.window
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown training config keys: {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_ds_config(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = DS_CONFIG_DIR / f"{name_or_path}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"DeepSpeed config {name_or_path!r} not found (looked at {path})")
+    return json.loads(path.read_text())

@@ -1,0 +1,198 @@
+"""Training go/no-go gates (DESIGN.md gate table) as pure functions of the metrics stream.
+
+Input is the list of metrics.jsonl records ({"step", "loss", "video_loss", "struct_loss", "memory_mb", ...})
+and the per-rank run statuses; output is a tasks.gates.GateVerdict. A gate whose step has not been reached
+says so (go, numbers["evaluated"] = False) rather than guessing.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import median
+from typing import Any, Optional, Sequence
+
+from tasks import contract
+from tasks.gates import GateVerdict
+from training.run_status import NONFINITE, OOM, RunStatus
+
+Records = Sequence[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class TrainingGateConfig:
+    memory_budget_mb: Optional[float] = None  # per device (GPU: max allocated, CPU: peak RSS); None: OOM only
+    fallback_latent_frames: int = 16  # memory fallback after batch 1: clip length in latent frames
+    convergence_step: int = 1000  # N: judge the loss here ...
+    convergence_max_loss: float = 1.0  # ... X: it must be at most this
+    convergence_window: int = 50  # steps averaged, ending at N
+    stability_window: int = 200  # last steps searched for oscillation
+    oscillation_chunks: int = 8  # the window is cut into this many chunk means
+    oscillation_min_sign_changes: int = 5  # chunk-to-chunk direction flips needed to call it oscillating ...
+    oscillation_min_amplitude: float = 0.25  # ... with mean |chunk change| / median chunk loss at least this
+    joint_step: int = 5000  # N for joint progress
+    joint_window: int = 50  # steps averaged at the start and at N
+    joint_min_rel_drop: float = 0.02  # each loss must fall at least this fraction
+
+
+def _losses(records: Records, key: str = "loss", upto: Optional[int] = None) -> list[tuple[int, float]]:
+    out = []
+    for r in records:
+        if key in r and r[key] is not None and (upto is None or r["step"] <= upto):
+            out.append((int(r["step"]), float(r[key])))
+    return out
+
+
+def _last_step(records: Records) -> int:
+    return max((int(r["step"]) for r in records), default=0)
+
+
+def memory_fallback(micro_batch: int, window: int, fallback_window: int) -> Optional[dict[str, int]]:
+    """Next setting to try after running out of memory: batch 1 first, then the shorter clip; None when spent."""
+    if micro_batch > 1:
+        return {"micro_batch": 1, "window": window}
+    if window > fallback_window:
+        return {"micro_batch": 1, "window": fallback_window}
+    return None
+
+
+def memory_gate(
+    records: Records, statuses: Sequence[RunStatus], cfg: TrainingGateConfig, micro_batch: int, window: int
+) -> GateVerdict:
+    fallback_window = contract.window_frames(cfg.fallback_latent_frames - 1)
+    ooms = [s for s in statuses if s.status == OOM]
+    peaks = [float(r["memory_mb"]) for r in records if r.get("memory_mb") is not None]
+    peak = max(peaks, default=None)
+    over = cfg.memory_budget_mb is not None and peak is not None and peak > cfg.memory_budget_mb
+    numbers = {
+        "micro_batch": micro_batch,
+        "window_frames": window,
+        "peak_memory_mb": peak,
+        "budget_mb": cfg.memory_budget_mb,
+        "oom_ranks": [s.rank for s in ooms],
+        "oom_step": min((s.step + 1 for s in ooms), default=None),
+    }
+    if not ooms and not over:
+        summary = f"peak {peak:.0f} MB" if peak is not None else "no memory figure recorded"
+        if cfg.memory_budget_mb is not None:
+            summary += f" within budget {cfg.memory_budget_mb:.0f} MB"
+        return GateVerdict("memory", True, f"{summary} (batch {micro_batch}, window {window})", numbers)
+    nxt = memory_fallback(micro_batch, window, fallback_window)
+    if nxt is None:
+        recommendation = "stop: does not fit even at batch 1 and the shortest clip; shrink the model or shard it further"
+    elif nxt["micro_batch"] != micro_batch:
+        recommendation = "retry with micro batch 1"
+    else:
+        recommendation = (
+            f"retry with clip length {cfg.fallback_latent_frames} latent frames ({nxt['window']} video frames)"
+        )
+    numbers["next"] = nxt
+    cause = (
+        f"out of memory on rank(s) {numbers['oom_ranks']} at step {numbers['oom_step']}"
+        if ooms
+        else f"peak {peak:.0f} MB over budget {cfg.memory_budget_mb:.0f} MB"
+    )
+    return GateVerdict("memory", False, f"{cause} (batch {micro_batch}, window {window})", numbers, recommendation)
+
+
+def oscillation(losses: Sequence[float], chunks: int) -> tuple[int, float]:
+    """(direction flips between consecutive chunk means, mean |chunk change| / median chunk mean)."""
+    size = len(losses) // chunks
+    if size < 1 or chunks < 3:
+        return 0, 0.0
+    means = [sum(losses[i * size : (i + 1) * size]) / size for i in range(chunks)]
+    diffs = [b - a for a, b in zip(means, means[1:])]
+    flips = sum(1 for a, b in zip(diffs, diffs[1:]) if a * b < 0)
+    scale = abs(median(means)) or 1e-12
+    return flips, sum(abs(d) for d in diffs) / len(diffs) / scale
+
+
+def stability_gate(
+    records: Records, statuses: Sequence[RunStatus], cfg: TrainingGateConfig, noise_mode: str
+) -> GateVerdict:
+    fallback = (
+        "fall back from per-frame to per-sample noise (noise_mode=per_sample) and retry"
+        if noise_mode == "per_frame"
+        else "stop: unstable even with per-sample noise; lower the learning rate and report"
+    )
+    bad = [
+        r["step"]
+        for r in records
+        if r.get("nonfinite") or any(
+            r.get(k) is not None and not math.isfinite(float(r[k])) for k in ("loss", "video_loss", "struct_loss")
+        )
+    ]
+    bad += [s.step + 1 for s in statuses if s.status == NONFINITE]
+    numbers: dict[str, Any] = {"noise_mode": noise_mode, "first_nonfinite_step": min(bad, default=None)}
+    if bad:
+        return GateVerdict("stability", False, f"loss is NaN/inf at step {min(bad)}", numbers, fallback)
+    tail = [v for _, v in _losses(records)][-cfg.stability_window :]
+    flips, amplitude = oscillation(tail, cfg.oscillation_chunks)
+    numbers.update(
+        steps_checked=len(tail),
+        sign_changes=flips,
+        amplitude=amplitude,
+        min_sign_changes=cfg.oscillation_min_sign_changes,
+        min_amplitude=cfg.oscillation_min_amplitude,
+    )
+    if flips >= cfg.oscillation_min_sign_changes and amplitude >= cfg.oscillation_min_amplitude:
+        summary = f"loss oscillates over the last {len(tail)} steps ({flips} flips, amplitude {amplitude:.2f})"
+        return GateVerdict("stability", False, summary, numbers, fallback)
+    return GateVerdict(
+        "stability", True, f"finite loss, no oscillation ({flips} flips, amplitude {amplitude:.2f})", numbers
+    )
+
+
+def _window_mean(points: list[tuple[int, float]], end: int, width: int) -> Optional[float]:
+    vals = [v for s, v in points if end - width < s <= end]
+    return sum(vals) / len(vals) if vals else None
+
+
+def convergence_gate(records: Records, cfg: TrainingGateConfig) -> GateVerdict:
+    last = _last_step(records)
+    numbers: dict[str, Any] = {"step": cfg.convergence_step, "max_loss": cfg.convergence_max_loss, "last_step": last}
+    if last < cfg.convergence_step:
+        numbers["evaluated"] = False
+        return GateVerdict("convergence", True, f"not evaluated: run ended at step {last} < {cfg.convergence_step}", numbers)
+    loss = _window_mean(_losses(records, upto=cfg.convergence_step), cfg.convergence_step, cfg.convergence_window)
+    numbers.update(evaluated=True, loss_at_step=loss)
+    if loss is None or loss > cfg.convergence_max_loss:
+        return GateVerdict(
+            "convergence",
+            False,
+            f"loss {loss:.4f} at step {cfg.convergence_step} is above {cfg.convergence_max_loss}",
+            numbers,
+            "switch to training directly on talking-head data (skip the general pretraining stage)",
+        )
+    return GateVerdict(
+        "convergence", True, f"loss {loss:.4f} at step {cfg.convergence_step} <= {cfg.convergence_max_loss}", numbers
+    )
+
+
+def joint_progress_gate(records: Records, cfg: TrainingGateConfig) -> GateVerdict:
+    last = _last_step(records)
+    numbers: dict[str, Any] = {"step": cfg.joint_step, "min_rel_drop": cfg.joint_min_rel_drop, "last_step": last}
+    if last < cfg.joint_step:
+        numbers["evaluated"] = False
+        return GateVerdict("joint_progress", True, f"not evaluated: run ended at step {last} < {cfg.joint_step}", numbers)
+    rows = []
+    for stream in ("video_loss", "struct_loss"):
+        points = _losses(records, stream, upto=cfg.joint_step)
+        first_step = min((s for s, _ in points), default=0)
+        start = _window_mean(points, first_step + cfg.joint_window - 1, cfg.joint_window)
+        end = _window_mean(points, cfg.joint_step, cfg.joint_window)
+        drop = (start - end) / abs(start) if start and end is not None else None
+        ok = drop is not None and drop >= cfg.joint_min_rel_drop
+        rows.append({"stream": stream, "start_mean": start, "end_mean": end, "rel_drop": drop, "falling": ok})
+    numbers["evaluated"] = True
+    falling = [r["stream"] for r in rows if r["falling"]]
+    if len(falling) == 2:
+        return GateVerdict("joint_progress", True, "video and struct losses both falling", numbers, rows=rows)
+    stuck = [r["stream"] for r in rows if not r["falling"]]
+    return GateVerdict(
+        "joint_progress",
+        False,
+        f"by step {cfg.joint_step} not falling: {', '.join(stuck)}",
+        numbers,
+        "stop and report: the two streams are not learning together (check the bridge and loss weights)",
+        rows,
+    )

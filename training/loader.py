@@ -1,0 +1,282 @@
+"""Webdataset loader for training shards: contract-checked, deterministic per epoch, exactly resumable.
+
+Pipeline per (node rank, DataLoader worker):
+    shard list (shuffled by seed+epoch, or resampled with replacement)
+    -> split by node -> split by worker -> tar members grouped into samples
+    -> decode npy without pickle + tasks.contract.validate_sample (bad samples are counted, never raised)
+    -> optional crop to a shorter training window -> shuffle buffer (seeded) -> batches of torch tensors.
+
+Every random choice is seeded from (seed, epoch, rank, worker), so an epoch is a pure function of those
+numbers; that is what lets the trainer resume at (epoch, batches consumed) and see the same batches.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset
+
+from tasks import contract
+from tasks.contract import ContractError, ContractSpec
+
+# Batch keys handed to the model (see models.dualforce.diffusion_forcing_loss).
+TENSOR_KEYS = ("video_latents", "reference_latent", "struct", "audio_features", "keep_mask")
+_MEMBER_OF_KEY = {
+    "video_latents": contract.VIDEO_LATENTS,
+    "reference_latent": contract.REFERENCE_LATENT,
+    "struct": contract.STRUCT,
+    "audio_features": contract.AUDIO_FEATURES,
+    "keep_mask": contract.KEEP_MASK,
+}
+STATS_KEY = "__stats__"
+
+
+@dataclass
+class LoaderConfig:
+    shards: list[str]  # tar paths or glob patterns / brace patterns ("shard-{000000..000009}.tar")
+    window: int  # video frames per shard sample (4n+1), as written by the shard writer
+    crop_size: int = contract.CROP_SIZE
+    audio_dim: Optional[int] = None  # None: take it from each sample's meta.json
+    train_window: Optional[int] = None  # shorter window (4m+1) cut from the start of each sample
+    batch_size: int = 1
+    num_workers: int = 0
+    shuffle_buffer: int = 64  # 0 disables sample shuffling
+    shuffle_shards: bool = True
+    resampled: bool = False  # draw shards with replacement; an epoch is then shards_per_epoch shards
+    shards_per_epoch: Optional[int] = None  # per worker, resampled mode only (default: all shards)
+    partial_batches: bool = False  # keep the short last batch of a worker's epoch
+    seed: int = 0
+    rank: Optional[int] = None  # node split; None: from torch.distributed / RANK env
+    world_size: Optional[int] = None
+
+
+def expand_shards(patterns: list[str]) -> list[str]:
+    """Brace patterns and globs -> a sorted, de-duplicated list of shard paths."""
+    out: list[str] = []
+    for pattern in patterns:
+        for expanded in wds.shardlists.expand_urls(pattern):
+            matches = sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else [expanded]
+            out.extend(matches)
+    if not out:
+        raise ValueError(f"no shards match {patterns!r}")
+    return sorted(dict.fromkeys(out))
+
+
+def crop_window(arrays: dict[str, np.ndarray], window: int) -> dict[str, np.ndarray]:
+    """Cut the first `window` (4m+1) video frames; the causal VAE's first m+1 latents belong to exactly them."""
+    latents = contract.latent_frames(window)
+    out = dict(arrays)
+    out["video_latents"] = arrays["video_latents"][:, :latents]
+    for key in ("struct", "audio_features", "keep_mask"):
+        out[key] = arrays[key][:window]
+    return out
+
+
+def _seed(*parts: int) -> int:
+    return int.from_bytes(json.dumps(parts).encode(), "little") % (2**63)
+
+
+class ShardDataset(IterableDataset):
+    """One epoch of contract-valid samples, batched inside the worker; the epoch is set before iterating."""
+
+    def __init__(self, cfg: LoaderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.urls = expand_shards(cfg.shards)
+        self.spec = ContractSpec(window=cfg.window, crop_size=cfg.crop_size, audio_dim=cfg.audio_dim)
+        if cfg.train_window is not None:
+            contract.latent_frames(cfg.train_window)  # 4m+1 check
+            if cfg.train_window > cfg.window:
+                raise ValueError(f"train_window {cfg.train_window} is longer than the shard window {cfg.window}")
+        self.epoch = 0
+        # Per-worker counters (live in the worker process; reported through STATS_KEY records).
+        self.accepted = 0
+        self.rejected: Counter[str] = Counter()
+        self.last_rejections: list[str] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _node(self) -> tuple[int, int]:
+        if self.cfg.rank is not None and self.cfg.world_size is not None:
+            return self.cfg.rank, self.cfg.world_size
+        rank, world, _, _ = wds.utils.pytorch_worker_info()
+        return rank, world
+
+    def _worker(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        return (info.id, info.num_workers) if info is not None else (0, 1)
+
+    def shard_urls(self) -> Iterator[dict[str, str]]:
+        """This (rank, worker)'s shards for the current epoch, as webdataset source records."""
+        rank, world = self._node()
+        worker, workers = self._worker()
+        if self.cfg.resampled:
+            rng = random.Random(_seed(self.cfg.seed, self.epoch, rank, worker))
+            count = self.cfg.shards_per_epoch or len(self.urls)
+            urls = [rng.choice(self.urls) for _ in range(count)]
+        else:
+            urls = list(self.urls)
+            if self.cfg.shuffle_shards:
+                random.Random(_seed(self.cfg.seed, self.epoch)).shuffle(urls)
+            urls = list(islice(urls, rank, None, world))  # split by node
+            urls = list(wds.split_by_worker(urls))  # split by DataLoader worker
+        for url in urls:
+            yield {"url": url}
+
+    def decode(self, sample: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """Raw tar members -> arrays, or None (counted) when the sample breaks the contract."""
+        key = str(sample.get("__key__", "?"))
+        try:
+            decoded = dict(sample)
+            for member in contract.FEATURE_MEMBERS:
+                if member in sample:
+                    decoded[member] = contract.load_npy(sample[member])
+            meta = contract.validate_sample(decoded, self.spec)
+        except ContractError as exc:
+            return self._reject("contract", f"{exc}")
+        except (ValueError, OSError, EOFError, json.JSONDecodeError) as exc:
+            return self._reject("decode", f"sample {key!r}: {type(exc).__name__}: {exc}")
+        arrays = {name: decoded[member] for name, member in _MEMBER_OF_KEY.items()}
+        if self.cfg.train_window is not None:
+            arrays = crop_window(arrays, self.cfg.train_window)
+        self.accepted += 1
+        return {"__key__": key, "meta": meta, **arrays}
+
+    def _reject(self, reason: str, message: str) -> None:
+        self.rejected[reason] += 1
+        self.last_rejections = (self.last_rejections + [message])[-5:]
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        worker, _ = self._worker()
+        return {
+            "worker": worker,
+            "epoch": self.epoch,
+            "accepted": self.accepted,
+            "rejected": dict(self.rejected),
+            "last_rejections": list(self.last_rejections),
+        }
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {}
+        for key in TENSOR_KEYS:
+            stacked = np.stack([s[key] for s in samples])
+            tensor = torch.from_numpy(stacked)
+            batch[key] = tensor if key == "keep_mask" else tensor.float()
+        batch["sample_keys"] = [s["__key__"] for s in samples]
+        batch[STATS_KEY] = self.stats()
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rank, _ = self._node()
+        worker, _ = self._worker()
+        self.accepted = 0
+        self.rejected = Counter()
+        samples = wds.tarfile_to_samples()(self.shard_urls())
+        decoded = (d for d in map(self.decode, samples) if d is not None)
+        if self.cfg.shuffle_buffer > 0:
+            rng = random.Random(_seed(self.cfg.seed, self.epoch, rank, worker, 1))
+            decoded = wds.filters._shuffle(decoded, self.cfg.shuffle_buffer, self.cfg.shuffle_buffer, rng=rng)
+        yield from wds.filters._batched(
+            decoded, self.cfg.batch_size, collation_fn=self.collate, partial=self.cfg.partial_batches
+        )
+        yield {STATS_KEY: self.stats(), "end_of_epoch": True}  # counts for samples after the last batch
+
+
+@dataclass
+class LoaderStats:
+    samples: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    rejected: Counter = field(default_factory=Counter)
+    last_rejections: list[str] = field(default_factory=list)
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+class ShardLoader:
+    """Epoch-aware iterator over batches; keeps (epoch, batches consumed) so training can resume exactly.
+
+    Iterating never ends: after an epoch it starts the next one (ranks run a fixed number of steps, so an
+    uneven split between ranks cannot leave one rank waiting on another).
+    """
+
+    def __init__(self, cfg: LoaderConfig, epoch: int = 0, batches_done: int = 0):
+        self.cfg = cfg
+        self.dataset = ShardDataset(cfg)
+        self.epoch = epoch
+        self.batches_done = batches_done  # in the current epoch
+        self.stats = LoaderStats()
+        self._worker_rejected: dict[int, Counter] = {}
+        self._epoch_rejected = Counter()  # from finished epochs
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def _epoch_batches(self) -> Iterator[dict[str, Any]]:
+        self.dataset.set_epoch(self.epoch)
+        # Its own generator: a DataLoader otherwise draws its worker base seed from the global torch RNG,
+        # which would make the trainer's dropout stream depend on when epochs start (and break exact resume).
+        generator = torch.Generator().manual_seed(_seed(self.cfg.seed, self.epoch, 2))
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.cfg.num_workers,
+            persistent_workers=False,
+            generator=generator,
+        )
+        yield from loader
+
+    def _note_stats(self, stats: dict[str, Any]) -> None:
+        self._worker_rejected[stats["worker"]] = Counter(stats["rejected"])
+        self.stats.rejected = self._epoch_rejected + sum(self._worker_rejected.values(), Counter())
+        if stats["last_rejections"]:
+            self.stats.last_rejections = (self.stats.last_rejections + stats["last_rejections"])[-5:]
+
+    def epoch_iter(self) -> Iterator[dict[str, Any]]:
+        """Batches of the current epoch from the current position (skipping batches already consumed)."""
+        skip = self.batches_done
+        seen = 0
+        empty = True
+        start = time.perf_counter()
+        for batch in self._epoch_batches():
+            self._note_stats(batch.pop(STATS_KEY))
+            if batch.get("end_of_epoch"):
+                continue
+            empty = False
+            seen += 1
+            if seen <= skip:
+                continue
+            n = len(batch["sample_keys"])
+            self.stats.samples += n
+            self.stats.batches += 1
+            self.stats.seconds += time.perf_counter() - start
+            self.batches_done += 1
+            yield batch
+            start = time.perf_counter()
+        self._epoch_rejected = self.stats.rejected.copy()
+        self._worker_rejected = {}
+        if empty:
+            raise RuntimeError(
+                f"epoch {self.epoch} yielded no batch of {self.cfg.batch_size} valid samples on this rank "
+                f"(shards {len(self.dataset.urls)}, rejected {dict(self.stats.rejected)}; "
+                f"last: {self.stats.last_rejections[-1:] or 'none'})"
+            )
+        self.epoch += 1
+        self.batches_done = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            yield from self.epoch_iter()

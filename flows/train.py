@@ -8,6 +8,8 @@ Order of decisions after each attempt (DESIGN.md gate table):
   joint progress (at N)          -> NO-GO: stop and report
 Every verdict is published as artifacts (flows/gate_artifacts.py). Each retry is a new run directory named
 by its settings, so re-running the flow resumes an interrupted attempt from its last checkpoint.
+
+    python -m flows.train --config train.json [--gates gates.json] [--nproc-per-node 2]
 """
 from __future__ import annotations
 

@@ -26,10 +26,10 @@ def test_batch_shapes_dtypes_and_values(tmp_path):
     write_shards(tmp_path, n_shards=1, per_shard=4, seed=3)
     loader = ShardLoader(_cfg(tmp_path, shuffle_buffer=0, shuffle_shards=False))
     batch = next(iter(loader))
-    assert batch["video_latents"].shape == (2, 16, 3, 8, 8) and batch["video_latents"].dtype == torch.float32
+    assert batch["video_latents"].shape == (2, 16, 3, 8, 8) and batch["video_latents"].dtype == torch.float16
     assert batch["reference_latent"].shape == (2, 16, 1, 8, 8)
     assert batch["struct"].shape == (2, WINDOW, 133) and batch["struct"].dtype == torch.float32
-    assert batch["audio_features"].shape == (2, WINDOW, AUDIO_DIM)
+    assert batch["audio_features"].shape == (2, WINDOW, AUDIO_DIM) and batch["audio_features"].dtype == torch.float16
     assert batch["keep_mask"].shape == (2, WINDOW) and batch["keep_mask"].dtype == torch.bool
     assert batch["sample_keys"] == ["clip000_000", "clip000_001"]
     # values are the written ones (same generator, same draw order)
@@ -37,7 +37,7 @@ def test_batch_shapes_dtypes_and_values(tmp_path):
     from tests.training_shards import sample_members
 
     first = sample_members(rng, "clip000_000")
-    expected = contract.load_npy(first[contract.VIDEO_LATENTS]).astype(np.float32)
+    expected = contract.load_npy(first[contract.VIDEO_LATENTS])
     np.testing.assert_array_equal(batch["video_latents"][0].numpy(), expected)
     expected_struct = contract.load_npy(first[contract.STRUCT])
     np.testing.assert_array_equal(batch["struct"][0].numpy(), expected_struct)

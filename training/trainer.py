@@ -166,11 +166,11 @@ class Trainer:
             )
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
+        """Stored dtypes (f16 latents) -> float32 on the device; the model casts to its own (bf16) weights."""
         out = {}
         for key in TENSOR_KEYS:
             tensor = batch[key].to(self.device, non_blocking=True)
-            out[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            out[key] = tensor.float() if tensor.is_floating_point() else tensor
         return out
 
     def _train_step(self, data) -> dict[str, Any]:
@@ -187,15 +187,12 @@ class Trainer:
             f = self.cfg.faults
             if f.nan_at_step == step and f.nan_if_noise_mode in (None, self.cfg.noise_mode):
                 loss = loss * float("nan")
-            local = torch.stack([loss.detach(), out["video_loss"].detach(), out["struct_loss"].detach()])
-            if not bool(torch.isfinite(local).all()):
-                sums += float("nan")
-            else:
-                sums += local.double().cpu()
-            finite = torch.tensor([0.0 if bool(torch.isfinite(local).all()) else 1.0], device=self.device)
-            dist.all_reduce(finite)
-            if finite.item() > 0:
+            local = torch.stack([loss.detach(), out["video_loss"].detach(), out["struct_loss"].detach()]).float()
+            bad = torch.tensor([0.0 if bool(torch.isfinite(local).all()) else 1.0], device=self.device)
+            dist.all_reduce(bad)  # every rank stops together, before a NaN reaches the optimizer
+            if bad.item() > 0:
                 raise NonFiniteLoss(f"loss is not finite at step {step} (rank {self.rank}: {local.tolist()})")
+            sums += local.double().cpu()
             self.engine.backward(loss)
             self.engine.step()
         if self.ema is not None:

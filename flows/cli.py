@@ -31,8 +31,24 @@ def _print_summary(report: dict, seconds: float) -> None:
     sh = report.get("shards")
     if sh:
         print(f"samples: {sh['samples']} in {sh['shards']} shards ({sh['bytes'] / 1e6:.1f} MB), per split {sh['per_split']}")
+    if report.get("gate"):
+        print(f"gate 3d_latent_quality: {report['gate']['name']} - {report['gate']['message']}")
     print(f"wall time: {seconds:.1f}s")
     print(f"output: {report['output']}")
+
+
+def _finish(state, seconds: float) -> dict | None:
+    """Print the run's summary, or why it did not finish; returns the report when there is one."""
+    if state.is_completed():
+        result = state.result()
+        _print_summary(result.get("preprocess", result), seconds)
+        if result.get("training"):
+            t = result["training"]
+            print(f"training: {t['state']} after {t['steps']} steps, loss {t['first_loss']:.4f} -> {t['last_loss']:.4f}, "
+                  f"{t['samples_per_s'] or 0:.1f} samples/s ({t['run_dir']})")
+        return result
+    print(f"\n{state.name}: {state.message}", file=sys.stderr)
+    return None
 
 
 def cmd_dry_run(args: argparse.Namespace) -> int:
@@ -40,13 +56,16 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
     from flows.dryrun import dry_run
 
     out = Path(args.out or Path.cwd() / "dryrun-output").resolve()
-    print(f"dry-run: sample clips from {args.samples} -> {out}", file=sys.stderr)
+    print(f"dry-run: sample clips from {args.samples} -> {out} (extractors: untrained dry-run models)", file=sys.stderr)
     t0 = time.perf_counter()
-    report = dry_run(out=str(out), samples=args.samples, batch_size=args.batch_size, workers=args.workers,
-                     window_n=args.window_n, progress=not args.no_progress)
-    _print_summary(report, time.perf_counter() - t0)
-    (out / "dryrun-report.json").write_text(json.dumps(report, indent=1, default=str))
-    if not report.get("shards") or report["shards"]["samples"] == 0:
+    state = dry_run(out=str(out), samples=args.samples, batch_size=args.batch_size, workers=args.workers,
+                    window_n=args.window_n, window_stride=args.window_stride, train_steps=args.train_steps,
+                    progress=not args.no_progress, return_state=True)
+    result = _finish(state, time.perf_counter() - t0)
+    if result is None:
+        return 3 if state.name == "NO-GO" else 1
+    (out / "dryrun-report.json").write_text(json.dumps(result, indent=1, default=str))
+    if not result["preprocess"].get("shards") or result["preprocess"]["shards"]["samples"] == 0:
         print("error: the dry-run produced no samples", file=sys.stderr)
         return 1
     return 0
@@ -57,12 +76,16 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from flows.preprocess import with_workers
 
     t0 = time.perf_counter()
-    report = with_workers(args.workers)(
+    state = with_workers(args.workers)(
         dataset=args.dataset, manifest=args.manifest, output_root=args.out, steps=args.steps or None,
-        limit=args.limit, batch_size=args.batch_size, window_n=args.window_n,
-        progress=not args.no_progress,
+        limit=args.limit, batch_size=args.batch_size, window_n=args.window_n, window_stride=args.window_stride,
+        models=args.models, liveportrait_root=args.liveportrait_root, hubert=args.hubert, wan_vae=args.wan_vae,
+        wan_vae_subfolder=args.wan_vae_subfolder, device=args.device, flame_dir=args.flame_dir,
+        progress=not args.no_progress, return_state=True,
     )
-    _print_summary(report, time.perf_counter() - t0)
+    report = _finish(state, time.perf_counter() - t0)
+    if report is None:
+        return 3 if state.name == "NO-GO" else 1
     return 0
 
 
@@ -70,6 +93,13 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     from datasets_manifest.summary import manifest_command
 
     print(manifest_command(args.dataset, args.src, args.out, seed=args.seed))
+    return 0
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from models.dualforce import model_info
+
+    print(model_info(args.config))
     return 0
 
 
@@ -82,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--samples", default=str(DEFAULT_SAMPLES), help="folder of sample clips")
     d.add_argument("--workers", type=int, default=2)
     d.add_argument("--batch-size", type=int, default=1)
-    d.add_argument("--window-n", type=int, default=8, help="windows of 4n+1 frames")
+    d.add_argument("--window-n", type=int, default=4, help="windows of 4n+1 frames")
+    d.add_argument("--window-stride", type=int, default=100, help="frames between window starts")
+    d.add_argument("--train-steps", type=int, default=4, help="ZeRO-2 steps on 2 CPU processes (0: no training)")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_dry_run)
 
@@ -94,7 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--limit", type=int)
     pp.add_argument("--batch-size", type=int, default=8)
     pp.add_argument("--workers", type=int, default=2)
-    pp.add_argument("--window-n", type=int, default=8)
+    pp.add_argument("--window-n", type=int, default=8, help="windows of 4n+1 frames")
+    pp.add_argument("--window-stride", type=int, help="frames between window starts (default: the window)")
+    pp.add_argument("--models", choices=["real", "dryrun"], default="real")
+    pp.add_argument("--liveportrait-root", help="folder holding LivePortrait's pretrained_weights/")
+    pp.add_argument("--hubert", help="HuBERT save_pretrained folder or a repo id in the HF cache")
+    pp.add_argument("--wan-vae", help="Wan VAE folder (or pipeline folder with --wan-vae-subfolder vae) or cached repo id")
+    pp.add_argument("--wan-vae-subfolder")
+    pp.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    pp.add_argument("--flame-dir", help="per-clip FLAME parameter files <clip_id>.npz for the pose cross-check")
     pp.add_argument("--no-progress", action="store_true")
     pp.set_defaults(func=cmd_preprocess)
 
@@ -104,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-o", "--out", required=True)
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=cmd_manifest)
+
+    mi = sub.add_parser("model-info", help="parameter counts per module and FLOPs per training step of a DualForce config")
+    mi.add_argument("config", help="tiny | lite")
+    mi.set_defaults(func=cmd_model_info)
     return p
 
 

@@ -1,10 +1,13 @@
-"""The preprocess flow: manifest -> per-clip steps over batches -> shards, with a ledger and artifacts.
+"""The preprocess flow: manifest -> per-clip steps over batches -> 3D-latent gate -> shards.
 
-Reads like the DAG in DESIGN.md: each clip step is one Prefect task per *batch* of clips (not per clip,
-so orchestration stays cheap at 30K+ clips); batch b's crop starts as soon as batch b's download is done.
+Reads like the DAG in DESIGN.md: each clip step is one Prefect task per *batch* of clips (not per clip, so
+orchestration stays cheap at 30K+ clips); batch b's crop starts as soon as batch b's download is done. The
+dataset-level "3D latent quality" gate runs once every clip has been through the pose cross-check; a no-go
+ends the run in a named failed state before any shard is written.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -16,20 +19,26 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from datasets_manifest.schema import read_manifest
+from flows.gate_artifacts import publish_gate
 from flows.layout import DatasetLayout
 from flows.progress import Progress
 from tasks.crop import CROP_INFO
 from tasks.download import DownloadConfig
+from tasks.gates import GateVerdict
+from tasks.feature_models import FeatureModels, dryrun_models
 from tasks.ledger import step_counts, write_ledger_part
+from tasks.pose_check import PoseCheckConfig, latent_quality_gate
+from tasks.sample_features import FEATURE_STEPS, window_features
 from tasks.shard import ShardClip, ShardConfig, write_shards
 from tasks.step_runner import ClipState, LedgerEntry, Step, run_step
 from tasks.step_store import StepStore, fingerprint
-from tasks.steps import CropStep, DownloadStep
+from tasks.steps import AudioFeaturesStep, CropStep, DownloadStep, MotionStep, PoseCheckStep, VaeLatentsStep
 
-CLIP_STEPS = ("download", "crop")
+CLIP_STEPS = ("download", "crop", *FEATURE_STEPS)
 ALL_STEPS = (*CLIP_STEPS, "shard")
 
 
@@ -39,11 +48,19 @@ class BatchResult:
     entries: list[LedgerEntry] = field(default_factory=list)
 
 
-def build_steps(names: tuple[str, ...], layout: DatasetLayout) -> list[Step]:
+def build_steps(names: tuple[str, ...], layout: DatasetLayout, models: Optional[FeatureModels],
+                windows: ShardConfig, pose: PoseCheckConfig, flame_dir: Optional[str]) -> list[Step]:
     available: dict[str, Step] = {
         "download": DownloadStep(DownloadConfig(cache_dir=layout.download_cache)),
         "crop": CropStep(),
     }
+    if models is not None:
+        available.update({
+            "motion": MotionStep(models),
+            "pose_check": PoseCheckStep(pose, flame_dir),
+            "audio_features": AudioFeaturesStep(models),
+            "vae_latents": VaeLatentsStep(models, windows),
+        })
     return [available[n] for n in names if n in available]
 
 
@@ -58,6 +75,15 @@ def load_clips(manifest: str, limit: Optional[int]) -> tuple[list[ClipState], li
         for e in bad
     ]
     return [ClipState(r) for r in rows], errors
+
+
+def hydrate(states: list[ClipState], store: StepStore, steps: tuple[str, ...]) -> None:
+    """Results of steps this run does not execute, taken from earlier runs (a shard-only run, a backfill)."""
+    for state in states:
+        for step in steps:
+            rec = store.load(step, state.row.clip_id)
+            if rec is not None and rec.status == "ok":
+                state.records[step] = rec
 
 
 @task(name="run-step-batch", cache_policy=NO_CACHE)
@@ -80,36 +106,56 @@ def run_step_batch(step: Step, batch: BatchResult, steps_root: str, run_id: str,
     return BatchResult(batch.states, batch.entries + new)
 
 
-@task(name="write-shards", cache_policy=NO_CACHE)
-def shard_clips(states: list[ClipState], layout: DatasetLayout, shard_cfg: ShardConfig, run_id: str) -> tuple[dict, list[LedgerEntry]]:
-    import json
+@task(name="latent-quality-gate", cache_policy=NO_CACHE)
+def latent_gate(states: list[ClipState], max_drop_ratio: float) -> GateVerdict:
+    per_clip = {}
+    for s in states:
+        rec = s.records.get("pose_check")
+        if rec is not None and "total" in rec.info:
+            per_clip[s.row.clip_id] = (int(rec.info["dropped"]), int(rec.info["total"]))
+    verdict = latent_quality_gate(per_clip, max_drop_ratio)
+    get_run_logger().info(f"gate 3d_latent_quality: {verdict.summary}")
+    return verdict
 
+
+@task(name="write-shards", cache_policy=NO_CACHE)
+def shard_clips(states: list[ClipState], layout: DatasetLayout, shard_cfg: ShardConfig, with_features: bool,
+                run_id: str) -> tuple[dict, list[LedgerEntry]]:
     logger = get_run_logger()
     store = StepStore(layout.steps)
-    ready = [s for s in states if s.alive and "crop" in s.records]
+    needed = ("crop", *FEATURE_STEPS) if with_features else ("crop",)
+    ready = [s for s in states if s.alive and all(n in s.records for n in needed)]
     clips = []
     for s in ready:
         crop_dir = store.clip_dir("crop", s.row.clip_id)
-        frames = json.loads((crop_dir / CROP_INFO).read_text())["frames"]
+        infos = {name: rec.info for name, rec in s.records.items()}
+        dryrun = sorted(n for n, i in infos.items() if i.get("untrained_dryrun"))
+        extra = {"untrained_dryrun_models": dryrun} if dryrun else {}
+        if with_features:
+            extra["audio_dim"] = int(infos["audio_features"]["audio_dim"])
+            extra["pose_check"] = {k: infos["pose_check"][k] for k in ("source", "dropped", "total")}
         clips.append(ShardClip(
-            row=s.row, crop_dir=crop_dir, frames=frames,
+            row=s.row, crop_dir=crop_dir, frames=json.loads((crop_dir / CROP_INFO).read_text())["frames"],
             step_versions={name: rec.version for name, rec in s.records.items()},
             lineage={name: rec.checksum for name, rec in s.records.items()},
+            feature_sources=[window_features({n: store.clip_dir(n, s.row.clip_id) for n in FEATURE_STEPS})] if with_features else [],
+            meta_extra=extra,
         ))
-    key = fingerprint("shard", shard_cfg, sorted((c.row.model_dump_json(), sorted(c.lineage.items())) for c in clips))
+    key = fingerprint("shard", shard_cfg, with_features,
+                      sorted((c.row.model_dump_json(), sorted(c.lineage.items())) for c in clips))
     t0 = time.perf_counter()
     per_clip: dict[str, int] = {}
     stats = write_shards(clips, layout.shards, shard_cfg, key=key, on_clip=lambda c, n: per_clip.__setitem__(c.row.clip_id, n))
     seconds = time.perf_counter() - t0
     logger.info(f"shards: {stats.samples} samples in {stats.shards} shards ({'cached' if stats.skipped else f'{seconds:.1f}s'})")
     now = time.time()
-    entries = [
-        LedgerEntry(c.row.clip_id, c.row.dataset, "shard", "ok" if per_clip.get(c.row.clip_id, 1) else "rejected",
-                    "skipped" if stats.skipped else "ran", "" if per_clip.get(c.row.clip_id, 1) else "too_short",
-                    "" if per_clip.get(c.row.clip_id, 1) else "shorter than one window", "1", key, "",
-                    0.0 if stats.skipped else seconds / max(1, len(clips)), run_id, now)
-        for c in clips
-    ]
+    entries = []
+    for c in clips:
+        n = per_clip.get(c.row.clip_id, 1)  # a cached shard set wrote every clip it lists
+        entries.append(LedgerEntry(
+            c.row.clip_id, c.row.dataset, "shard", "ok" if n else "rejected", "skipped" if stats.skipped else "ran",
+            "" if n else "too_short", "" if n else f"shorter than one {shard_cfg.window}-frame window", "1", key, "",
+            0.0 if stats.skipped else seconds / max(1, len(clips)), run_id, now))
     return {"samples": stats.samples, "shards": stats.shards, "bytes": stats.bytes, "per_split": stats.per_split,
             "skipped": stats.skipped, "seconds": seconds, "out_dir": str(stats.out_dir)}, entries
 
@@ -125,6 +171,21 @@ def _publish(dataset: str, counts: list[dict], rejected: list[dict], shard_stats
         create_markdown_artifact(markdown=md, key=f"preprocess-{slug}-shards", description="Shard set summary")
 
 
+def resolve_models(models: str, layout: DatasetLayout, liveportrait_root: Optional[str], hubert: Optional[str],
+                   wan_vae: Optional[str], wan_vae_subfolder: Optional[str], device: Optional[str]) -> FeatureModels:
+    """`dryrun`: write random models of the real architectures; `real`: check every weight path first."""
+    if models == "dryrun":
+        return dryrun_models()
+    if models != "real":
+        raise ValueError(f"models must be 'real' or 'dryrun', got {models!r}")
+    missing = [n for n, v in (("liveportrait_root", liveportrait_root), ("hubert", hubert), ("wan_vae", wan_vae)) if not v]
+    if missing:
+        raise ValueError(f"a real run needs {', '.join(missing)} (weights are never downloaded; models='dryrun' for random ones)")
+    chosen = FeatureModels(liveportrait_root, hubert, wan_vae, wan_vae_subfolder, device=device)
+    chosen.check()
+    return chosen
+
+
 @flow(name="preprocess", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 1))
 def preprocess(
     dataset: str,
@@ -135,6 +196,17 @@ def preprocess(
     batch_size: int = 8,
     window_n: int = 8,
     window_stride: Optional[int] = None,
+    shard_max_samples: int = 200,
+    models: str = "real",
+    liveportrait_root: Optional[str] = None,
+    hubert: Optional[str] = None,
+    wan_vae: Optional[str] = None,
+    wan_vae_subfolder: Optional[str] = None,
+    device: Optional[str] = None,
+    flame_dir: Optional[str] = None,
+    pose_threshold_deg: float = 10.0,
+    max_frame_drop_ratio: float = 0.5,
+    shard_features: bool = True,
     progress: bool = False,
 ) -> dict:
     """Preprocess one dataset's manifest into shards under `output_root/<dataset>/`."""
@@ -145,18 +217,28 @@ def preprocess(
     if unknown:
         raise ValueError(f"unknown steps {sorted(unknown)}; choose from {ALL_STEPS}")
     layout = DatasetLayout(Path(output_root), dataset)
-    cleaned = StepStore(layout.steps).clean_staging()
+    windows = ShardConfig(n=window_n, stride=window_stride, max_samples_per_shard=shard_max_samples)
+    needs_models = any(s in wanted for s in FEATURE_STEPS)
+    with_features = shard_features if "shard" in wanted else needs_models
+    feature_models = None
+    if needs_models:  # fail fast, before any clip is touched
+        feature_models = resolve_models(models, layout, liveportrait_root, hubert, wan_vae, wan_vae_subfolder, device)
+        if feature_models.dryrun:
+            logger.warning("DRY RUN: steps 3-6 use small randomly initialised models; their outputs are marked untrained_dryrun")
+    store = StepStore(layout.steps)
+    cleaned = store.clean_staging()
     if cleaned:
         logger.info(f"removed {cleaned} leftovers of an interrupted run")
     states, manifest_errors = load_clips(manifest, limit)
-    clip_steps = build_steps(tuple(s for s in CLIP_STEPS if s in wanted), layout)
+    run_names = tuple(s for s in CLIP_STEPS if s in wanted)
+    hydrate(states, store, tuple(s for s in CLIP_STEPS if s not in run_names))
+    clip_steps = build_steps(run_names, layout, feature_models, windows,
+                             PoseCheckConfig(threshold_deg=pose_threshold_deg), flame_dir)
     logger.info(f"{dataset}: {len(states)} clips, steps {list(wanted)}, batches of {batch_size}")
     bar = Progress(total=len(states) * len(clip_steps), desc=dataset) if progress else None
 
-    batches = [BatchResult(states[i : i + batch_size]) for i in range(0, len(states), batch_size)]
-    step_seconds: dict[str, float] = {}
+    futures: list = [BatchResult(states[i : i + batch_size]) for i in range(0, len(states), batch_size)]
     runner = run_step_batch.with_options(task_run_name="{step.name}-batch")
-    futures = batches
     for step in clip_steps:
         futures = [runner.submit(step, f, str(layout.steps), run_id, bar) for f in futures]
     results: list[BatchResult] = [f.result() if hasattr(f, "result") else f for f in futures]
@@ -165,30 +247,38 @@ def preprocess(
     entries = manifest_errors + [e for r in results for e in r.entries]
     all_states = [s for r in results for s in r.states]
 
+    gate_state = None
+    if "pose_check" in run_names:
+        gate_state = publish_gate(latent_gate(all_states, max_frame_drop_ratio), key_prefix=f"preprocess-{dataset}")
     shard_stats = None
-    if "shard" in wanted:
-        shard_stats, shard_entries = shard_clips(all_states, layout, ShardConfig(n=window_n, stride=window_stride), run_id)
+    if "shard" in wanted and (gate_state is None or not gate_state.is_failed()):
+        shard_stats, shard_entries = shard_clips(all_states, layout, windows, with_features, run_id)
         entries += shard_entries
     write_ledger_part(layout.ledger, entries, f"run-{time.strftime('%Y%m%dT%H%M%S')}-{run_id[:8]}")
 
     counts = step_counts(entries)
-    for c in counts:
-        step_seconds[c["step"]] = c["seconds"]
     rejected = [
         {"clip_id": s.row.clip_id, "step": s.failure.step, "status": s.failure.status, "reason": s.failure.reason, "detail": s.failure.detail}
         for s in all_states if s.failure
     ] + [{"clip_id": e.clip_id, "step": "manifest", "status": "rejected", "reason": e.reason, "detail": e.detail} for e in manifest_errors]
     _publish(dataset, counts, rejected, shard_stats)
-    return {
+    report = {
         "dataset": dataset,
         "clips_in": len(states) + len(manifest_errors),
         "clips_out": sum(1 for s in all_states if s.alive),
         "rejected": rejected,
         "step_counts": counts,
         "shards": shard_stats,
+        "gate": None if gate_state is None else {"name": gate_state.name, "message": gate_state.message},
+        "untrained_dryrun_models": bool(feature_models and feature_models.dryrun),
         "output": str(layout.base),
         "run_id": run_id,
     }
+    if gate_state is not None and gate_state.is_failed():
+        logger.error(gate_state.message)
+        (layout.base / "gate-no-go.json").write_text(json.dumps(report, indent=1, default=str))
+        return gate_state
+    return report
 
 
 def with_workers(workers: int):

@@ -92,7 +92,7 @@ def frames_to_input(frames_uint8: np.ndarray, device: torch.device, dtype: torch
     """uint8 [t, H, W, 3] -> [1, 3, t, H, W] in [-1, 1]."""
     if frames_uint8.dtype != np.uint8 or frames_uint8.ndim != 4 or frames_uint8.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 [t, H, W, 3], got {frames_uint8.dtype} {frames_uint8.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(frames_uint8)).to(device)
+    x = torch.from_numpy(np.array(frames_uint8, copy=True)).to(device)  # decoded frames may be read-only
     x = x.permute(3, 0, 1, 2)[None].to(dtype) / 127.5 - 1.0
     return x
 

@@ -10,7 +10,8 @@ class ClipRejected(Exception):
     face_too_small, av_length_mismatch, silent_audio, pose_disagreement, missing_input.
     """
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: str, detail: str = "", info: dict | None = None):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        self.info = info or {}  # measurements worth keeping with the rejection (e.g. frames dropped)

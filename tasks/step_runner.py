@@ -111,7 +111,7 @@ def _execute(step: Step, row: ClipRow, upstream: list[StepRecord], key: str, sto
     try:
         rec.info = step.run(row, inputs, staging) or {}
     except ClipRejected as exc:
-        rec.status, rec.reason, rec.detail = "rejected", exc.reason, exc.detail
+        rec.status, rec.reason, rec.detail, rec.info = "rejected", exc.reason, exc.detail, exc.info
     except Exception as exc:  # an unexpected bug or environment problem: recorded, retried next run
         rec.status, rec.reason = "failed", "error"
         rec.detail = f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=3).splitlines()[-2].strip()}"

@@ -5,16 +5,27 @@ Bump a step's `version` when its output for the same input changes; that re-runs
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from datasets_manifest.schema import ClipRow
-from tasks.crop import CropConfig, crop_clip
+from tasks import feature_models
+from tasks.audio_features import AudioFeatureConfig
+from tasks.crop import CROP_AUDIO, CROP_INFO, CROP_LANDMARKS, CROP_VIDEO, CropConfig, crop_clip
 from tasks.download import DownloadConfig, download_clip
 from tasks.errors import ClipRejected
+from tasks.feature_models import FeatureModels
+from tasks.pose_check import PoseCheckConfig
+from tasks.shard import ShardConfig
 from tasks.step_store import fingerprint
 
 DOWNLOADED_VIDEO = "source.mp4"
+MOTION_FILE = "motion.npz"
+STRUCT_FILE = "struct.npy"
+KEEP_MASK_FILE = "keep_mask.npy"
+AUDIO_FEATURES_FILE = "audio_features.npy"
+VAE_FILE = "vae_latents.npz"
 
 
 @dataclass
@@ -52,3 +63,132 @@ class CropStep:
         r = crop_clip(src, out_dir, self.config)
         return {"frames": r.frames, "audio_samples": r.audio_samples, "trimmed_s": round(r.trimmed_s, 3),
                 "median_face_px": round(r.median_face_px, 1), "landmarker": r.landmarker}
+
+
+def _crop_frames(crop_dir: Path) -> int:
+    import json
+
+    return int(json.loads((crop_dir / CROP_INFO).read_text())["frames"])
+
+
+def _save_npy(path: Path, array) -> None:
+    import numpy as np
+
+    np.save(path, array, allow_pickle=False)
+
+
+@dataclass
+class MotionStep:
+    """Step 3: LivePortrait motion latents per frame, plus the flat struct vectors training reads."""
+
+    models: FeatureModels
+    batch_size: int = 64
+    name: str = "motion"
+    version: str = "1"
+    requires: tuple[str, ...] = ("crop",)
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.models.liveportrait_root, self.models.dryrun)
+
+    def run(self, row: ClipRow, inputs: dict[str, Path], out_dir: Path) -> dict:
+        from models.struct_layout import to_struct
+        from tasks.motion import extract_motion_from_video
+
+        motion = extract_motion_from_video(inputs["crop"] / CROP_VIDEO, feature_models.motion_extractor(self.models),
+                                           out_dir / MOTION_FILE, batch_size=self.batch_size,
+                                           device=feature_models._device(self.models))
+        if motion.num_frames != _crop_frames(inputs["crop"]):
+            raise ClipRejected("corrupt", f"motion has {motion.num_frames} rows for {_crop_frames(inputs['crop'])} frames")
+        _save_npy(out_dir / STRUCT_FILE, to_struct(motion))
+        return {"frames": motion.num_frames, "untrained_dryrun": motion.meta.get("untrained_dryrun", False)}
+
+
+@dataclass
+class PoseCheckStep:
+    """Step 4: an independent head pose (FLAME when supplied, else landmarks + PnP) against LivePortrait's."""
+
+    config: PoseCheckConfig = field(default_factory=PoseCheckConfig)
+    flame_dir: Optional[str] = None  # <flame_dir>/<clip_id>.npz per clip (tasks/pose_check.py documents it)
+    name: str = "pose_check"
+    version: str = "1"
+    requires: tuple[str, ...] = ("crop", "motion")
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.config, self.flame_dir)
+
+    def run(self, row: ClipRow, inputs: dict[str, Path], out_dir: Path) -> dict:
+        import json
+
+        import numpy as np
+
+        from models.struct_layout import load_motion
+        from tasks.pose_check import check_clip_pose, load_flame_npz
+
+        motion = load_motion(inputs["motion"] / MOTION_FILE)
+        flame_file = Path(self.flame_dir) / f"{row.clip_id}.npz" if self.flame_dir else None
+        flame = load_flame_npz(flame_file) if flame_file and flame_file.is_file() else None
+        landmarks = np.load(inputs["crop"] / CROP_LANDMARKS, allow_pickle=False)
+        result = check_clip_pose(motion, landmarks=landmarks, flame=flame, cfg=self.config)
+        counts = {"dropped": result.dropped, "total": result.total, "drop_ratio": round(result.drop_ratio, 4),
+                  "source": result.source, "offset_deg": round(float(result.offset_deg), 3)}
+        if 1.0 - result.drop_ratio < self.config.min_keep_ratio:
+            raise ClipRejected("pose_disagreement",
+                               f"{result.dropped}/{result.total} frames differ by > {self.config.threshold_deg} deg "
+                               f"({result.source})", info=counts)
+        _save_npy(out_dir / KEEP_MASK_FILE, result.keep.astype(bool))
+        _save_npy(out_dir / "pose_diff_deg.npy", result.diff_deg.astype(np.float32))
+        (out_dir / "pose.json").write_text(json.dumps(counts, sort_keys=True))
+        return counts
+
+
+@dataclass
+class AudioFeaturesStep:
+    """Step 5: HuBERT features pooled to 25 fps, exactly one row per video frame."""
+
+    models: FeatureModels
+    config: AudioFeatureConfig = field(default_factory=AudioFeatureConfig)
+    name: str = "audio_features"
+    version: str = "1"
+    requires: tuple[str, ...] = ("crop",)
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.models.hubert, self.models.hubert_layers, self.config)
+
+    def run(self, row: ClipRow, inputs: dict[str, Path], out_dir: Path) -> dict:
+        import json
+
+        from tasks.audio_features import audio_features_for_clip, require_usable
+
+        T = _crop_frames(inputs["crop"])
+        result = audio_features_for_clip(inputs["crop"] / CROP_AUDIO, T, feature_models.hubert(self.models),
+                                         self.config, feature_models._device(self.models))
+        features = require_usable(result, self.config)
+        _save_npy(out_dir / AUDIO_FEATURES_FILE, features)
+        info = {"status": result.status, "audio_dim": int(features.shape[1]), "rms": round(result.rms, 6),
+                "pad_samples": result.pad_samples, "untrained_dryrun": bool(result.meta.get("untrained_dryrun"))}
+        (out_dir / "audio_features.json").write_text(json.dumps(info, sort_keys=True))
+        return info
+
+
+@dataclass
+class VaeLatentsStep:
+    """Step 6: Wan VAE latents of every training window (4n+1 -> n+1 frames) and a reference latent."""
+
+    models: FeatureModels
+    windows: ShardConfig = field(default_factory=ShardConfig)
+    name: str = "vae_latents"
+    version: str = "1"
+    requires: tuple[str, ...] = ("crop",)
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.models.wan_vae, self.models.wan_vae_subfolder, self.windows.window, self.windows.step)
+
+    def run(self, row: ClipRow, inputs: dict[str, Path], out_dir: Path) -> dict:
+        from tasks.media import iter_frames
+        from tasks.vae_latents import VaeLatentConfig, encode_clip, save_vae_latents
+
+        cfg = VaeLatentConfig(window_frames=self.windows.window, stride=self.windows.step)
+        latents = encode_clip(iter_frames(inputs["crop"] / CROP_VIDEO, chunk=self.windows.window),
+                              feature_models.wan_vae(self.models), cfg)
+        save_vae_latents(out_dir / VAE_FILE, latents)
+        return {"windows": int(len(latents.window_starts)), "untrained_dryrun": bool(latents.meta.get("untrained_dryrun"))}

@@ -32,8 +32,9 @@ def _env(prefect_home: Path) -> dict:
     return env
 
 
-def _cmd(out: Path) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", "dry-run", "--out", str(out), "--no-progress"]
+def _cmd(out: Path, train_steps: int = 4) -> list[str]:
+    return [sys.executable, "-m", "flows.cli", "dry-run", "--out", str(out), "--no-progress",
+            "--train-steps", str(train_steps)]
 
 
 def _digests(shards: Path) -> dict:
@@ -55,16 +56,31 @@ def test_dry_run_makes_shards_from_both_clips(dry_run):
     assert "2/2 clips made it through" in stdout and str(base) in stdout
     status = latest_status(base)
     for clip in CLIPS:
-        for step in ("download", "crop", "shard"):
+        for step in ("download", "crop", "motion", "pose_check", "audio_features", "vae_latents", "shard"):
             assert status[(clip, step)]["status"] == "ok", (clip, step, status[(clip, step)])
-    spec = contract.ContractSpec(window=33, require_features=False)
-    per_clip: dict[str, int] = {}
+    spec = contract.ContractSpec(window=17)  # every modality, validated
+    per_clip: dict[str, list[int]] = {}
     for s in iter_samples(base / "shards", spec):
-        per_clip[s["meta"]["clip_id"]] = per_clip.get(s["meta"]["clip_id"], 0) + 1
-    # sun: 22.0 s -> 550 frames -> 16 windows; yongen: audio 8.0 s -> 200 frames -> 6 windows
-    assert per_clip == {"samples_sun": 16, "samples_yongen": 6}
+        meta = s["meta"]
+        per_clip.setdefault(meta["clip_id"], []).append(meta["window"][0])
+        assert meta["untrained_dryrun_models"] == ["audio_features", "motion", "vae_latents"]
+        assert set(meta["steps"]) == {"download", "crop", "motion", "pose_check", "audio_features", "vae_latents"}
+        assert contract.load_npy(s[contract.VIDEO_LATENTS]).shape == (16, 5, 64, 64)
+    # dry-run windows: 17 frames every 100. sun: 550 frames -> 6 windows; yongen: audio 8.0 s -> 200 frames -> 2
+    assert per_clip == {"samples_sun": [0, 100, 200, 300, 400, 500], "samples_yongen": [0, 100]}
     stats = json.loads((base / "shards" / "stats.json").read_text())
-    assert stats["samples"] == 22 and stats["clips"] == 2
+    assert stats["samples"] == 8 and stats["clips"] == 2 and stats["shards"] == 4
+
+
+def test_dry_run_trains_a_few_steps_on_its_shards(dry_run):
+    out, _, stdout = dry_run
+    report = json.loads((out / "dryrun-report.json").read_text())
+    t = report["training"]
+    assert t["state"] == "GO" and t["steps"] == 4
+    records = [json.loads(l) for l in (Path(t["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) and r["video_loss"] > 0 and r["struct_loss"] > 0 for r in records if "loss" in r)
+    assert "training: GO after 4 steps" in stdout
 
 
 def test_crop_outputs_meet_the_contract(dry_run):
@@ -91,29 +107,33 @@ def test_second_run_does_no_step_work(dry_run):
     ledger = read_ledger(out / "samples").to_pylist()
     last_run = ledger[-1]["run_id"]
     rows = [r for r in ledger if r["run_id"] == last_run]
-    assert len(rows) == 6 and {r["action"] for r in rows} == {"skipped"}
+    assert len(rows) == 14 and {r["action"] for r in rows} == {"skipped"}
     assert {p: p.stat().st_mtime_ns for p in shard_files(shards)} == before
+    report = json.loads((out / "dryrun-report.json").read_text())
+    metrics = Path(report["training"]["run_dir"]) / "metrics.jsonl"
+    assert len([l for l in metrics.read_text().splitlines() if '"loss"' in l]) == 4  # resumed at step 4: no new steps
 
 
 def test_killed_run_resumes_to_identical_shards(dry_run, tmp_path):
     out, home, _ = dry_run
     resumed = tmp_path / "resumed"
-    proc = subprocess.Popen(_cmd(resumed), cwd=REPO, env=_env(home), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(resumed, train_steps=0), cwd=REPO, env=_env(home), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    crop_dir = resumed / "samples" / "steps" / "crop"
-    deadline = time.time() + 600
-    while time.time() < deadline and not any(crop_dir.glob("*/_status.json")):
+    vae_dir = resumed / "samples" / "steps" / "vae_latents"
+    deadline = time.time() + 900
+    while time.time() < deadline and not any(vae_dir.glob("*/_status.json")):
         assert proc.poll() is None, "the dry-run ended before it could be killed"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # mid-run: one clip cropped, the other not, no shards yet
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-run: one clip's latents done, the other's in flight, no shards
     proc.wait()
-    assert len(list(crop_dir.glob("*/_status.json"))) == 1
+    assert len(list(vae_dir.glob("*/_status.json"))) == 1
     assert not (resumed / "samples" / "shards").exists()
 
-    done = subprocess.run(_cmd(resumed), cwd=REPO, env=_env(home), capture_output=True, text=True, timeout=900)
+    done = subprocess.run(_cmd(resumed, train_steps=0), cwd=REPO, env=_env(home), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert _digests(resumed / "samples" / "shards") == _digests(out / "samples" / "shards")
     a = pq.read_table(out / "samples" / "shards" / "index.parquet").to_pylist()
     b = pq.read_table(resumed / "samples" / "shards" / "index.parquet").to_pylist()
     assert a == b
-    assert not list((resumed / "samples" / "steps" / "crop").glob(".*tmp*"))
+    for step_dir in (resumed / "samples" / "steps").iterdir():
+        assert not list(step_dir.glob(".*tmp*")), step_dir

@@ -11,6 +11,10 @@ from tasks.ledger import latest_status, read_ledger
 from tasks.shard import iter_samples
 
 
+# Steps 1, 2 and 7 only: the feature steps have their own tests below and in the end-to-end dry-run.
+BASE = dict(steps=["download", "crop", "shard"], shard_features=False)
+
+
 @pytest.fixture(scope="module")
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
@@ -38,7 +42,7 @@ def test_bad_inputs_are_recorded_and_the_rest_completes(prefect_harness, samples
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.concat_tables([table, malformed]), manifest)
 
-    report = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"), batch_size=2)
+    report = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"), batch_size=2, **BASE)
 
     assert report["clips_in"] == 6 and report["clips_out"] == 1
     reasons = {r["clip_id"]: (r["step"], r["reason"]) for r in report["rejected"]}
@@ -58,7 +62,7 @@ def test_bad_inputs_are_recorded_and_the_rest_completes(prefect_harness, samples
     assert keys == [f"good_w{s:06d}" for s in range(0, 166, 33)]
 
     # the same run again does no step work: every step result is reused from the store
-    again = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"), batch_size=2)
+    again = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"), batch_size=2, **BASE)
     assert again["shards"]["skipped"]
     second = [r for r in read_ledger(tmp_path / "out" / "t").to_pylist() if r["run_id"] == again["run_id"]]
     actions = {(r["clip_id"], r["step"]): r["action"] for r in second if r["step"] != "manifest"}
@@ -72,3 +76,38 @@ def test_unknown_step_is_refused(prefect_harness, tmp_path):
     pq.write_table(rows_to_table([]), manifest)
     with pytest.raises(ValueError, match="unknown steps"):
         preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path), steps=["crop", "teleport"])
+
+
+def test_a_real_run_without_weights_fails_before_any_work(prefect_harness, samples_dir, tmp_path):
+    from flows.preprocess import preprocess
+    from models.weights import WeightsError
+
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(rows_to_table([ClipRow(clip_id="good", dataset="t", source=str(samples_dir / "yongen.mp4"), identity="a")]), manifest)
+    with pytest.raises(ValueError, match="a real run needs liveportrait_root, hubert, wan_vae"):
+        preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"))
+    with pytest.raises(WeightsError) as exc:
+        preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"),
+                   liveportrait_root=str(tmp_path / "lp"), hubert=str(tmp_path / "hubert"), wan_vae=str(tmp_path / "vae"))
+    msg = str(exc.value)
+    assert "pretrained_weights/liveportrait/base_models/motion_extractor.pth" in msg and "HuBERT" in msg and "Wan VAE" in msg
+    assert not (tmp_path / "out" / "t" / "steps").exists()  # nothing was started
+
+
+def test_latent_quality_gate_no_go_ends_the_run_before_shards(prefect_harness, samples_dir, tmp_path):
+    from prefect.states import State
+
+    from flows.preprocess import preprocess
+
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(rows_to_table([ClipRow(clip_id="good", dataset="t", source=str(samples_dir / "yongen.mp4"), identity="a")]), manifest)
+    # a zero-degree threshold drops every frame: the clip is rejected and the dataset gate says no-go
+    state = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"), models="dryrun",
+                       steps=["download", "crop", "motion", "pose_check", "shard"], pose_threshold_deg=0.0,
+                       return_state=True)
+    assert isinstance(state, State) and state.is_failed() and state.name == "NO-GO"
+    assert "3d_latent_quality" in state.message and "FLAME-only" in state.message
+    assert not (tmp_path / "out" / "t" / "shards").exists()
+    status = latest_status(tmp_path / "out" / "t")
+    assert status[("good", "pose_check")]["reason"] == "pose_disagreement"
+    assert (tmp_path / "out" / "t" / "gate-no-go.json").exists()

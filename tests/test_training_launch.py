@@ -7,7 +7,7 @@ import time
 import pytest
 
 from training.config import TrainConfig
-from training.launch import LaunchSpec, command, environment, run_streaming
+from training.launch import REPO_ROOT, LaunchSpec, command, environment, run_streaming
 
 
 def test_torchrun_single_node_is_standalone():
@@ -31,7 +31,7 @@ def test_torchrun_multi_node_and_deepspeed_launcher():
 def test_environment_sets_cpu_defaults_without_overriding():
     env = environment({"PATH": "/bin", "OMP_NUM_THREADS": "4"})
     assert env["OMP_NUM_THREADS"] == "4" and env["DS_ACCELERATOR"] == "cpu"
-    assert env["TORCH_EXTENSIONS_DIR"] and env["PYTHONPATH"].split(":")[0].endswith("training")
+    assert env["TORCH_EXTENSIONS_DIR"] and env["PYTHONPATH"].split(":")[0] == str(REPO_ROOT)
     assert environment({})["OMP_NUM_THREADS"] == "1"
 
 

@@ -237,6 +237,9 @@ class ShardLoader:
             num_workers=self.cfg.num_workers,
             persistent_workers=False,
             generator=generator,
+            # forkserver: workers start from a clean process, not a fork of one that already runs threads
+            # (Prefect's, a tokenizer's), which can leave a forked worker deadlocked or dead on arrival.
+            multiprocessing_context="forkserver" if self.cfg.num_workers > 0 else None,
         )
         yield from loader
 

@@ -1,0 +1,90 @@
+"""One pipeline: preprocess (with its 3D-latent data gate) -> train (with the training gates).
+
+A no-go anywhere ends the run in that gate's named state; the training stage reads the shard set the
+preprocess stage just wrote, so going from a dry-run to a cluster run changes parameters, not code.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from prefect import flow, get_run_logger
+from prefect.states import Failed, State
+
+from flows.layout import DatasetLayout
+from flows.preprocess import with_workers
+from flows.train import train_flow
+from tasks.shard import STATS_FILE, iter_samples, shard_files
+from tasks.shard import STATUS_FILE as SHARD_STATUS
+from training.metrics import METRICS_FILE, read_metrics
+
+
+def train_config_for_shards(shard_dir: Path, out_dir: Path, split: str = "train", **overrides: Any) -> dict:
+    """A TrainConfig dict whose data fields (shards, window, audio width) come from the shard set itself."""
+    stats = json.loads((shard_dir / STATS_FILE).read_text())
+    first = next(iter_samples(shard_dir, split=split), None)
+    if first is None:
+        raise ValueError(f"no {split} samples under {shard_dir}")
+    cfg = {
+        "shards": [str(shard_dir / split / "shard-*.tar")],
+        "out_dir": str(out_dir),
+        "window": int(stats["window_frames"]),
+        "crop_size": 512,
+        "audio_dim": int(first["meta"]["audio_dim"]),
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+@flow(name="pipeline")
+def pipeline(
+    dataset: str,
+    manifest: str,
+    output_root: str,
+    preprocess_options: Optional[dict[str, Any]] = None,
+    train: Optional[dict[str, Any]] = None,
+    gates: Optional[dict[str, Any]] = None,
+    nproc_per_node: int = 2,
+    launcher: str = "torchrun",
+    workers: int = 2,
+) -> dict | State:
+    """`preprocess_options`: extra preprocess parameters (models, weights, windows, ...); `train`: TrainConfig
+    fields beyond the data ones; `gates`: TrainingGateConfig fields."""
+    logger = get_run_logger()
+    pre = with_workers(workers)(dataset=dataset, manifest=manifest, output_root=output_root, **(preprocess_options or {}),
+                     return_state=True)
+    if not pre.is_completed():
+        logger.error(f"preprocess ended {pre.name}: {pre.message}")
+        return pre
+    report = pre.result()
+    layout = DatasetLayout(Path(output_root), dataset)
+    n_shards = len(shard_files(layout.shards, "train"))
+    if n_shards < nproc_per_node:
+        return Failed(name="NO-GO", message=f"{n_shards} train shards for {nproc_per_node} training processes: "
+                      "each process needs at least one shard (lower shard_max_samples or the process count)")
+    logger.info(f"preprocess: {report['clips_out']}/{report['clips_in']} clips, {report['shards']['samples']} samples "
+                f"in {n_shards} train shards; starting training")
+    # One training directory per shard set: a re-run on the same shards resumes, new shards start afresh.
+    shard_key = json.loads((layout.shards / SHARD_STATUS).read_text())["key"][:12]
+    cfg = train_config_for_shards(layout.shards, layout.base / "train" / f"shards-{shard_key}", **(train or {}))
+    trained = train_flow(cfg, nproc_per_node=nproc_per_node, launcher=launcher, gates=gates, return_state=True)
+    if not trained.is_completed():
+        return trained
+    return {"preprocess": report, "training": training_summary(Path(cfg["out_dir"]), trained)}
+
+
+def training_summary(train_dir: Path, state: State) -> dict:
+    """What the last training attempt did, from its metrics.jsonl."""
+    runs = sorted(train_dir.glob(f"run-*/{METRICS_FILE}"), key=lambda p: p.stat().st_mtime)
+    records = read_metrics(runs[-1]) if runs else []
+    steps = [r for r in records if "loss" in r]
+    return {
+        "state": state.name,
+        "message": state.message,
+        "run_dir": str(runs[-1].parent) if runs else None,
+        "steps": steps[-1]["step"] if steps else 0,
+        "first_loss": steps[0]["loss"] if steps else None,
+        "last_loss": steps[-1]["loss"] if steps else None,
+        "samples_per_s": steps[-1].get("samples_per_s") if steps else None,
+    }

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -47,6 +48,7 @@ class FakeServer:
         self.cut_after: dict[str, int] = {}  # path -> close the first 200 after this many body bytes
         self.extra_headers: dict[str, dict] = {}
         self.ignore_range = False  # behave like a server without Range support
+        self.drip_s = 0.0  # pause between 64 KiB pieces of a body (a slow link)
         self.log = Served()
         self._lock = threading.Lock()
         server = self
@@ -116,8 +118,18 @@ class FakeServer:
         cut = self.cut_after.pop(path, None) if status == 200 else None
         if cut is not None:
             body = body[:cut]
-        h.wfile.write(body)
-        h.wfile.flush()
+        try:
+            if self.drip_s:
+                for i in range(0, len(body), 65536):
+                    h.wfile.write(body[i:i + 65536])
+                    h.wfile.flush()
+                    time.sleep(self.drip_s)
+            else:
+                h.wfile.write(body)
+                h.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):  # the client was killed
+            self._record(h, status, -1)
+            return
         self._record(h, status, len(body))
         if cut is not None:
             h.close_connection = True
@@ -293,6 +305,33 @@ def test_http_resumes_a_part_file(server, tmp_path, cfg, sun):
     assert fetched.path.read_bytes() == sun and fetched.sha256 == sha(sun)
     assert server.log.requests == [("/v/sun.mp4", f"bytes={n}-", 206, len(sun) - n)]
     assert not entry.part_path(".mp4").exists()
+
+
+def test_killed_download_leaves_only_a_part_that_is_resumed(server, cfg, sun):
+    url = server.url("/v/sun.mp4")
+    server.files["/v/sun.mp4"], server.drip_s = sun, 0.05
+    entry = cache_entry(cfg.cache_dir, url)
+    part = entry.part_path(".mp4")
+    code = ("import sys; from pathlib import Path; from tasks.download import DownloadConfig, fetch_source; "
+            "fetch_source(sys.argv[1], DownloadConfig(cache_dir=Path(sys.argv[2]), chunk_bytes=65536))")
+    child = subprocess.Popen([sys.executable, "-c", code, url, str(cfg.cache_dir)], cwd=Path(__file__).parents[1])
+    try:
+        deadline = time.monotonic() + 20
+        while not (part.exists() and part.stat().st_size >= 4 * 65536) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        child.kill()
+        child.wait()
+    have = part.stat().st_size
+    assert 0 < have < len(sun)
+    assert sorted(p.name for p in entry.dir.iterdir() if p.name != ".lock") == [part.name, part.name + ".json"]
+    assert entry.cached("http") is None
+
+    server.drip_s = 0.0
+    fetched = fetch_source(url, cfg)
+    assert fetched.path.read_bytes() == sun and fetched.sha256 == sha(sun)
+    resumed = server.log.requests[-1]
+    assert resumed[1] == f"bytes={have}-" and resumed[2:] == (206, len(sun) - have)
 
 
 def test_http_part_of_a_changed_resource_is_restarted(server, cfg, sun, short):

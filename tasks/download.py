@@ -17,13 +17,16 @@ too_short. Outputs appear atomically (temp name in the same directory, then rena
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 from urllib.parse import unquote, urlsplit
 
 from datasets_manifest.schema import ClipRow, sanitize_clip_id
@@ -66,6 +69,12 @@ class DownloadConfig:
             raise ValueError("timeout_s and chunk_bytes must be > 0")
         if not 0 <= self.crf <= 51:
             raise ValueError(f"crf must be within 0..51, got {self.crf}")
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that change the output clip (with STEP_VERSION): the ledger's version key."""
+        keyed = {"step": STEP_VERSION, "crf": self.crf, "preset": self.x264_preset,
+                 "audio_bitrate": self.audio_bitrate, "end_slack_s": self.end_slack_s}
+        return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def retry_policy(self) -> RetryPolicy:
@@ -130,7 +139,7 @@ def fetch_source(source: str, cfg: DownloadConfig, expected_sha256: Optional[str
         if kind == "fsspec":
             return fetch_fsspec(source, entry, policy=policy, chunk_bytes=cfg.chunk_bytes,
                                 expected_sha256=expected_sha256)
-        fetched = fetch_youtube(source[len("youtube:"):], entry, retries=cfg.retries, timeout_s=cfg.timeout_s)
+        fetched = fetch_youtube(source[len("youtube:"):], entry, attempts=cfg.retries, timeout_s=cfg.timeout_s)
         if expected_sha256 and fetched.sha256 != expected_sha256:
             entry.evict()
             raise ClipRejected("download_failed", f"{source}: sha256 mismatch: got {fetched.sha256}")
@@ -164,9 +173,12 @@ def _local_source(path: Path, kind: str, cfg: DownloadConfig, expected_sha256: O
         digest, cached = memo["sha256"], True
     else:
         digest, cached = sha256_file(path, cfg.chunk_bytes), False
-        entry.dir.mkdir(parents=True, exist_ok=True)
-        entry.write_meta({"local_path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
-                          "sha256": digest})
+        try:  # best effort: a read-only cache only costs re-hashing next time
+            entry.dir.mkdir(parents=True, exist_ok=True)
+            entry.write_meta({"local_path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+                              "sha256": digest})
+        except OSError:
+            pass
     if expected_sha256 and digest != expected_sha256.lower():
         raise ClipRejected("download_failed", f"{path}: sha256 mismatch: got {digest}, expected {expected_sha256}")
     return FetchedSource(path=path, bytes=st.st_size, sha256=digest, kind=kind, cached=cached)
@@ -186,8 +198,10 @@ def download_clip(row: ClipRow, dest: Path, cfg: DownloadConfig) -> DownloadResu
     try:
         info = probe(fetched.path)
     except MediaError as exc:
-        if fetched.kind not in ("local", "file"):
-            cache_entry(cfg.cache_dir, _CHECKSUM_FRAGMENT.sub("", row.source)).evict()
+        if fetched.kind not in ("local", "file"):  # e.g. an HTML error page served as 200: fetch again next time
+            entry = cache_entry(cfg.cache_dir, _CHECKSUM_FRAGMENT.sub("", row.source))
+            with entry.lock():
+                entry.evict()
         raise ClipRejected("corrupt", f"{row.source}: {exc}") from None
     if not info.has_video:
         raise ClipRejected("no_video", f"{row.source}: the source has no video stream")
@@ -256,3 +270,20 @@ def _cut(src: Path, tmp: Path, start_s: float, end_s: Optional[float], info: Med
     except MediaError as exc:
         raise ClipRejected("corrupt", f"{src}: {exc}") from None
     return not whole
+
+
+def download_batch(rows: Sequence[ClipRow], dest: Path, cfg: DownloadConfig,
+                   workers: int = 4) -> list[Union[DownloadResult, ClipRejected]]:
+    """`download_clip` over a batch with a thread pool (I/O and ffmpeg run outside the GIL).
+
+    One entry per row, in order: the result or the clip's ClipRejected (recorded, never fatal to the batch).
+    Clips of the same source wait on its cache lock, so each source is still fetched once.
+    """
+    def one(row: ClipRow) -> Union[DownloadResult, ClipRejected]:
+        try:
+            return download_clip(row, dest, cfg)
+        except ClipRejected as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(one, rows))

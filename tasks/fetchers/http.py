@@ -136,7 +136,18 @@ def fetch_http(
                                     verify_checksum, resumed=True, state_path=state_path)
         except _Mismatch:
             pass  # deleted; fetch it again below
+    own_session = session is None
     sess = session or requests.Session()
+    try:
+        return _fetch_with_retries(url, entry, sess, final, part, state_path, policy, timeout_s, chunk_bytes,
+                                   verify_checksum, expected_sha256)
+    finally:
+        if own_session:
+            sess.close()
+
+
+def _fetch_with_retries(url, entry, sess, final, part, state_path, policy, timeout_s, chunk_bytes,
+                        verify_checksum, expected_sha256) -> FetchedSource:
     reached_server = False
     last_error = "no attempt made"
     for attempt in range(1, policy.attempts + 1):

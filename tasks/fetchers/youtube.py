@@ -26,8 +26,8 @@ _FINISHED = re.compile(r"source\.[A-Za-z0-9]{1,5}")
 FORMAT = "bv*[ext=mp4][vcodec^=avc1]+ba[ext=m4a]/b[ext=mp4]/bv*+ba/b"
 
 
-def fetch_youtube(video_id: str, entry: CacheEntry, *, retries: int, timeout_s: float) -> FetchedSource:
-    """Download one YouTube video into `entry` (call under `entry.lock()`)."""
+def fetch_youtube(video_id: str, entry: CacheEntry, *, attempts: int, timeout_s: float) -> FetchedSource:
+    """Download one YouTube video into `entry` (call under `entry.lock()`); yt-dlp retries attempts-1 times."""
     if not _VIDEO_ID.fullmatch(video_id):
         raise ClipRejected("unreachable", f"malformed YouTube id {video_id!r} (expected 11 of [A-Za-z0-9_-])")
     try:
@@ -45,7 +45,8 @@ def fetch_youtube(video_id: str, entry: CacheEntry, *, retries: int, timeout_s: 
         "no_warnings": True,
         "noprogress": True,
         "continuedl": True,
-        "retries": retries,
+        "retries": max(attempts - 1, 0),
+        "fragment_retries": max(attempts - 1, 0),
         "socket_timeout": timeout_s,
         "ffmpeg_location": ffmpeg_exe(),
     }

@@ -89,8 +89,44 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_arg(value: str | None) -> dict | None:
+    """A JSON object given inline or as a path to a .json file."""
+    if value is None:
+        return None
+    text = Path(value).read_text() if Path(value).is_file() else value
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise SystemExit(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _prefect_env()
+    from flows.train import train_flow
+
+    state = train_flow(_json_arg(args.config), nproc_per_node=args.nproc_per_node, launcher=args.launcher,
+                       gates=_json_arg(args.gates), return_state=True)
+    print(f"{state.name}: {state.message}", file=sys.stderr if not state.is_completed() else sys.stdout)
+    return 0 if state.is_completed() else (3 if state.name == "NO-GO" else 1)
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    _prefect_env()
+    from flows.pipeline import pipeline
+
+    t0 = time.perf_counter()
+    state = pipeline(dataset=args.dataset, manifest=args.manifest, output_root=args.out,
+                     preprocess_options=_json_arg(args.preprocess), train=_json_arg(args.train),
+                     gates=_json_arg(args.gates), nproc_per_node=args.nproc_per_node, launcher=args.launcher,
+                     workers=args.workers, return_state=True)
+    result = _finish(state, time.perf_counter() - t0)
+    if result is None:
+        return 3 if state.name == "NO-GO" else 1
+    return 0
+
+
 def cmd_manifest(args: argparse.Namespace) -> int:
-    from datasets_manifest.summary import manifest_command
+    from datasets_manifest import manifest_command
 
     print(manifest_command(args.dataset, args.src, args.out, seed=args.seed))
     return 0
@@ -107,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dualforce", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("dry-run", help="manifest -> download -> crop -> shard on the sample clips, locally")
+    d = sub.add_parser("dry-run", help="the main job on the sample clips, locally: manifest -> 7 steps -> shards -> a few training steps")
     d.add_argument("--out", help="output folder (default: ./dryrun-output)")
     d.add_argument("--samples", default=str(DEFAULT_SAMPLES), help="folder of sample clips")
     d.add_argument("--workers", type=int, default=2)
@@ -144,6 +180,25 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-o", "--out", required=True)
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=cmd_manifest)
+
+    t = sub.add_parser("train", help="the training stage flow (DeepSpeed launcher or torchrun, with gates)")
+    t.add_argument("--config", required=True, help="TrainConfig as JSON (inline or a .json file)")
+    t.add_argument("--gates", help="TrainingGateConfig as JSON (inline or a .json file)")
+    t.add_argument("--nproc-per-node", type=int, default=2)
+    t.add_argument("--launcher", choices=["torchrun", "deepspeed"], default="torchrun")
+    t.set_defaults(func=cmd_train)
+
+    pl = sub.add_parser("pipeline", help="preprocess -> 3D-latent gate -> train, as one flow")
+    pl.add_argument("dataset")
+    pl.add_argument("--manifest", required=True)
+    pl.add_argument("--out", required=True, help="output root")
+    pl.add_argument("--preprocess", help="extra preprocess parameters as JSON (models, weights, windows, ...)")
+    pl.add_argument("--train", help="TrainConfig fields as JSON (the data fields come from the shards)")
+    pl.add_argument("--gates", help="TrainingGateConfig fields as JSON")
+    pl.add_argument("--nproc-per-node", type=int, default=2)
+    pl.add_argument("--launcher", choices=["torchrun", "deepspeed"], default="torchrun")
+    pl.add_argument("--workers", type=int, default=2)
+    pl.set_defaults(func=cmd_pipeline)
 
     mi = sub.add_parser("model-info", help="parameter counts per module and FLOPs per training step of a DualForce config")
     mi.add_argument("config", help="tiny | lite")

@@ -25,6 +25,7 @@ CROP_VIDEO = "crop.mp4"
 CROP_AUDIO = "audio.wav"
 CROP_LANDMARKS = "landmarks.npy"
 CROP_INFO = "crop.json"
+CROP_RECTS = "rects.npy"  # [T, 4] smoothed crop squares in source pixels: cx, cy, size, angle (rad)
 
 
 @dataclass(frozen=True)
@@ -79,19 +80,31 @@ class _Track:
     face_sizes: list[float] = field(default_factory=list)
 
 
-def _pick(boxes: list[FaceBox], last: Optional[FaceBox]) -> FaceBox:
-    """Follow the face we already track; otherwise the largest."""
-    if last is None or len(boxes) == 1:
-        return boxes[0]
-    return min(boxes, key=lambda b: float(np.linalg.norm(b.center - last.center)))
+def _inside(face: FaceBox, region: FaceBox) -> float:
+    """Share of `face` that lies inside `region` (manifest boxes are often whole crop regions, not faces)."""
+    ix = max(0.0, min(face.x1, region.x1) - max(face.x0, region.x0))
+    iy = max(0.0, min(face.y1, region.y1) - max(face.y0, region.y0))
+    area = (face.x1 - face.x0) * (face.y1 - face.y0)
+    return ix * iy / area if area > 0 else 0.0
 
 
-def _track_faces(source: Path, cfg: CropConfig, max_frames: int) -> _Track:
+def _pick(boxes: list[FaceBox], last: Optional[FaceBox], hint: Optional[FaceBox] = None) -> Optional[FaceBox]:
+    """Follow the face we already track; else the one the manifest points at; else the largest."""
+    if last is not None:
+        return min(boxes, key=lambda b: float(np.linalg.norm(b.center - last.center)))
+    if hint is not None:
+        best = max(boxes, key=lambda b: (_inside(b, hint), b.size))
+        return best if _inside(best, hint) > 0.5 else None
+    return boxes[0]
+
+
+def _track_faces(source: Path, cfg: CropConfig, max_frames: int, face_box: Optional[list[float]] = None) -> _Track:
     info = probe(source)
     s = min(1.0, cfg.detect_max_side / max(info.width, info.height))
     size = (max(2, int(round(info.width * s / 2)) * 2), max(2, int(round(info.height * s / 2)) * 2))
     sx, sy = size[0] / info.width, size[1] / info.height
     lm = get_landmarker(cfg.landmarker)
+    hint = FaceBox(*face_box).scaled(s) if face_box else None
     track = _Track(landmarks=[])
     box: Optional[FaceBox] = None
     i = 0
@@ -102,9 +115,10 @@ def _track_faces(source: Path, cfg: CropConfig, max_frames: int) -> _Track:
             if i % cfg.detect_every == 0:
                 boxes = lm.detect(frame)
                 track.det_frames += 1
-                if boxes:
+                picked = _pick(boxes, box, hint) if boxes else None
+                if picked is not None:
+                    box = picked
                     track.det_hits += 1
-                    box = _pick(boxes, box)
                     track.face_sizes.append(box.size / s)
                     others = [b for b in boxes if b is not box]
                     if others and max(b.size for b in others) >= cfg.second_face_ratio * box.size:
@@ -127,8 +141,13 @@ def _fill_missing(landmarks: np.ndarray) -> np.ndarray:
     return out
 
 
-def crop_clip(source: str | Path, out_dir: str | Path, cfg: CropConfig = CropConfig()) -> CropResult:
-    """Crop one clip into `out_dir` (created); raises ClipRejected with a reason code."""
+def crop_clip(source: str | Path, out_dir: str | Path, cfg: CropConfig = CropConfig(),
+              face_box: Optional[list[float]] = None) -> CropResult:
+    """Crop one clip into `out_dir` (created); raises ClipRejected with a reason code.
+
+    `face_box` (x0, y0, x1, y1 in source pixels, from the manifest) says which face to follow when several
+    are visible; the clip is then not rejected for a second dominant face.
+    """
     t0 = time.perf_counter()
     source, out_dir = Path(source), Path(out_dir)
     try:
@@ -146,7 +165,7 @@ def crop_clip(source: str | Path, out_dir: str | Path, cfg: CropConfig = CropCon
         raise ClipRejected("corrupt", str(exc)) from exc
     source_frames_est = int(round(info.duration_s * FPS)) + FPS
     try:
-        track = _track_faces(source, cfg, max_frames=source_frames_est)
+        track = _track_faces(source, cfg, max_frames=source_frames_est, face_box=face_box)
     except MediaError as exc:
         raise ClipRejected("corrupt", str(exc)) from exc
     n_video = len(track.landmarks)
@@ -156,7 +175,7 @@ def crop_clip(source: str | Path, out_dir: str | Path, cfg: CropConfig = CropCon
         raise ClipRejected("too_short", f"{n_video} frames at {FPS} fps, need {cfg.min_frames}")
     if track.det_frames == 0 or track.det_hits / track.det_frames < cfg.min_face_ratio:
         raise ClipRejected("no_face", f"face found in {track.det_hits}/{track.det_frames} detection frames")
-    if track.multi_hits / track.det_frames >= cfg.multi_face_frames:
+    if face_box is None and track.multi_hits / track.det_frames >= cfg.multi_face_frames:
         raise ClipRejected("multiple_faces", f"a second dominant face in {track.multi_hits}/{track.det_frames} detection frames")
     median_face = float(np.median(track.face_sizes))
     if median_face < cfg.min_face_px:
@@ -198,9 +217,10 @@ def crop_clip(source: str | Path, out_dir: str | Path, cfg: CropConfig = CropCon
     n_audio = frames * AUDIO_SAMPLES_PER_FRAME
     if info.has_audio:
         write_wav(out_dir / CROP_AUDIO, audio[:n_audio])
-    tmp = out_dir / (CROP_LANDMARKS + ".tmp.npy")
-    np.save(tmp, crop_landmarks, allow_pickle=False)
-    tmp.replace(out_dir / CROP_LANDMARKS)
+    for name, array in ((CROP_LANDMARKS, crop_landmarks), (CROP_RECTS, rects.astype(np.float32))):
+        tmp = out_dir / (name + ".tmp.npy")
+        np.save(tmp, array, allow_pickle=False)
+        tmp.replace(out_dir / name)
     result = CropResult(
         clip_dir=out_dir,
         frames=frames,

@@ -50,7 +50,7 @@ class DownloadStep:
 class CropStep:
     config: CropConfig = field(default_factory=CropConfig)
     name: str = "crop"
-    version: str = "1"
+    version: str = "2"  # 2: follows the manifest's face box when it gives one
     requires: tuple[str, ...] = ("download",)
 
     def fingerprint(self) -> str:
@@ -60,7 +60,7 @@ class CropStep:
         src = inputs["download"] / DOWNLOADED_VIDEO
         if not src.exists():
             raise ClipRejected("missing_input", f"{src} is missing")
-        r = crop_clip(src, out_dir, self.config)
+        r = crop_clip(src, out_dir, self.config, face_box=row.face_box)
         return {"frames": r.frames, "audio_samples": r.audio_samples, "trimmed_s": round(r.trimmed_s, 3),
                 "median_face_px": round(r.median_face_px, 1), "landmarker": r.landmarker}
 

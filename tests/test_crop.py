@@ -133,3 +133,15 @@ def _side_by_side(src, path):
     run_ffmpeg(["-y", "-t", "2", "-i", str(src), "-filter_complex", "[0:v]split[a][b];[a][b]hstack",
                 "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", str(path)], "side by side")
     return path
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_manifest_face_box_picks_the_face_to_follow(side, samples_dir, tmp_path):
+    two = _side_by_side(samples_dir / "more" / "lp_d12.mp4", tmp_path / "two.mp4")  # 1024x512, two faces
+    box = [40.0, 20.0, 472.0, 492.0] if side == "left" else [552.0, 20.0, 984.0, 492.0]
+    r = crop_clip(two, tmp_path / "out", face_box=box)  # no multiple_faces rejection: we were told which
+    cx = np.load(r.clip_dir / "rects.npy")[:, 0]
+    assert ((cx < 512) if side == "left" else (cx > 512)).all()
+    with pytest.raises(ClipRejected) as exc:  # a box where no face is
+        crop_clip(two, tmp_path / "none", face_box=[0.0, 0.0, 30.0, 30.0])
+    assert exc.value.reason == "no_face"

@@ -1,0 +1,34 @@
+"""The `dualforce` command line: the commands that need no flow run, end to end through main()."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from datasets_manifest.schema import read_manifest
+from flows.cli import build_parser, main
+
+
+def test_manifest_command_writes_parquet_and_prints_summary(samples_dir, tmp_path, capsys):
+    out = tmp_path / "m.parquet"
+    assert main(["manifest", "samples", str(samples_dir), "-o", str(out)]) == 0
+    rows, bad = read_manifest(out)
+    assert sorted(r.clip_id for r in rows) == ["samples_sun", "samples_yongen"] and bad == []
+    text = capsys.readouterr().out
+    assert "samples" in text and re.search(r"\b2\b", text)
+
+
+def test_model_info_reports_parameters(capsys):
+    assert main(["model-info", "tiny"]) == 0
+    text = capsys.readouterr().out
+    total = int(re.search(r"total\s+([\d,]+)", text).group(1).replace(",", ""))
+    from models.dualforce import build_model
+
+    assert total == sum(p.numel() for p in build_model("tiny").parameters())
+
+
+def test_parser_rejects_unknown_choices():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["preprocess", "hdtf", "--manifest", "m", "--out", "o", "--models", "fake"])
+    args = build_parser().parse_args(["dry-run"])
+    assert args.window_n == 4 and args.window_stride == 100 and args.train_steps == 4

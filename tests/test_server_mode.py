@@ -184,10 +184,10 @@ def test_dry_run_deployment_runs_through_the_worker(tmp_path, samples_dir):
     one_clip.mkdir()
     (one_clip / "yongen.mp4").symlink_to(samples_dir / "yongen.mp4")
     out = tmp_path / "out"
-    t0 = time.monotonic()
-    up = _server_cli("up", "--port", str(port), "--state-dir", str(state), "--poll-seconds", "2", "--no-ui")
-    record = load_record(state)
-    try:
+    t0, record = time.monotonic(), None
+    try:  # `down` in finally: the record is written as each process starts, so even a failed `up` is undone
+        up = _server_cli("up", "--port", str(port), "--state-dir", str(state), "--poll-seconds", "2", "--no-ui")
+        record = load_record(state)
         assert up.returncode == 0, up.stdout + up.stderr
         api = f"http://127.0.0.1:{port}/api"
         assert f"Prefect API: {api}" in up.stdout and "prefect deployment run dry-run/dry-run" in up.stdout

@@ -311,7 +311,7 @@ def cmd_server_up(args: argparse.Namespace) -> int:
                        worker_poll_seconds=args.poll_seconds, ui=not args.no_ui)
     try:
         record = server_up(cfg, log=lambda m: print(m, file=sys.stderr))
-    except ServerError as exc:
+    except (ServerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(_how_to_use(record))

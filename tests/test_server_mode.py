@@ -57,6 +57,16 @@ def test_down_with_nothing_recorded_does_nothing(tmp_path):
     assert srv.server_status(tmp_path) == {"up": False, "record": None}
 
 
+def test_an_unreadable_record_is_reported_not_guessed_at(tmp_path, capsys):
+    record_path(tmp_path).write_text('{"port": 4200, "processes": [{"pid": 1}]')  # cut short
+    args = type("Args", (), {"state_dir": str(tmp_path), "timeout": 1.0, "port": 4200, "prefect_home": None,
+                             "poll_seconds": 10.0, "no_ui": True})()
+    for cmd in (srv.cmd_server_down, srv.cmd_server_up, srv.cmd_server_status):
+        assert cmd(args) == 1
+        assert f"server record {record_path(tmp_path)} is unreadable" in capsys.readouterr().err
+    assert record_path(tmp_path).exists()  # left for a person to look at
+
+
 def test_up_refuses_a_port_another_program_holds(tmp_path, monkeypatch):
     monkeypatch.setattr(srv, "_spawn", lambda *a, **k: pytest.fail("nothing may be started"))
     with socket.socket() as s:

@@ -200,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--workers", type=int, default=2)
     pl.set_defaults(func=cmd_pipeline)
 
+    from flows.server import add_server_parser
+
+    add_server_parser(sub)
+
     mi = sub.add_parser("model-info", help="parameter counts per module and FLOPs per training step of a DualForce config")
     mi.add_argument("config", help="tiny | lite")
     mi.set_defaults(func=cmd_model_info)

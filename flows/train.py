@@ -41,7 +41,7 @@ from training.gates import (
     memory_gate,
     stability_gate,
 )
-from training.launch import LaunchPlan, LaunchSpec, ProcessResult, check_launch, command, environment, run_streaming
+from training.launch import LaunchSpec, ProcessResult, check_launch, command, environment, run_streaming
 from training.loss_plot import plot_losses
 from training.metrics import METRICS_FILE, read_metrics
 from training.run_status import COMPLETED, NONFINITE, OOM, STOPPED, RunStatus, read_statuses, status_path

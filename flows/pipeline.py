@@ -15,6 +15,7 @@ from prefect.states import Failed, State
 from flows.layout import DatasetLayout
 from flows.preprocess import with_workers
 from flows.train import train_flow
+from training.launch import LaunchSpec, check_launch
 from tasks.shard import STATS_FILE, iter_samples, shard_files
 from tasks.shard import STATUS_FILE as SHARD_STATUS
 from training.metrics import METRICS_FILE, read_metrics
@@ -48,9 +49,22 @@ def pipeline(
     nproc_per_node: int = 2,
     launcher: str = "torchrun",
     workers: int = 2,
+    launch: Optional[dict[str, Any]] = None,
 ) -> dict | State:
     """`preprocess_options`: extra preprocess parameters (models, weights, windows, ...); `train`: TrainConfig
-    fields beyond the data ones; `gates`: TrainingGateConfig fields."""
+    fields beyond the data ones; `gates`: TrainingGateConfig fields; `launch`: further LaunchSpec fields for
+    many nodes (nnodes, hostfile, master_addr, master_port, ds_launcher, ...).
+
+    This flow preprocesses too, so it runs once: on many nodes only the deepspeed launcher over pdsh/ssh
+    fits (node 0 starts the others). One-flow-run-per-node setups run preprocess, then flows.train per node.
+    """
+    launch = dict(launch or {})
+    plan = check_launch(LaunchSpec(nproc_per_node=nproc_per_node, launcher=launcher, **launch))
+    if plan.waits_for_peers:
+        raise ValueError(
+            "the pipeline flow runs preprocess and must run once; for one launcher per node (torchrun or "
+            "deepspeed no_ssh) run the preprocess flow, then flows.train on every node (docs/multinode.md)"
+        )
     logger = get_run_logger()
     pre = with_workers(workers)(dataset=dataset, manifest=manifest, output_root=output_root, **(preprocess_options or {}),
                      return_state=True)
@@ -60,15 +74,16 @@ def pipeline(
     report = pre.result()
     layout = DatasetLayout(Path(output_root), dataset)
     n_shards = len(shard_files(layout.shards, "train"))
-    if n_shards < nproc_per_node:
-        return Failed(name="NO-GO", message=f"{n_shards} train shards for {nproc_per_node} training processes: "
+    if n_shards < plan.world_size:
+        return Failed(name="NO-GO", message=f"{n_shards} train shards for {plan.world_size} training processes: "
                       "each process needs at least one shard (lower shard_max_samples or the process count)")
     logger.info(f"preprocess: {report['clips_out']}/{report['clips_in']} clips, {report['shards']['samples']} samples "
                 f"in {n_shards} train shards; starting training")
     # One training directory per shard set: a re-run on the same shards resumes, new shards start afresh.
     shard_key = json.loads((layout.shards / SHARD_STATUS).read_text())["key"][:12]
     cfg = train_config_for_shards(layout.shards, layout.base / "train" / f"shards-{shard_key}", **(train or {}))
-    trained = train_flow(cfg, nproc_per_node=nproc_per_node, launcher=launcher, gates=gates, return_state=True)
+    trained = train_flow(cfg, nproc_per_node=nproc_per_node, launcher=launcher, gates=gates, return_state=True,
+                         **launch)
     if not trained.is_completed():
         return trained
     return {"preprocess": report, "training": training_summary(Path(cfg["out_dir"]), trained)}

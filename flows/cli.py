@@ -102,10 +102,9 @@ def _json_arg(value: str | None) -> dict | None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     _prefect_env()
-    from flows.train import train_flow
+    from flows.train import launch_kwargs, train_flow
 
-    state = train_flow(_json_arg(args.config), nproc_per_node=args.nproc_per_node, launcher=args.launcher,
-                       gates=_json_arg(args.gates), return_state=True)
+    state = train_flow(_json_arg(args.config), gates=_json_arg(args.gates), return_state=True, **launch_kwargs(args))
     print(f"{state.name}: {state.message}", file=sys.stderr if not state.is_completed() else sys.stdout)
     return 0 if state.is_completed() else (3 if state.name == "NO-GO" else 1)
 
@@ -181,11 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=cmd_manifest)
 
+    from flows.server import add_server_parser
+    from flows.train import add_launch_arguments
+
     t = sub.add_parser("train", help="the training stage flow (DeepSpeed launcher or torchrun, with gates)")
     t.add_argument("--config", required=True, help="TrainConfig as JSON (inline or a .json file)")
     t.add_argument("--gates", help="TrainingGateConfig as JSON (inline or a .json file)")
-    t.add_argument("--nproc-per-node", type=int, default=2)
-    t.add_argument("--launcher", choices=["torchrun", "deepspeed"], default="torchrun")
+    add_launch_arguments(t)  # nodes, processes, rendezvous, hostfile (docs/multinode.md)
     t.set_defaults(func=cmd_train)
 
     pl = sub.add_parser("pipeline", help="preprocess -> 3D-latent gate -> train, as one flow")
@@ -199,8 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--launcher", choices=["torchrun", "deepspeed"], default="torchrun")
     pl.add_argument("--workers", type=int, default=2)
     pl.set_defaults(func=cmd_pipeline)
-
-    from flows.server import add_server_parser
 
     add_server_parser(sub)
 

@@ -44,7 +44,7 @@ from training.gates import (
 from training.launch import LaunchSpec, ProcessResult, check_launch, command, environment, run_streaming
 from training.loss_plot import plot_losses
 from training.metrics import METRICS_FILE, read_metrics
-from training.run_status import COMPLETED, NONFINITE, OOM, STOPPED, RunStatus, read_statuses, status_path
+from training.run_status import COMPLETED, NONFINITE, OOM, STOPPED, RunStatus, clear_statuses, read_statuses, status_path
 
 
 @dataclass(frozen=True)
@@ -71,11 +71,6 @@ def _write_config(cfg: TrainConfig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _clear_statuses(run_dir: Path) -> None:
-    for path in run_dir.glob("status-rank*.json"):
-        path.unlink(missing_ok=True)  # another node's flow run may remove it first
-
-
 def _wait_for_statuses(run_dir: Path, world_size: int, timeout_s: float) -> None:
     """Ranks on other nodes may still be writing their status when this node's launcher exits; every node's
     flow run must decide from the same files, or the nodes would part ways at a retry."""
@@ -95,7 +90,7 @@ def run_trainer(
     plan = check_launch(spec)
     run_dir = Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _clear_statuses(run_dir)
+    clear_statuses(run_dir)
     config_path = run_dir / "train_config.json"
     _write_config(cfg, config_path)
     args = command(spec, config_path, rdzv_suffix=f"-{run_dir.name}")  # a retry never meets the last attempt

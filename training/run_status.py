@@ -44,4 +44,4 @@ def read_statuses(out_dir: str | Path) -> list[RunStatus]:
 
 def clear_statuses(out_dir: str | Path) -> None:
     for path in Path(out_dir).glob("status-rank*.json"):
-        path.unlink()
+        path.unlink(missing_ok=True)  # another node sharing the run dir may have removed it first

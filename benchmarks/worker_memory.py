@@ -75,6 +75,7 @@ def _child(task: str, source: Path, out: Path) -> dict:
     if step == "motion":
         from tasks.feature_models import dryrun_models, motion_extractor
         from tasks.motion import extract_motion_from_video
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     frames = 0
     if task.startswith("baseline:"):

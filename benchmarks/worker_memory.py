@@ -96,10 +96,11 @@ def _child(task: str, source: Path, out: Path) -> dict:
             "ffmpeg_peak_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}
 
 
-def measure_step(step: str, source: Path, out: Path, timeout_s: float = 1800) -> StepPeak:
+def measure_step(step: str, source: Path, out: Path, timeout_s: float = 1800, env: dict | None = None) -> StepPeak:
     """Run `step` on `source` (a video; for motion, a crop directory) in a fresh process; its peaks."""
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **(env or {}))
     proc = subprocess.run([sys.executable, "-m", "benchmarks.worker_memory", "--child", step, str(source), str(out)],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout_s)
     if proc.returncode != 0:

@@ -57,10 +57,18 @@ def _fake_crop_dir(video, out):
 
 @pytest.mark.slow
 def test_motion_peak_memory_is_flat_in_source_length(samples_dir, tmp_path):
-    """The motion step with the dry-run extractor, 12 s vs 48 s (the first batches warm torch's allocator)."""
+    """The motion step with the dry-run extractor, 12 s vs 48 s.
+
+    With glibc's default (dynamic) mmap threshold this worker's peak creeps up with length (834 -> 908 MB
+    for 298 -> 1192 frames, measured) although the code holds only one batch: freed 50 MB pipe buffers
+    raise the threshold and later ones fragment the heap. A fixed threshold removes the creep (705 -> 706
+    MB), so the test pins it to check what the code holds; the creep itself is an allocator setting for the
+    worker's environment.
+    """
     sample = samples_dir / "more" / "lp_d12.mp4"
     dirs = {s: _fake_crop_dir(make_looped_source(sample, tmp_path / f"loop{s}.mp4", s), tmp_path / f"crop{s}")
             for s in (12, 48)}
-    short = measure_step("motion", dirs[12], tmp_path / "short")
-    long = measure_step("motion", dirs[48], tmp_path / "long")
+    fixed = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    short = measure_step("motion", dirs[12], tmp_path / "short", env=fixed)
+    long = measure_step("motion", dirs[48], tmp_path / "long", env=fixed)
     assert_flat(short, long, 3.9)

@@ -6,7 +6,8 @@
 A long 1080p source is made by looping a sample clip (`-stream_loop`, scaled to --size, ultrafast x264).
 Each step then runs in its own fresh Python process, so its peak is not hidden by an earlier step's:
 - `worker_peak`: VmHWM of the Python process (from /proc/self/status), the number the 2 GiB goal is about;
-- `ffmpeg_peak`: ru_maxrss of the largest finished child (the ffmpeg decoders/encoders it drove);
+- `ffmpeg_peak`: ru_maxrss of the largest finished child (the ffmpeg decoders/encoders it drove); Linux
+  counts a child's RSS from before exec too, so this is an upper bound (it can equal the worker's size at spawn);
 - `baseline`: the VmHWM of a child that only imports the same modules (measured in the same run), so
   `above_baseline` is what the step itself added.
 

@@ -1,0 +1,75 @@
+"""The crop step against a plain ffmpeg decode + crop + scale + encode of the same clip (goal: >= 0.5x).
+
+    python -m benchmarks.crop_vs_ffmpeg [--clip ../shared/samples/sun.mp4 --repeats 2]
+
+Baseline: one ffmpeg command on the same source doing what the crop step's output needs with no face work:
+resample to 25 fps, a fixed square crop, scale to 512x512, libx264 at the crop step's crf/preset/threads
+(tasks.media.VideoWriter), plus the 16 kHz mono wav. The crop step (tasks.crop.crop_clip) additionally
+decodes the source twice (detection pass at <= 640 px, warp pass at full size), runs face detection and
+68-point landmarks, smooths the boxes and warps every frame in Python. Figure: baseline seconds / crop
+seconds, best of --repeats each (1.0 = as fast as plain ffmpeg).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from tasks.crop import CropConfig, crop_clip
+from tasks.media import probe, run_ffmpeg
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def plain_ffmpeg(source: Path, out_dir: Path, cfg: CropConfig, preset: str = "veryfast", threads: int = 2) -> None:
+    info = probe(source)
+    side = min(info.width, info.height)
+    d = cfg.params.dsize
+    vf = f"fps=25,crop={side}:{side}:{(info.width - side) // 2}:{(info.height - side) // 2},scale={d}:{d}"
+    args = ["-y", "-i", str(source), "-map", "0:v", "-vf", vf, "-c:v", "libx264", "-preset", preset,
+            "-crf", str(cfg.crf), "-pix_fmt", "yuv420p", "-threads", str(threads), str(out_dir / "plain.mp4")]
+    if info.has_audio:
+        args += ["-map", "0:a", "-ac", "1", "-ar", "16000", str(out_dir / "plain.wav")]
+    run_ffmpeg(args, "plain ffmpeg crop")
+
+
+def best_seconds(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clip", type=Path, default=REPO.parent / "shared" / "samples" / "sun.mp4")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--goal", type=float, default=0.5)
+    args = p.parse_args()
+    cfg = CropConfig()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        crop_clip(args.clip, tmp / "warm", cfg)  # load the landmarker, warm the page cache
+        plain_s = best_seconds(lambda: plain_ffmpeg(args.clip, tmp, cfg), args.repeats)
+        frames = 0
+
+        def crop_once():
+            nonlocal frames
+            frames = crop_clip(args.clip, tmp / "crop", cfg).frames
+
+        crop_s = best_seconds(crop_once, args.repeats)
+    ratio = plain_s / crop_s
+    print(json.dumps({
+        "clip": args.clip.name, "frames": frames,
+        "baseline_plain_ffmpeg_s": round(plain_s, 2), "crop_step_s": round(crop_s, 2),
+        "crop_fps": round(frames / crop_s, 1), "ratio_plain_to_crop": round(ratio, 3),
+        "goal": f">= {args.goal}", "met": ratio >= args.goal,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=cmd_manifest)
 
+    from datasets_manifest.plan import add_plan_parser
     from flows.server import add_server_parser
     from flows.train import add_launch_arguments
 
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_pipeline)
 
     add_server_parser(sub)
+    add_plan_parser(sub)
 
     mi = sub.add_parser("model-info", help="parameter counts per module and FLOPs per training step of a DualForce config")
     mi.add_argument("config", help="tiny | lite")

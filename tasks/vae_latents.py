@@ -78,7 +78,7 @@ def encode_clip(
             "normalised": "(mean - latents_mean) / latents_std", "posterior": "mean"}
     first: Optional[np.ndarray] = None  # frame 0, encoded after the streams close (they share the VAE cache)
     total = 0
-    windows: list[torch.Tensor] = []
+    windows: list[np.ndarray] = []  # float16 as soon as encoded: a long clip holds one compact copy
     starts: list[int] = []
     if cfg.window_frames is None:  # whole clip, one causal stream
         enc = CausalStreamEncoder(wan)
@@ -91,7 +91,7 @@ def encode_clip(
         dropped = enc.close()
         if not parts:
             raise ClipRejected("too_short", "no frames to encode")
-        windows.append(torch.cat(parts, dim=2)[0])
+        windows.append(torch.cat(parts, dim=2)[0].cpu().numpy().astype(np.float16))
         starts.append(0)
         window = total - dropped
     else:
@@ -109,7 +109,7 @@ def encode_clip(
             buf = chunk if buf.size == 0 else np.concatenate([buf, chunk])
             while buf_start + len(buf) >= next_start + window:
                 off = next_start - buf_start
-                windows.append(_encode_window(wan, buf[off: off + window]))
+                windows.append(_encode_window(wan, buf[off: off + window]).cpu().numpy().astype(np.float16))
                 starts.append(next_start)
                 next_start += stride
                 keep_from = min(max(0, next_start - buf_start), len(buf))
@@ -118,7 +118,7 @@ def encode_clip(
             raise ClipRejected("too_short", f"{total} frames, fewer than one {window}-frame window")
         dropped = total - (starts[-1] + window)
     reference = encode_reference(wan, first)
-    latents = torch.stack(windows).cpu().numpy().astype(np.float16)  # [W, C, n+1, h, w]
+    latents = np.stack(windows)  # [W, C, n+1, h, w] float16
     return VaeLatents(latents, np.asarray(starts, np.int64), window, reference, total, dropped, meta)
 
 

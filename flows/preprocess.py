@@ -12,7 +12,6 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 from prefect import flow, get_run_logger, task
@@ -26,6 +25,7 @@ from datasets_manifest.schema import read_manifest
 from flows.gate_artifacts import publish_gate
 from flows.layout import DatasetLayout
 from flows.progress import Progress
+from flows.runners import RUNNERS, RayConfig, batch_submitter
 from tasks.crop import CROP_INFO
 from tasks.download import DownloadConfig
 from tasks.gates import GateVerdict
@@ -33,7 +33,9 @@ from tasks.feature_models import FeatureModels, dryrun_models
 from tasks.ledger import step_counts, write_ledger_part
 from tasks.pose_check import PoseCheckConfig, latent_quality_gate
 from tasks.sample_features import FEATURE_STEPS, window_features
-from tasks.shard import ShardClip, ShardConfig, write_shards
+from tasks import storage
+from tasks.shard import (DEFAULT_SHARD_GROUPS, GroupResult, ShardClip, ShardConfig, begin_shard_set, merge_shard_groups,
+                         plan_groups, write_shard_group)
 from tasks.step_runner import ClipState, LedgerEntry, Step, run_step
 from tasks.step_store import StepStore, fingerprint
 from tasks.steps import AudioFeaturesStep, CropStep, DownloadStep, MotionStep, PoseCheckStep, VaeLatentsStep
@@ -118,46 +120,76 @@ def latent_gate(states: list[ClipState], max_drop_ratio: float) -> GateVerdict:
     return verdict
 
 
-@task(name="write-shards", cache_policy=NO_CACHE)
+def _shard_clip(state: ClipState, store: StepStore, with_features: bool) -> ShardClip:
+    crop_dir = store.clip_dir("crop", state.row.clip_id)
+    infos = {name: rec.info for name, rec in state.records.items()}
+    dryrun = sorted(n for n, i in infos.items() if i.get("untrained_dryrun"))
+    extra = {"untrained_dryrun_models": dryrun} if dryrun else {}
+    if with_features:
+        extra["audio_dim"] = int(infos["audio_features"]["audio_dim"])
+        extra["pose_check"] = {k: infos["pose_check"][k] for k in ("source", "dropped", "total")}
+    return ShardClip(
+        row=state.row, crop_dir=crop_dir, frames=json.loads((crop_dir / CROP_INFO).read_text())["frames"],
+        step_versions={name: rec.version for name, rec in state.records.items()},
+        lineage={name: rec.checksum for name, rec in state.records.items()},
+        feature_sources=[window_features({n: store.clip_dir(n, state.row.clip_id) for n in FEATURE_STEPS})] if with_features else [],
+        meta_extra=extra,
+    )
+
+
+def _group_key(group: str, states: list[ClipState], shard_cfg: ShardConfig, with_features: bool) -> str:
+    return fingerprint("shard", group, shard_cfg, with_features, sorted(
+        (s.row.model_dump_json(), sorted((n, r.version, r.checksum) for n, r in s.records.items())) for s in states))
+
+
+@task(name="write-shard-group", cache_policy=NO_CACHE)
+def shard_group(group: str, states: list[ClipState], steps_root: str, shards_out: str, shard_cfg: ShardConfig,
+                with_features: bool, key: str) -> GroupResult:
+    """One shard group, on whichever worker: its clips' windows into `<split>/shard-<group>-*.tar`."""
+    store = StepStore(steps_root)
+    clips = [_shard_clip(s, store, with_features) for s in states]
+    result = write_shard_group(clips, shards_out, group, shard_cfg, key)
+    get_run_logger().info(f"shard group {group}: {sum(s['samples'] for s in result.shards)} samples in "
+                          f"{len(result.shards)} shards ({'cached' if result.skipped else f'{result.seconds:.1f}s'})")
+    return result
+
+
 def shard_clips(states: list[ClipState], layout: DatasetLayout, shard_cfg: ShardConfig, with_features: bool,
-                run_id: str) -> tuple[dict, list[LedgerEntry]]:
+                run_id: str, groups: int, submitter) -> tuple[dict, list[LedgerEntry]]:
+    """Shard groups in parallel (one task each), then the one merge: index, stats, garbage collection."""
     logger = get_run_logger()
-    store = StepStore(layout.steps)
     needed = ("crop", *FEATURE_STEPS) if with_features else ("crop",)
     ready = [s for s in states if s.alive and all(n in s.records for n in needed)]
-    clips = []
-    for s in ready:
-        crop_dir = store.clip_dir("crop", s.row.clip_id)
-        infos = {name: rec.info for name, rec in s.records.items()}
-        dryrun = sorted(n for n, i in infos.items() if i.get("untrained_dryrun"))
-        extra = {"untrained_dryrun_models": dryrun} if dryrun else {}
-        if with_features:
-            extra["audio_dim"] = int(infos["audio_features"]["audio_dim"])
-            extra["pose_check"] = {k: infos["pose_check"][k] for k in ("source", "dropped", "total")}
-        clips.append(ShardClip(
-            row=s.row, crop_dir=crop_dir, frames=json.loads((crop_dir / CROP_INFO).read_text())["frames"],
-            step_versions={name: rec.version for name, rec in s.records.items()},
-            lineage={name: rec.checksum for name, rec in s.records.items()},
-            feature_sources=[window_features({n: store.clip_dir(n, s.row.clip_id) for n in FEATURE_STEPS})] if with_features else [],
-            meta_extra=extra,
-        ))
-    key = fingerprint("shard", shard_cfg, with_features,
-                      sorted((c.row.model_dump_json(), sorted(c.lineage.items())) for c in clips))
+    planned = plan_groups(ready, groups, clip_id=lambda s: s.row.clip_id)
+    keys = {g: _group_key(g, members, shard_cfg, with_features) for g, members in planned.items()}
+    set_key = fingerprint("shard-set", shard_cfg, with_features, groups, sorted(keys.items()))
     t0 = time.perf_counter()
-    per_clip: dict[str, int] = {}
-    stats = write_shards(clips, layout.shards, shard_cfg, key=key, on_clip=lambda c, n: per_clip.__setitem__(c.row.clip_id, n))
+    done = begin_shard_set(layout.shards_url, set_key)
+    futures = [submitter.submit(shard_group.with_options(task_run_name=f"shard-{g}"), "shard", group=g, states=members,
+                                steps_root=str(layout.steps), shards_out=layout.shards_url, shard_cfg=shard_cfg,
+                                with_features=with_features, key=keys[g])
+               for g, members in planned.items()]
+    results: list[GroupResult] = [f.result() for f in futures]
+    if done is None:
+        merged = merge_shard_groups(layout.shards_url, results, shard_cfg, set_key, groups)
+        if merged.removed:
+            logger.info(f"shards: removed {len(merged.removed)} files no index lists (an interrupted or older run's)")
+        stats = {"samples": merged.samples, "shards": merged.shards, "bytes": merged.bytes, "per_split": merged.per_split}
+    else:
+        stats = {k: done[k] for k in ("samples", "shards", "bytes", "per_split")}
     seconds = time.perf_counter() - t0
-    logger.info(f"shards: {stats.samples} samples in {stats.shards} shards ({'cached' if stats.skipped else f'{seconds:.1f}s'})")
+    skipped = done is not None
+    logger.info(f"shards: {stats['samples']} samples in {stats['shards']} shards ({'cached' if skipped else f'{seconds:.1f}s'})")
     now = time.time()
     entries = []
-    for c in clips:
-        n = per_clip.get(c.row.clip_id, 1)  # a cached shard set wrote every clip it lists
-        entries.append(LedgerEntry(
-            c.row.clip_id, c.row.dataset, "shard", "ok" if n else "rejected", "skipped" if stats.skipped else "ran",
-            "" if n else "too_short", "" if n else f"shorter than one {shard_cfg.window}-frame window", "1", key, "",
-            0.0 if stats.skipped else seconds / max(1, len(clips)), run_id, now))
-    return {"samples": stats.samples, "shards": stats.shards, "bytes": stats.bytes, "per_split": stats.per_split,
-            "skipped": stats.skipped, "seconds": seconds, "out_dir": str(stats.out_dir)}, entries
+    for r in results:
+        for s in planned[r.group]:
+            n = r.clips[s.row.clip_id][1]
+            entries.append(LedgerEntry(
+                s.row.clip_id, s.row.dataset, "shard", "ok" if n else "rejected", "skipped" if r.skipped else "ran",
+                "" if n else "too_short", "" if n else f"shorter than one {shard_cfg.window}-frame window", "2", r.key,
+                "", 0.0 if r.skipped else r.seconds / max(1, len(r.clips)), run_id, now))
+    return {**stats, "skipped": skipped, "seconds": seconds, "out_dir": layout.shards_url, "groups": len(planned)}, entries
 
 
 def _publish(dataset: str, counts: list[dict], rejected: list[dict], shard_stats: Optional[dict]) -> None:
@@ -208,15 +240,31 @@ def preprocess(
     max_frame_drop_ratio: float = 0.5,
     shard_features: bool = True,
     progress: bool = False,
+    runner: str = "local",
+    ray_address: Optional[str] = None,
+    ray_num_cpus: Optional[int] = None,
+    cpus_per_batch: float = 1.0,
+    gpus_per_batch: float = 1.0,
+    shard_groups: int = DEFAULT_SHARD_GROUPS,
+    work_root: Optional[str] = None,
 ) -> dict:
-    """Preprocess one dataset's manifest into shards under `output_root/<dataset>/`."""
+    """Preprocess one dataset's manifest into shards under `output_root/<dataset>/`.
+
+    `runner`: "local" (this flow's thread pool) or "ray" (one Ray task per batch; `ray_address` "auto", a
+    cluster address or None for a local instance of `ray_num_cpus` CPUs; see flows/runners.py for resources
+    and the shared Prefect API). `output_root` may be an fsspec URL; `work_root` then holds the step outputs.
+    """
     logger = get_run_logger()
     run_id = str(flow_run.get_id() or uuid.uuid4())
     wanted = tuple(steps) if steps else ALL_STEPS
     unknown = set(wanted) - set(ALL_STEPS)
     if unknown:
         raise ValueError(f"unknown steps {sorted(unknown)}; choose from {ALL_STEPS}")
-    layout = DatasetLayout(Path(output_root), dataset)
+    if runner not in RUNNERS:
+        raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
+    layout = DatasetLayout(output_root, dataset, work_root)
+    ray_cfg = RayConfig(address=ray_address, num_cpus=ray_num_cpus, cpus_per_batch=cpus_per_batch,
+                        gpus_per_batch=gpus_per_batch)
     windows = ShardConfig(n=window_n, stride=window_stride, max_samples_per_shard=shard_max_samples)
     needs_models = any(s in wanted for s in FEATURE_STEPS)
     with_features = shard_features if "shard" in wanted else needs_models
@@ -235,25 +283,27 @@ def preprocess(
     clip_steps = build_steps(run_names, layout, feature_models, windows,
                              PoseCheckConfig(threshold_deg=pose_threshold_deg), flame_dir)
     logger.info(f"{dataset}: {len(states)} clips, steps {list(wanted)}, batches of {batch_size}")
-    bar = Progress(total=len(states) * len(clip_steps), desc=dataset) if progress else None
+    bar = Progress(total=len(states) * len(clip_steps), desc=dataset) if progress and runner == "local" else None
 
-    futures: list = [BatchResult(states[i : i + batch_size]) for i in range(0, len(states), batch_size)]
-    runner = run_step_batch.with_options(task_run_name="{step.name}-batch")
-    for step in clip_steps:
-        futures = [runner.submit(step, f, str(layout.steps), run_id, bar) for f in futures]
-    results: list[BatchResult] = [f.result() if hasattr(f, "result") else f for f in futures]
-    if bar:
-        bar.close()
-    entries = manifest_errors + [e for r in results for e in r.entries]
-    all_states = [s for r in results for s in r.states]
+    with batch_submitter(runner, ray_cfg) as submitter:
+        futures: list = [BatchResult(states[i : i + batch_size]) for i in range(0, len(states), batch_size)]
+        batch_task = run_step_batch.with_options(task_run_name="{step.name}-batch")
+        for step in clip_steps:
+            futures = [submitter.submit(batch_task, step.name, step=step, batch=f, steps_root=str(layout.steps),
+                                        run_id=run_id, progress=bar) for f in futures]
+        results: list[BatchResult] = [f.result() if hasattr(f, "result") else f for f in futures]
+        if bar:
+            bar.close()
+        entries = manifest_errors + [e for r in results for e in r.entries]
+        all_states = [s for r in results for s in r.states]
 
-    gate_state = None
-    if "pose_check" in run_names:
-        gate_state = publish_gate(latent_gate(all_states, max_frame_drop_ratio), key_prefix=f"preprocess-{dataset}")
-    shard_stats = None
-    if "shard" in wanted and (gate_state is None or not gate_state.is_failed()):
-        shard_stats, shard_entries = shard_clips(all_states, layout, windows, with_features, run_id)
-        entries += shard_entries
+        gate_state = None
+        if "pose_check" in run_names:
+            gate_state = publish_gate(latent_gate(all_states, max_frame_drop_ratio), key_prefix=f"preprocess-{dataset}")
+        shard_stats = None
+        if "shard" in wanted and (gate_state is None or not gate_state.is_failed()):
+            shard_stats, shard_entries = shard_clips(all_states, layout, windows, with_features, run_id, shard_groups, submitter)
+            entries += shard_entries
     write_ledger_part(layout.ledger, entries, f"run-{time.strftime('%Y%m%dT%H%M%S')}-{run_id[:8]}")
 
     counts = step_counts(entries)
@@ -271,12 +321,14 @@ def preprocess(
         "shards": shard_stats,
         "gate": None if gate_state is None else {"name": gate_state.name, "message": gate_state.message},
         "untrained_dryrun_models": bool(feature_models and feature_models.dryrun),
-        "output": str(layout.base),
+        "output": layout.output,
+        "runner": runner,
         "run_id": run_id,
     }
     if gate_state is not None and gate_state.is_failed():
         logger.error(gate_state.message)
-        (layout.base / "gate-no-go.json").write_text(json.dumps(report, indent=1, default=str))
+        fs, base = storage.filesystem(layout.output)
+        storage.write_bytes(fs, storage.join(base, "gate-no-go.json"), json.dumps(report, indent=1, default=str).encode())
         return gate_state
     return report
 

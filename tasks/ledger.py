@@ -1,6 +1,10 @@
-"""The per-clip ledger: one parquet part per run (append-only, safe for concurrent workers) and a merged view."""
+"""The per-clip ledger: one parquet part per run (append-only, safe for concurrent workers) and a merged view.
+
+`root` is a local path or any fsspec URL (file://, s3://, memory://); a part appears whole or not at all.
+"""
 from __future__ import annotations
 
+import io
 from collections import Counter, defaultdict
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -9,6 +13,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks import storage
 from tasks.step_runner import LedgerEntry
 
 LEDGER_DIR = "ledger"
@@ -17,26 +22,24 @@ LEDGER_SCHEMA = pa.schema(
 )
 
 
-def write_ledger_part(root: str | Path, entries: Iterable[LedgerEntry], part: str) -> Path:
-    d = Path(root) / LEDGER_DIR
-    d.mkdir(parents=True, exist_ok=True)
+def write_ledger_part(root: str | Path, entries: Iterable[LedgerEntry], part: str) -> str:
+    fs, base = storage.filesystem(root)
     rows = [asdict(e) for e in entries]
-    table = pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA)
-    path = d / f"{part}.parquet"
-    tmp = d / f".{part}.parquet.tmp"
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA), buf)
+    path = storage.join(base, LEDGER_DIR, f"{part}.parquet")
+    storage.write_bytes(fs, path, buf.getvalue())
     return path
 
 
 def read_ledger(root: str | Path) -> pa.Table:
-    d = Path(root) / LEDGER_DIR
-    parts = sorted(d.glob("*.parquet")) if d.exists() else []
+    fs, base = storage.filesystem(root)
+    d = storage.join(base, LEDGER_DIR)
+    parts = sorted(p for p in fs.glob(storage.join(d, "*.parquet")) if not storage.is_tmp(p)) if fs.exists(d) else []
     if not parts:
         return LEDGER_SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(p, schema=LEDGER_SCHEMA) for p in parts]).sort_by(
-        [("finished_at", "ascending")]
-    )
+    tables = [pq.read_table(io.BytesIO(fs.cat_file(p)), schema=LEDGER_SCHEMA) for p in parts]
+    return pa.concat_tables(tables).sort_by([("finished_at", "ascending")])
 
 
 def latest_status(root: str | Path) -> dict[tuple[str, str], dict]:

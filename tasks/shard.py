@@ -1,17 +1,21 @@
 """Step 7, shard: clips -> fixed-length 4n+1-frame training windows in webdataset tar shards.
 
-Shards are written per split (`<out>/<split>/shard-%06d.tar`), bounded by sample count and bytes, with a
-parquet index (sample key, shard, clip id, window, split) and `stats.json`. The whole shard set is built in
-a temporary directory and renamed into place, and tar headers carry a fixed mtime, so the same inputs give
-the same bytes whether or not an earlier run was killed.
+Clips fall into shard groups by a stable hash of their id (`shard_group_of`), so which worker, runner or
+batch handled a clip never changes where its samples go. Each group is written on its own (one task, any
+worker) as `<out>/<split>/shard-<group>-%06d.tar`, bounded by sample count and bytes, and recorded in
+`_groups/<group>.json` after its last shard; then one merge step writes the parquet index (sample key, shard,
+clip id, window, split), `stats.json` and, last, `_status.json`, and removes every file the index does not
+list. Shards are finished under temp names and published atomically, tar headers carry a fixed mtime, so
+the same inputs give the same names and bytes whether or not an earlier run was killed. `<out>` may be any
+fsspec URL (local, file://, s3://, memory://); the inputs (crop dirs, feature files) are local paths.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-import shutil
 import tempfile
-import uuid
+import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,11 +28,13 @@ import soundfile as sf
 import webdataset as wds
 
 from datasets_manifest.schema import ClipRow, sanitize_clip_id
-from tasks import contract
+from tasks import contract, storage
 from tasks.crop import CROP_AUDIO, CROP_VIDEO
 from tasks.media import VideoWriter, iter_frames, wav_bytes
 
 INDEX_FILE = "index.parquet"
+GROUPS_DIR = "_groups"
+DEFAULT_SHARD_GROUPS = 16
 STATS_FILE = "stats.json"
 STATUS_FILE = "_status.json"
 
@@ -136,12 +142,10 @@ def _sample(clip: ShardClip, start: int, frames: np.ndarray, audio: np.ndarray, 
 
 
 class _SplitWriter:
-    """Rolls tar shards for one split, each written under a temp name and renamed when closed."""
+    """Rolls one group's tar shards for one split; each is finished under a temp name, then published."""
 
-    def __init__(self, out: Path, split: str, cfg: ShardConfig):
-        self.dir = out / split
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.split, self.cfg = split, cfg
+    def __init__(self, fs, root: str, split: str, group: str, cfg: ShardConfig, scratch: Path):
+        self.fs, self.root, self.split, self.group, self.cfg, self.scratch = fs, root, split, group, cfg, scratch
         self.index = 0
         self.count = 0
         self.bytes = 0
@@ -149,8 +153,16 @@ class _SplitWriter:
         self._tmp: Optional[Path] = None
         self.shards: list[dict] = []
 
+    def _name(self) -> str:
+        return shard_name(self.split, self.group, self.index)
+
     def _open(self) -> None:
-        self._tmp = self.dir / f".shard-{self.index:06d}.tar.tmp"
+        final = storage.join(self.root, self._name())
+        if storage.is_local(self.fs):  # build next to the final name: publishing is then a rename
+            self.fs.makedirs(storage.join(self.root, self.split), exist_ok=True)
+            self._tmp = Path(storage.tmp_name(final))
+        else:
+            self._tmp = self.scratch / Path(storage.tmp_name(final)).name
         self._tar = wds.TarWriter(str(self._tmp), mtime=0.0, user="dualforce", group="dualforce", mode=0o444)
         self.count = self.bytes = 0
 
@@ -158,9 +170,9 @@ class _SplitWriter:
         if self._tar is None:
             return
         self._tar.close()
-        final = self.dir / f"shard-{self.index:06d}.tar"
-        self._tmp.replace(final)
-        self.shards.append({"shard": f"{self.split}/{final.name}", "samples": self.count, "bytes": final.stat().st_size})
+        size = self._tmp.stat().st_size
+        storage.publish_file(self.fs, self._tmp, storage.join(self.root, self._name()))
+        self.shards.append({"shard": self._name(), "samples": self.count, "bytes": size})
         self._tar = None
         self.index += 1
 
@@ -175,21 +187,249 @@ class _SplitWriter:
         self._tar.write(sample)
         self.count += 1
         self.bytes += size
-        return f"{self.split}/shard-{self.index:06d}.tar"
+        return self._name()
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tmp.unlink(missing_ok=True)
+            self._tar = None
 
     def close(self) -> None:
         self._close()
 
 
+# ---- shard groups: written independently (one task each, any worker), then merged once -------------------
+
+def shard_group_of(clip_id: str, groups: int) -> str:
+    """The shard group of a clip: a stable hash of its id, so no runner, worker or batch size changes it."""
+    if groups < 1:
+        raise ValueError(f"shard groups must be >= 1, got {groups}")
+    return f"g{int(hashlib.sha256(clip_id.encode()).hexdigest()[:8], 16) % groups:04d}"
+
+
+def shard_name(split: str, group: str, index: int) -> str:
+    return f"{split}/shard-{group}-{index:06d}.tar"
+
+
+def plan_groups(clips: list, groups: int, clip_id: Callable = lambda c: c.row.clip_id) -> dict[str, list]:
+    """group name -> its clips sorted by id (only non-empty groups)."""
+    out: dict[str, list] = defaultdict(list)
+    for c in sorted(clips, key=clip_id):
+        out[shard_group_of(clip_id(c), groups)].append(c)
+    return dict(sorted(out.items()))
+
+
+@dataclass
+class GroupResult:
+    """What one shard group wrote; stored as `_groups/<group>.json`, written after its last shard."""
+
+    group: str
+    key: str
+    shards: list[dict]  # {"shard": "<split>/shard-<group>-<i>.tar", "samples", "bytes"}
+    index: list[dict]  # INDEX_SCHEMA rows in write order
+    clips: dict[str, list]  # clip id -> [split, samples written]
+    skipped: bool = False
+    seconds: float = 0.0
+
+
+def _group_record(root: str, group: str) -> str:
+    return storage.join(root, GROUPS_DIR, f"{group}.json")
+
+
+def load_group(out_dir: str | Path, group: str) -> Optional[GroupResult]:
+    fs, root = storage.filesystem(out_dir)
+    raw = storage.read_bytes(fs, _group_record(root, group))
+    if raw is None:
+        return None
+    try:
+        d = json.loads(raw)
+        return GroupResult(d["group"], d["key"], d["shards"], d["index"], d["clips"])
+    except (ValueError, KeyError):
+        return None  # damaged: not done
+
+
+def _present(fs, root: str, shards: list[dict]) -> bool:
+    for s in shards:
+        try:
+            if fs.size(storage.join(root, s["shard"])) != s["bytes"]:
+                return False
+        except FileNotFoundError:
+            return False
+    return True
+
+
+def write_shard_group(
+    clips: list[ShardClip],
+    out_dir: str | Path,
+    group: str,
+    cfg: ShardConfig = ShardConfig(),
+    key: str = "",
+    on_clip: Optional[Callable[[ShardClip, int], None]] = None,
+) -> GroupResult:
+    """Write one group's shards (`<split>/shard-<group>-%06d.tar`) under `out_dir`; skip when `key` matches.
+
+    The group's record is removed before and rewritten after its shards, so a writer killed half-way leaves a
+    group that is simply not done (its temp files and stale shards go at the next merge).
+    """
+    fs, root = storage.filesystem(out_dir)
+    done = load_group(out_dir, group)
+    if key and done is not None and done.key == key and _present(fs, root, done.shards):
+        done.skipped = True
+        return done
+    t0 = time.perf_counter()
+    storage.remove(fs, _group_record(root, group))
+    for stale in fs.glob(storage.join(root, "*", f"shard-{group}-*.tar")):
+        storage.remove(fs, stale)
+    writers: dict[str, _SplitWriter] = {}
+    index_rows: list[dict] = []
+    per_clip: dict[str, list] = {}
+    with tempfile.TemporaryDirectory(prefix="dualforce-shard-") as scratch:
+        try:
+            for clip in sorted(clips, key=lambda c: c.row.clip_id):
+                audio, sr = sf.read(clip.crop_dir / CROP_AUDIO, dtype="float32")
+                if sr != contract.SAMPLE_RATE:
+                    raise ValueError(f"{clip.row.clip_id}: wav at {sr} Hz, expected {contract.SAMPLE_RATE}")
+                split = clip.row.split
+                writer = writers.setdefault(split, _SplitWriter(fs, root, split, group, cfg, Path(scratch)))
+                n = 0
+                for start, frames in _iter_windows(clip, cfg):
+                    sample = _sample(clip, start, frames, audio, cfg)
+                    shard = writer.write(sample)
+                    index_rows.append({
+                        "key": sample["__key__"], "shard": shard, "clip_id": clip.row.clip_id,
+                        "window_start": start, "window_end": start + cfg.window, "split": split,
+                    })
+                    n += 1
+                per_clip[clip.row.clip_id] = [split, n]
+                if on_clip:
+                    on_clip(clip, n)
+            for w in writers.values():
+                w.close()
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+    result = GroupResult(group, key, [s for w in writers.values() for s in w.shards], index_rows, per_clip,
+                         seconds=time.perf_counter() - t0)
+    record = {k: v for k, v in asdict(result).items() if k not in ("skipped", "seconds")}
+    storage.write_bytes(fs, _group_record(root, group), json.dumps(record, sort_keys=True).encode())
+    return result
+INDEX_SCHEMA = pa.schema(
+    [("key", pa.string()), ("shard", pa.string()), ("clip_id", pa.string()),
+     ("window_start", pa.int64()), ("window_end", pa.int64()), ("split", pa.string())]
+)
+
+
 @dataclass
 class ShardSetStats:
-    out_dir: Path
+    out_dir: str | Path
     samples: int
     shards: int
     bytes: int
     clips: int
     per_split: dict
     skipped: bool = False
+    groups: list[GroupResult] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # garbage the merge collected
+
+
+def _stats_from(out_dir, s: dict, skipped: bool, groups: list[GroupResult]) -> ShardSetStats:
+    return ShardSetStats(out_dir, s["samples"], s["shards"], s["bytes"], s["clips"], s["per_split"], skipped, groups)
+
+
+def completed_set(out_dir: str | Path, key: str) -> Optional[dict]:
+    """The merged set's stats when `out_dir` holds a complete set for `key` (every listed shard present)."""
+    fs, root = storage.filesystem(out_dir)
+    raw = storage.read_bytes(fs, storage.join(root, STATUS_FILE))
+    if not key or raw is None:
+        return None
+    try:
+        done = json.loads(raw)
+    except ValueError:
+        return None
+    if done.get("key") != key or not _present(fs, root, done["stats"]["shard_files"]):
+        return None
+    return done["stats"]
+
+
+def begin_shard_set(out_dir: str | Path, key: str) -> Optional[dict]:
+    """Before any group is written: the finished set's stats if `key` is already done, else mark it unfinished.
+
+    Removing the set's status first means a consumer never takes a half-rewritten directory for a finished one.
+    """
+    done = completed_set(out_dir, key)
+    if done is None:
+        fs, root = storage.filesystem(out_dir)
+        storage.remove(fs, storage.join(root, STATUS_FILE))
+    return done
+
+
+def merge_shard_groups(
+    out_dir: str | Path, groups: list[GroupResult], cfg: ShardConfig, key: str, group_count: int
+) -> ShardSetStats:
+    """The one merge step: index + stats over every group, then remove whatever the index does not list.
+
+    Garbage: temp files of killed writers, shards of groups that were rewritten smaller or no longer exist,
+    stale group records. `_status.json` is written last; its presence with the run's key means "complete".
+    """
+    fs, root = storage.filesystem(out_dir)
+    groups = sorted(groups, key=lambda g: g.group)
+    if len({g.group for g in groups}) != len(groups):
+        raise ValueError("a shard group was given twice to the merge")
+    shards = [s for g in groups for s in g.shards]
+    missing = [s["shard"] for s in shards if not _present(fs, root, [s])]
+    if missing:
+        raise FileNotFoundError(f"shards listed by their group records are missing or truncated: {missing[:5]}")
+    index_rows = [r for g in groups for r in g.index]
+    keys = [r["key"] for r in index_rows]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a sample key appears in two shard groups (the same clip planned twice?)")
+    removed = collect_garbage(out_dir, {s["shard"] for s in shards}, {g.group for g in groups})
+    per_split: dict = defaultdict(lambda: {"samples": 0, "shards": 0, "clips": 0})
+    for s in shards:
+        per_split[s["shard"].split("/")[0]]["samples"] += s["samples"]
+        per_split[s["shard"].split("/")[0]]["shards"] += 1
+    for g in groups:
+        for split, _n in g.clips.values():
+            if split in per_split:
+                per_split[split]["clips"] += 1
+    stats = {
+        "samples": len(index_rows),
+        "shards": len(shards),
+        "bytes": sum(s["bytes"] for s in shards),
+        "clips": len({r["clip_id"] for r in index_rows}),
+        "per_split": dict(sorted(per_split.items())),
+        "window_frames": cfg.window,
+        "latent_frames": contract.latent_frames(cfg.window),
+        "config": asdict(cfg),
+        "shard_groups": group_count,
+        "shard_files": shards,
+    }
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(index_rows, schema=INDEX_SCHEMA), buf)
+    storage.write_bytes(fs, storage.join(root, INDEX_FILE), buf.getvalue())
+    storage.write_bytes(fs, storage.join(root, STATS_FILE), json.dumps(stats, indent=1, sort_keys=True).encode())
+    storage.write_bytes(fs, storage.join(root, STATUS_FILE), json.dumps({"key": key, "stats": stats}, sort_keys=True).encode())
+    out = _stats_from(out_dir, stats, False, groups)
+    out.removed = removed
+    return out
+
+
+def collect_garbage(out_dir: str | Path, keep_shards: set[str], keep_groups: set[str]) -> list[str]:
+    """Remove every file under `out_dir` that is not a kept shard, a kept group record or the set's own files."""
+    fs, root = storage.filesystem(out_dir)
+    if not fs.exists(root):
+        return []
+    keep = {INDEX_FILE, STATS_FILE, STATUS_FILE} | keep_shards | {f"{GROUPS_DIR}/{g}.json" for g in keep_groups}
+    prefix = root.rstrip("/") + "/"
+    removed = []
+    for path in sorted(fs.find(root)):
+        rel = path[len(prefix):] if path.startswith(prefix) else path
+        if rel not in keep or storage.is_tmp(rel):
+            storage.remove(fs, path)
+            removed.append(rel)
+    return removed
 
 
 def write_shards(
@@ -198,76 +438,23 @@ def write_shards(
     cfg: ShardConfig = ShardConfig(),
     key: str = "",
     on_clip: Optional[Callable[[ShardClip, int], None]] = None,
+    groups: int = DEFAULT_SHARD_GROUPS,
 ) -> ShardSetStats:
-    """Write the shard set for `clips` into `out_dir` (replacing it atomically); skip when `key` matches."""
-    out_dir = Path(out_dir)
-    status = out_dir / STATUS_FILE
-    if key and status.exists():
-        done = json.loads(status.read_text())
-        if done.get("key") == key:
-            s = done["stats"]
-            return ShardSetStats(out_dir, s["samples"], s["shards"], s["bytes"], s["clips"], s["per_split"], skipped=True)
-
-    staging = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
-    try:
-        writers: dict[str, _SplitWriter] = {}
-        index_rows: list[dict] = []
-        for clip in sorted(clips, key=lambda c: c.row.clip_id):
-            audio, sr = sf.read(clip.crop_dir / CROP_AUDIO, dtype="float32")
-            if sr != contract.SAMPLE_RATE:
-                raise ValueError(f"{clip.row.clip_id}: wav at {sr} Hz, expected {contract.SAMPLE_RATE}")
-            writer = writers.setdefault(clip.row.split, _SplitWriter(staging, clip.row.split, cfg))
-            n = 0
-            for start, frames in _iter_windows(clip, cfg):
-                sample = _sample(clip, start, frames, audio, cfg)
-                shard = writer.write(sample)
-                index_rows.append({
-                    "key": sample["__key__"], "shard": shard, "clip_id": clip.row.clip_id,
-                    "window_start": start, "window_end": start + cfg.window, "split": clip.row.split,
-                })
-                n += 1
-            if on_clip:
-                on_clip(clip, n)
-        for w in writers.values():
-            w.close()
-        shards = [s for w in writers.values() for s in w.shards]
-        per_split: dict = defaultdict(lambda: {"samples": 0, "shards": 0, "clips": 0})
-        for s in shards:
-            per_split[s["shard"].split("/")[0]]["samples"] += s["samples"]
-            per_split[s["shard"].split("/")[0]]["shards"] += 1
-        for c in clips:
-            if c.row.split in per_split:
-                per_split[c.row.split]["clips"] += 1
-        stats = {
-            "samples": len(index_rows),
-            "shards": len(shards),
-            "bytes": sum(s["bytes"] for s in shards),
-            "clips": len({r["clip_id"] for r in index_rows}),
-            "per_split": dict(per_split),
-            "window_frames": cfg.window,
-            "latent_frames": contract.latent_frames(cfg.window),
-            "config": asdict(cfg),
-            "shard_files": shards,
-        }
-        pq.write_table(pa.Table.from_pylist(index_rows, schema=INDEX_SCHEMA), staging / INDEX_FILE)
-        (staging / STATS_FILE).write_text(json.dumps(stats, indent=1, sort_keys=True))
-        (staging / STATUS_FILE).write_text(json.dumps({"key": key, "stats": stats}, sort_keys=True))
-        if out_dir.exists():
-            trash = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-            out_dir.rename(trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return ShardSetStats(out_dir, stats["samples"], stats["shards"], stats["bytes"], stats["clips"], stats["per_split"])
+    """Every group in turn, then the merge: the whole shard set for `clips` in one call; skip when `key` matches."""
+    done = begin_shard_set(out_dir, key)
+    if done is not None:
+        return _stats_from(out_dir, done, True, [])
+    results = []
+    for name, members in plan_groups(clips, groups).items():
+        gkey = group_key(key, name, [c.row.clip_id for c in members]) if key else ""
+        results.append(write_shard_group(members, out_dir, name, cfg, gkey, on_clip))
+    return merge_shard_groups(out_dir, results, cfg, key, groups)
 
 
-INDEX_SCHEMA = pa.schema(
-    [("key", pa.string()), ("shard", pa.string()), ("clip_id", pa.string()),
-     ("window_start", pa.int64()), ("window_end", pa.int64()), ("split", pa.string())]
-)
+def group_key(*parts) -> str:
+    """Cache key of one group: anything that changes its clips, their inputs or the config changes it."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def shard_files(shard_dir: str | Path, split: Optional[str] = None) -> list[Path]:

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from tasks import storage
+
 STATUS_FILE = "_status.json"
 
 
@@ -56,7 +58,10 @@ class StepRecord:
 
 class StepStore:
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        local = storage.local_path(root)  # a plain path or file:// URL; ffmpeg and the models need real files
+        if local is None:
+            raise ValueError(f"step outputs need a local or shared folder, got {root}")
+        self.root = local
 
     def clip_dir(self, step: str, clip_id: str) -> Path:
         return self.root / step / clip_id

@@ -14,7 +14,10 @@ import soundfile as sf
 from datasets_manifest.schema import ClipRow
 from tasks import contract
 from tasks.media import read_frames
-from tasks.shard import ShardClip, ShardConfig, iter_samples, sample_key, shard_files, window_starts, write_shards
+from tasks.shard import (ShardClip, ShardConfig, iter_samples, sample_key, shard_files, shard_group_of, window_starts,
+                         write_shards)
+
+G = shard_group_of("yongen", 16)  # the default 16 groups; the group is a hash of the clip id alone
 
 
 def _clip(crop, clip_id="yongen", split="train"):
@@ -62,7 +65,7 @@ def test_samples_are_aligned_windows_of_the_clip(yongen_crop, tmp_path):
     assert seen == starts
     index = pq.read_table(tmp_path / "shards" / "index.parquet").to_pylist()
     assert [r["window_start"] for r in index] == starts
-    assert {r["shard"] for r in index} == {"train/shard-000000.tar", "train/shard-000001.tar", "train/shard-000002.tar"}
+    assert {r["shard"] for r in index} == {f"train/shard-{G}-{i:06d}.tar" for i in range(3)}
     stats_json = json.loads((tmp_path / "shards" / "stats.json").read_text())
     assert stats_json["samples"] == 11 and stats_json["latent_frames"] == 5
 
@@ -72,10 +75,10 @@ def test_same_inputs_same_bytes_and_skip_by_key(yongen_crop, tmp_path):
     write_shards([_clip(yongen_crop)], tmp_path / "a", cfg, key="k1")
     write_shards([_clip(yongen_crop)], tmp_path / "b", cfg, key="k1")
     assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
-    before = (tmp_path / "a" / "train" / "shard-000000.tar").stat().st_mtime_ns
+    before = (tmp_path / "a" / "train" / f"shard-{G}-000000.tar").stat().st_mtime_ns
     again = write_shards([_clip(yongen_crop)], tmp_path / "a", cfg, key="k1")
-    assert again.skipped and (tmp_path / "a" / "train" / "shard-000000.tar").stat().st_mtime_ns == before
-    with tarfile.open(tmp_path / "a" / "train" / "shard-000000.tar") as tar:
+    assert again.skipped and (tmp_path / "a" / "train" / f"shard-{G}-000000.tar").stat().st_mtime_ns == before
+    with tarfile.open(tmp_path / "a" / "train" / f"shard-{G}-000000.tar") as tar:
         names = tar.getnames()
         assert all(m.mtime == 0 for m in tar.getmembers())
     assert names[:3] == ["yongen_w000000.audio.wav", "yongen_w000000.meta.json", "yongen_w000000.video.mp4"]
@@ -93,7 +96,7 @@ def test_size_bound_and_splits(yongen_crop, tmp_path):
 
 def test_reader_rejects_a_tampered_sample(yongen_crop, tmp_path):
     write_shards([_clip(yongen_crop)], tmp_path / "s", ShardConfig(n=8), key="k")
-    tar_path = tmp_path / "s" / "train" / "shard-000000.tar"
+    tar_path = tmp_path / "s" / "train" / f"shard-{G}-000000.tar"
     with tarfile.open(tar_path) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     with tarfile.open(tar_path, "w") as tar:

@@ -33,7 +33,7 @@ def _print_summary(report: dict, seconds: float) -> None:
         print(f"samples: {sh['samples']} in {sh['shards']} shards ({sh['bytes'] / 1e6:.1f} MB), per split {sh['per_split']}")
     if report.get("gate"):
         print(f"gate 3d_latent_quality: {report['gate']['name']} - {report['gate']['message']}")
-    print(f"wall time: {seconds:.1f}s")
+    print(f"wall time: {seconds:.1f}s" + (f" (runner: {report['runner']})" if report.get("runner") else ""))
     print(f"output: {report['output']}")
 
 
@@ -81,7 +81,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         limit=args.limit, batch_size=args.batch_size, window_n=args.window_n, window_stride=args.window_stride,
         models=args.models, liveportrait_root=args.liveportrait_root, hubert=args.hubert, wan_vae=args.wan_vae,
         wan_vae_subfolder=args.wan_vae_subfolder, device=args.device, flame_dir=args.flame_dir,
-        progress=not args.no_progress, return_state=True,
+        runner=args.runner, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
+        cpus_per_batch=args.cpus_per_batch, gpus_per_batch=args.gpus_per_batch, shard_groups=args.shard_groups,
+        work_root=args.work_root, progress=not args.no_progress, return_state=True,
     )
     report = _finish(state, time.perf_counter() - t0)
     if report is None:
@@ -170,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--wan-vae-subfolder")
     pp.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     pp.add_argument("--flame-dir", help="per-clip FLAME parameter files <clip_id>.npz for the pose cross-check")
+    pp.add_argument("--runner", choices=["local", "ray"], default="local", help="ray: one Ray task per batch")
+    pp.add_argument("--ray-address", help="'auto', a cluster address, or none for a local Ray instance")
+    pp.add_argument("--ray-num-cpus", type=int, help="CPUs of a local Ray instance")
+    pp.add_argument("--cpus-per-batch", type=float, default=1.0)
+    pp.add_argument("--gpus-per-batch", type=float, default=1.0, help="for the GPU steps, when the cluster has GPUs")
+    pp.add_argument("--shard-groups", type=int, default=16, help="independent shard writers, merged at the end")
+    pp.add_argument("--work-root", help="local/shared folder for step outputs when --out is an object-store URL")
     pp.add_argument("--no-progress", action="store_true")
     pp.set_defaults(func=cmd_preprocess)
 

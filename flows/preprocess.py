@@ -238,7 +238,7 @@ def preprocess(
     flame_dir: Optional[str] = None,
     pose_threshold_deg: float = 10.0,
     max_frame_drop_ratio: float = 0.5,
-    shard_features: bool = True,
+    shard_features: Optional[bool] = None,
     progress: bool = False,
     runner: str = "local",
     ray_address: Optional[str] = None,
@@ -250,6 +250,7 @@ def preprocess(
 ) -> dict:
     """Preprocess one dataset's manifest into shards under `output_root/<dataset>/`.
 
+    `shard_features`: shards carry steps 3-6's members; None decides by whether those results exist.
     `runner`: "local" (this flow's thread pool) or "ray" (one Ray task per batch; `ray_address` "auto", a
     cluster address or None for a local instance of `ray_num_cpus` CPUs; see flows/runners.py for resources
     and the shared Prefect API). `output_root` may be an fsspec URL; `work_root` then holds the step outputs.
@@ -267,7 +268,6 @@ def preprocess(
                         gpus_per_batch=gpus_per_batch)
     windows = ShardConfig(n=window_n, stride=window_stride, max_samples_per_shard=shard_max_samples)
     needs_models = any(s in wanted for s in FEATURE_STEPS)
-    with_features = shard_features if "shard" in wanted else needs_models
     feature_models = None
     if needs_models:  # fail fast, before any clip is touched
         feature_models = resolve_models(models, layout, liveportrait_root, hubert, wan_vae, wan_vae_subfolder, device)
@@ -280,6 +280,10 @@ def preprocess(
     states, manifest_errors = load_clips(manifest, limit)
     run_names = tuple(s for s in CLIP_STEPS if s in wanted)
     hydrate(states, store, tuple(s for s in CLIP_STEPS if s not in run_names))
+    if shard_features is None:  # features when this run makes them, or an earlier one made them for every clip
+        with_features = needs_models or bool(states) and all(all(n in s.records for n in FEATURE_STEPS) for s in states)
+    else:
+        with_features = shard_features
     clip_steps = build_steps(run_names, layout, feature_models, windows,
                              PoseCheckConfig(threshold_deg=pose_threshold_deg), flame_dir)
     logger.info(f"{dataset}: {len(states)} clips, steps {list(wanted)}, batches of {batch_size}")

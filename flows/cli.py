@@ -140,6 +140,12 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_dataset_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True, help="output root (a folder or an fsspec URL)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dualforce", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -156,9 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_dry_run)
 
     pp = sub.add_parser("preprocess", help="run the preprocess flow on a manifest")
-    pp.add_argument("dataset")
-    pp.add_argument("--manifest", required=True)
-    pp.add_argument("--out", required=True, help="output root")
+    _add_dataset_arguments(pp)
     pp.add_argument("--steps", nargs="*")
     pp.add_argument("--limit", type=int)
     pp.add_argument("--batch-size", type=int, default=8)
@@ -200,9 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     pl = sub.add_parser("pipeline", help="preprocess -> 3D-latent gate -> train, as one flow")
-    pl.add_argument("dataset")
-    pl.add_argument("--manifest", required=True)
-    pl.add_argument("--out", required=True, help="output root")
+    _add_dataset_arguments(pl)
     pl.add_argument("--preprocess", help="extra preprocess parameters as JSON (models, weights, windows, ...)")
     pl.add_argument("--train", help="TrainConfig fields as JSON (the data fields come from the shards)")
     pl.add_argument("--gates", help="TrainingGateConfig fields as JSON")

@@ -16,7 +16,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from flows.train import train_flow  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 from training.run_status import COMPLETED, ERROR, NONFINITE, OOM, read_statuses  # noqa: E402
-from tests.training_shards import AUDIO_DIM, CROP, WINDOW, write_shards  # noqa: E402
+from tests.training_shards import train_config, write_shards  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,21 +33,7 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _config(shards: Path, out_dir: Path, **kw) -> dict:
-    cfg = dict(
-        shards=[str(shards / "shard-*.tar")],
-        out_dir=str(out_dir),
-        window=WINDOW,
-        crop_size=CROP,
-        audio_dim=AUDIO_DIM,
-        micro_batch=2,
-        total_steps=3,
-        ckpt_every=10,
-        warmup_steps=1,
-        num_workers=0,
-        shuffle_buffer=4,
-    )
-    cfg.update(kw)
-    return cfg
+    return train_config(shards, out_dir, **kw)
 
 
 # Gates that a 3-step tiny run passes: convergence / joint progress not reached yet.

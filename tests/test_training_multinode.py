@@ -24,7 +24,7 @@ from training.hostfile import HostSlots, parse_hostfile, read_hostfile, write_ho
 from training.launch import LaunchSpec, check_launch, command, environment  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 from training.run_status import COMPLETED, read_statuses  # noqa: E402
-from tests.training_shards import AUDIO_DIM, CROP, WINDOW, write_shards  # noqa: E402
+from tests.training_shards import WINDOW, train_config, write_shards  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -202,11 +202,7 @@ def test_slurm_script_builds_valid_flow_commands(tmp_path, mode, flow_runs):
 
 
 def _config(shards: Path, out_dir: Path) -> dict:
-    return dict(
-        shards=[str(shards / "shard-*.tar")], out_dir=str(out_dir), window=WINDOW, crop_size=CROP,
-        audio_dim=AUDIO_DIM, micro_batch=1, total_steps=3, ckpt_every=10, warmup_steps=1, num_workers=0,
-        shuffle_buffer=4, ds_config="zero2",
-    )
+    return train_config(shards, out_dir, micro_batch=1, ds_config="zero2")
 
 
 LOSS_KEYS = ("step", "loss", "video_loss", "struct_loss", "grad_norm", "lr", "world_size")

@@ -13,7 +13,7 @@ from training.config import TrainConfig
 from training.launch import LaunchSpec, command, environment
 from training.metrics import read_metrics
 from training.run_status import COMPLETED, STOPPED, read_statuses
-from tests.training_shards import AUDIO_DIM, CROP, WINDOW, write_shards
+from tests.training_shards import train_config, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,23 +42,8 @@ def single_process_env(monkeypatch, tmp_path):
 
 
 def _config(shards: Path, out_dir: Path, **kw) -> dict:
-    cfg = dict(
-        shards=[str(shards / "shard-*.tar")],
-        out_dir=str(out_dir),
-        window=WINDOW,
-        crop_size=CROP,
-        audio_dim=AUDIO_DIM,
-        micro_batch=2,
-        total_steps=5,
-        ckpt_every=2,
-        warmup_steps=2,
-        num_workers=1,
-        shuffle_buffer=4,
-        ema_decay=0.9,
-        seed=5,
-    )
-    cfg.update(kw)
-    return cfg
+    return train_config(shards, out_dir, **{**dict(total_steps=5, ckpt_every=2, warmup_steps=2, num_workers=1,
+                                                    ema_decay=0.9, seed=5), **kw})
 
 
 def _losses(out_dir: Path) -> list[tuple]:

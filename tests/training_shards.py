@@ -76,3 +76,12 @@ def write_shards(
                     tar.addfile(info, io.BytesIO(data))
         paths.append(path)
     return paths
+
+
+def train_config(shards: Path, out_dir: Path, **overrides) -> dict:
+    """A TrainConfig dict for the tiny model over shards from write_shards (tests override what they study)."""
+    cfg = dict(shards=[str(Path(shards) / "shard-*.tar")], out_dir=str(out_dir), window=WINDOW, crop_size=CROP,
+               audio_dim=AUDIO_DIM, micro_batch=2, total_steps=3, ckpt_every=10, warmup_steps=1, num_workers=0,
+               shuffle_buffer=4)
+    cfg.update(overrides)
+    return cfg

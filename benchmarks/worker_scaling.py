@@ -26,7 +26,7 @@ def ray_options(workers: int, address: str | None) -> tuple[dict | None, str]:
 
     params = inspect.signature(preprocess.fn).parameters
     if "runner" not in params:
-        return None, "skipped: this flows.preprocess has no `runner` parameter (the Ray runner is on branch `ray`)"
+        return None, "skipped: this flows.preprocess has no `runner` parameter"
     try:
         import ray  # noqa: F401
         import prefect_ray  # noqa: F401

@@ -297,7 +297,7 @@ def _how_to_use(record: ServerRecord) -> str:
     ui = record.api_url.removesuffix("/api")
     return "\n".join([
         f"Prefect API: {record.api_url}   (UI: {ui})",
-        f"Submit a run (the worker picks it up within its poll interval):",
+        "Submit a run (the worker picks it up within its poll interval):",
         f"  PREFECT_API_URL={record.api_url} prefect deployment run dry-run/dry-run",
         f"  PREFECT_API_URL={record.api_url} prefect deployment run preprocess/preprocess-hdtf "
         f"-p manifest=/data/manifests/hdtf.parquet",

@@ -478,9 +478,3 @@ def iter_samples(
             sample["meta"] = json.loads(sample[contract.META])
         yield sample
 
-
-def decode_audio(data: bytes) -> np.ndarray:
-    audio, sr = sf.read(io.BytesIO(data), dtype="float32")
-    if sr != contract.SAMPLE_RATE:
-        raise contract.ContractError(f"audio at {sr} Hz, expected {contract.SAMPLE_RATE}")
-    return audio

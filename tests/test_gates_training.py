@@ -106,3 +106,10 @@ def test_joint_progress_gate():
     assert [r["falling"] for r in nogo.rows] == [True, False]
     assert nogo.recommendation.startswith("stop")
     assert joint_progress_gate(both[:60], cfg).numbers["evaluated"] is False
+
+
+def test_convergence_without_any_loss_at_step_n_is_no_go():
+    records = [{"step": s} for s in range(1, 11)]  # steps ran, no loss recorded (every one non-finite)
+    verdict = convergence_gate(records, TrainingGateConfig(convergence_step=10, convergence_window=5))
+    assert not verdict.go and verdict.summary.startswith("no finite loss at step 10")
+    assert verdict.numbers["loss_at_step"] is None and verdict.numbers["evaluated"] is True

@@ -147,19 +147,28 @@ def _window_mean(points: list[tuple[int, float]], end: int, width: int) -> Optio
     return sum(vals) / len(vals) if vals else None
 
 
+def _not_reached(gate: str, last: int, step: int, numbers: dict[str, Any]) -> Optional[GateVerdict]:
+    """A gate judged at step N says GO (marked not evaluated) while the run has not reached N."""
+    if last >= step:
+        return None
+    numbers["evaluated"] = False
+    return GateVerdict(gate, True, f"not evaluated: run ended at step {last} < {step}", numbers)
+
+
 def convergence_gate(records: Records, cfg: TrainingGateConfig) -> GateVerdict:
     last = _last_step(records)
     numbers: dict[str, Any] = {"step": cfg.convergence_step, "max_loss": cfg.convergence_max_loss, "last_step": last}
-    if last < cfg.convergence_step:
-        numbers["evaluated"] = False
-        return GateVerdict("convergence", True, f"not evaluated: run ended at step {last} < {cfg.convergence_step}", numbers)
+    pending = _not_reached("convergence", last, cfg.convergence_step, numbers)
+    if pending:
+        return pending
     loss = _window_mean(_losses(records, upto=cfg.convergence_step), cfg.convergence_step, cfg.convergence_window)
     numbers.update(evaluated=True, loss_at_step=loss)
     if loss is None or loss > cfg.convergence_max_loss:
+        shown = "no finite loss" if loss is None else f"loss {loss:.4f}"
         return GateVerdict(
             "convergence",
             False,
-            f"loss {loss:.4f} at step {cfg.convergence_step} is above {cfg.convergence_max_loss}",
+            f"{shown} at step {cfg.convergence_step} is above {cfg.convergence_max_loss}",
             numbers,
             "switch to training directly on talking-head data (skip the general pretraining stage)",
         )
@@ -171,9 +180,9 @@ def convergence_gate(records: Records, cfg: TrainingGateConfig) -> GateVerdict:
 def joint_progress_gate(records: Records, cfg: TrainingGateConfig) -> GateVerdict:
     last = _last_step(records)
     numbers: dict[str, Any] = {"step": cfg.joint_step, "min_rel_drop": cfg.joint_min_rel_drop, "last_step": last}
-    if last < cfg.joint_step:
-        numbers["evaluated"] = False
-        return GateVerdict("joint_progress", True, f"not evaluated: run ended at step {last} < {cfg.joint_step}", numbers)
+    pending = _not_reached("joint_progress", last, cfg.joint_step, numbers)
+    if pending:
+        return pending
     rows = []
     for stream in ("video_loss", "struct_loss"):
         points = _losses(records, stream, upto=cfg.joint_step)

@@ -8,7 +8,9 @@ optional). Defaults: dsize 512, scale 2.3, vx 0, vy -0.125, rotation on.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
@@ -17,6 +19,8 @@ from scipy.ndimage import gaussian_filter1d
 _LEFT_EYE = (36, 39)
 _RIGHT_EYE = (42, 45)
 _MOUTH = (48, 54)
+_EYE_CORNERS = np.array(_LEFT_EYE + _RIGHT_EYE)
+_MOUTH_CORNERS = np.array(_MOUTH)
 
 
 @dataclass(frozen=True)
@@ -30,8 +34,8 @@ class CropParams:
 
 def anchor_points(pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eye centre and lip centre of [68, 2] landmarks."""
-    eyes = (pts[list(_LEFT_EYE)].mean(0) + pts[list(_RIGHT_EYE)].mean(0)) / 2
-    lip = pts[list(_MOUTH)].mean(0)
+    eyes = pts[_EYE_CORNERS].mean(0)  # the mean of the two eye-corner midpoints
+    lip = pts[_MOUTH_CORNERS].mean(0)
     return eyes, lip
 
 
@@ -40,10 +44,10 @@ def rect_from_landmarks(pts: np.ndarray, p: CropParams) -> np.ndarray:
     pts = pts.astype(np.float64)
     eyes, lip = anchor_points(pts)
     uy = lip - eyes
-    norm = np.linalg.norm(uy)
+    norm = float(np.hypot(uy[0], uy[1]))
     uy = np.array([0.0, 1.0]) if norm <= 1e-3 else uy / norm
     ux = np.array([uy[1], -uy[0]])
-    angle = np.arccos(np.clip(ux[0], -1.0, 1.0))
+    angle = math.acos(min(1.0, max(-1.0, float(ux[0]))))
     if ux[1] < 0:
         angle = -angle
     rot = np.stack([ux, uy])
@@ -68,6 +72,48 @@ def smooth_rects(rects: np.ndarray, sigma_frames: float) -> np.ndarray:
     out[:, 3] = np.unwrap(rects[:, 3])
     out = gaussian_filter1d(out, sigma=sigma_frames, axis=0, mode="nearest")
     return out
+
+
+class StreamingRectSmoother:
+    """`smooth_rects` one frame at a time, for a crop that warps frames while later ones are still tracked.
+
+    The same Gaussian as scipy's gaussian_filter1d (radius = int(4 sigma + 0.5), edges repeat the end
+    value), so frame i needs the raw rects up to i + radius, or the sequence's end. Rects arrive in order;
+    frames before the first face (None) take the first face's rect, as the offline path fills them.
+    """
+
+    def __init__(self, sigma_frames: float):
+        self.radius = int(4.0 * sigma_frames + 0.5) if sigma_frames > 0 else 0
+        x = np.arange(-self.radius, self.radius + 1, dtype=np.float64)
+        w = np.exp(-0.5 * (x / sigma_frames) ** 2) if sigma_frames > 0 else np.ones(1)
+        self.weights = w / w.sum()
+        self.raw: list[Optional[np.ndarray]] = []  # angle unwrapped against the previous rect
+        self.first: Optional[np.ndarray] = None
+        self._last: Optional[np.ndarray] = None
+
+    def push(self, rect: Optional[np.ndarray]) -> None:
+        if rect is not None:
+            rect = np.asarray(rect, np.float64).copy()
+            if self._last is not None:
+                rect[3] += 2 * np.pi * np.round((self._last[3] - rect[3]) / (2 * np.pi))
+            self._last = rect
+            if self.first is None:
+                self.first = rect
+        self.raw.append(rect)
+
+    def ready(self, i: int, end: Optional[int] = None) -> bool:
+        """Whether frame i can be smoothed now (`end`: the sequence length, once known)."""
+        need = i + self.radius if end is None else min(i + self.radius, end - 1)
+        return self.first is not None and len(self.raw) > need
+
+    def smoothed(self, i: int, end: Optional[int] = None) -> np.ndarray:
+        """[cx, cy, size, angle] of frame i; `end` clips the look-ahead (edges repeat the last frame)."""
+        if not self.ready(i, end):
+            raise ValueError(f"frame {i} needs rects up to {i + self.radius} (have {len(self.raw)})")
+        last = (end if end is not None else len(self.raw)) - 1
+        idx = np.clip(np.arange(i - self.radius, i + self.radius + 1), 0, last)
+        window = np.stack([self.raw[j] if self.raw[j] is not None else self.first for j in idx])
+        return self.weights @ window
 
 
 def crop_matrix(rect: np.ndarray, dsize: int) -> np.ndarray:

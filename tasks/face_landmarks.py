@@ -43,11 +43,11 @@ class FaceBox:
 class FaceLandmarker(Protocol):
     name: str
 
-    def detect(self, rgb: np.ndarray) -> list[FaceBox]:
-        """All faces in an RGB uint8 image, largest first."""
+    def detect(self, image: np.ndarray) -> list[FaceBox]:
+        """All faces in a uint8 image (gray [H, W] or RGB [H, W, 3]), largest first."""
 
-    def landmarks(self, rgb: np.ndarray, box: FaceBox) -> np.ndarray:
-        """[68, 2] float32 landmarks of the face in `box` (image pixels)."""
+    def landmarks(self, image: np.ndarray, box: FaceBox) -> np.ndarray:
+        """[68, 2] float32 landmarks of the face in `box` (image pixels; gray or RGB)."""
 
 
 def _face_recognition_models_dir() -> Path:
@@ -72,14 +72,15 @@ class DlibLandmarker:
         self._dlib = dlib
         self.upsample = upsample
 
-    def detect(self, rgb: np.ndarray) -> list[FaceBox]:
-        rects, scores, _ = self._detector.run(np.ascontiguousarray(rgb), self.upsample, 0.0)
+    # dlib's HOG and shape predictor work on intensity: a gray image skips their RGB->gray conversion.
+    def detect(self, image: np.ndarray) -> list[FaceBox]:
+        rects, scores, _ = self._detector.run(np.ascontiguousarray(image), self.upsample, 0.0)
         boxes = [FaceBox(r.left(), r.top(), r.right(), r.bottom(), float(s)) for r, s in zip(rects, scores)]
         return sorted(boxes, key=lambda b: b.size, reverse=True)
 
-    def landmarks(self, rgb: np.ndarray, box: FaceBox) -> np.ndarray:
+    def landmarks(self, image: np.ndarray, box: FaceBox) -> np.ndarray:
         rect = self._dlib.rectangle(int(round(box.x0)), int(round(box.y0)), int(round(box.x1)), int(round(box.y1)))
-        shape = self._predictor(np.ascontiguousarray(rgb), rect)
+        shape = self._predictor(np.ascontiguousarray(image), rect)
         return np.array([[p.x, p.y] for p in shape.parts()], np.float32)
 
 
@@ -102,13 +103,17 @@ class FanLandmarker:
             )
         self._fa = face_alignment.FaceAlignment(face_alignment.LandmarksType.TWO_D, device=device, face_detector="sfd")
 
-    def detect(self, rgb: np.ndarray) -> list[FaceBox]:
-        dets = self._fa.face_detector.detect_from_image(rgb[..., ::-1].copy()) or []
+    @staticmethod
+    def _rgb(image: np.ndarray) -> np.ndarray:
+        return np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image
+
+    def detect(self, image: np.ndarray) -> list[FaceBox]:
+        dets = self._fa.face_detector.detect_from_image(self._rgb(image)[..., ::-1].copy()) or []
         boxes = [FaceBox(float(d[0]), float(d[1]), float(d[2]), float(d[3]), float(d[4])) for d in dets if d[4] > 0.5]
         return sorted(boxes, key=lambda b: b.size, reverse=True)
 
-    def landmarks(self, rgb: np.ndarray, box: FaceBox) -> np.ndarray:
-        out = self._fa.get_landmarks_from_image(rgb, detected_faces=[(box.x0, box.y0, box.x1, box.y1, box.score)])
+    def landmarks(self, image: np.ndarray, box: FaceBox) -> np.ndarray:
+        out = self._fa.get_landmarks_from_image(self._rgb(image), detected_faces=[(box.x0, box.y0, box.x1, box.y1, box.score)])
         if not out:
             raise RuntimeError("face-alignment returned no landmarks")
         return np.asarray(out[0], np.float32)[:, :2]

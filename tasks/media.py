@@ -5,12 +5,14 @@ ffmpeg-python with argument lists, so no manifest string ever reaches a shell.
 """
 from __future__ import annotations
 
+import queue
 import re
 import subprocess
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Literal, Optional
 
 import numpy as np
 
@@ -88,14 +90,39 @@ def run_ffmpeg(args: list[str], what: str) -> None:
         raise MediaError(f"{what} failed: {' | '.join(tail) or 'ffmpeg exit ' + str(proc.returncode)}")
 
 
+def yuv420_bytes(width: int, height: int) -> int:
+    return width * height + 2 * ((width + 1) // 2) * ((height + 1) // 2)
+
+
+def yuv420_planes(frame: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Views of one flat yuv420p frame: Y [H, W], U and V [ceil(H/2), ceil(W/2)]."""
+    cw, ch = (width + 1) // 2, (height + 1) // 2
+    y = frame[: width * height].reshape(height, width)
+    u = frame[width * height : width * height + cw * ch].reshape(ch, cw)
+    v = frame[width * height + cw * ch :].reshape(ch, cw)
+    return y, u, v
+
+
+PREFETCH_BYTES = 128 * 2**20  # decoded-ahead frames per stream; bounds memory at 1080p and above
+
+
 def iter_frames(
     path: str | Path,
     *,
     fps: Optional[float] = None,
     scale_to: Optional[tuple[int, int]] = None,
     chunk: int = 32,
+    pix_fmt: Literal["rgb24", "gray", "yuv420p"] = "rgb24",
+    prefetch: int = 2,
 ) -> Iterator[np.ndarray]:
-    """Stream RGB frames as uint8 chunks [n, H, W, 3] through a pipe, so memory stays flat for long sources."""
+    """Stream uint8 frame chunks through a pipe, so memory stays flat for long sources.
+
+    rgb24 gives [n, H, W, 3], gray (the luma plane, a third of the bytes) [n, H, W], yuv420p the planar
+    frames as [n, yuv420_bytes(W, H)] (split them with `yuv420_planes`; half the bytes of rgb24 and no colour
+    conversion on either side of a yuv420p encoder). A reader thread keeps
+    up to `prefetch` chunks (at most PREFETCH_BYTES, at least one chunk) decoded ahead, so ffmpeg decodes while
+    the caller computes instead of stalling on the pipe's 64 KiB buffer.
+    """
     info = probe(path)
     if not info.has_video:
         raise MediaError(f"{path}: no video stream")
@@ -109,26 +136,74 @@ def iter_frames(
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(path)]
     if filters:
         cmd += ["-vf", ",".join(filters)]
-    cmd += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-an", "-"]
-    frame_bytes = w * h * 3
+    cmd += ["-f", "rawvideo", "-pix_fmt", pix_fmt, "-an", "-"]
+    shape = {"rgb24": (h, w, 3), "gray": (h, w), "yuv420p": (yuv420_bytes(w, h),)}[pix_fmt]
+    frame_bytes = int(np.prod(shape))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    block = frame_bytes * chunk
+    reader = _ChunkReader(proc.stdout, block, max(1, min(prefetch, PREFETCH_BYTES // block)))
+    finished = False
     try:
-        while True:
-            buf = proc.stdout.read(frame_bytes * chunk)
-            if not buf:
-                break
+        for buf in reader:
             n = len(buf) // frame_bytes
             if n:
-                yield np.frombuffer(buf[: n * frame_bytes], np.uint8).reshape(n, h, w, 3)
-            if len(buf) < frame_bytes * chunk:
-                break
+                yield np.frombuffer(buf, np.uint8, count=n * frame_bytes).reshape(n, *shape)
+        finished = True
     finally:
+        if not finished:  # the caller stopped early: do not wait for the rest of the decode
+            proc.kill()
+        reader.close()
         proc.stdout.close()
         err = proc.stderr.read().decode(errors="replace")
         proc.stderr.close()
         rc = proc.wait()
     if rc != 0:
         raise MediaError(f"decoding {path} failed: {err.strip()[-300:]}")
+
+
+class _ChunkReader:
+    """Reads fixed-size blocks from a pipe on a thread into a bounded queue (the read releases the GIL)."""
+
+    _END = object()
+
+    def __init__(self, stream, block: int, depth: int):
+        self._stream, self._block = stream, block
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="ffmpeg-reader", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                buf = self._stream.read(self._block)
+                if not buf or not self._put(buf) or len(buf) < self._block:
+                    break
+        except (OSError, ValueError) as exc:  # pipe closed under us by close()
+            self._error = exc
+        finally:
+            self._put(self._END)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 def read_frames(path: str | Path, **kw) -> np.ndarray:
@@ -152,31 +227,38 @@ def read_audio(path: str | Path, sample_rate: int = 16_000) -> np.ndarray:
 
 
 class VideoWriter:
-    """Pipe RGB frames into libx264; the file appears under its final name only after a clean close.
-
-    Bit-exact flags and a fixed thread count make the same frames give the same bytes on every run.
+    """Pipe RGB (or planar yuv420p) frames into libx264; the file appears under its final name only after a
+    clean close. Bit-exact flags and a fixed thread count make the same frames give the same bytes on every run.
     """
 
     def __init__(self, path: str | Path, width: int, height: int, fps: int = 25, crf: int = 18,
-                 preset: str = "veryfast", threads: int = 2):
+                 preset: str = "veryfast", threads: int = 2, input_pix_fmt: Literal["rgb24", "yuv420p"] = "rgb24"):
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp.mp4")
         self.size = (width, height)
+        self.input_pix_fmt = input_pix_fmt
         self.frames = 0
         cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "-",
+               "-f", "rawvideo", "-pix_fmt", input_pix_fmt, "-s", f"{width}x{height}", "-r", str(fps), "-i", "-",
                "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
                "-threads", str(threads), "-fflags", "+bitexact", "-flags:v", "+bitexact",
                "-map_metadata", "-1", "-movflags", "+faststart", str(self.tmp)]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def write(self, frames: np.ndarray) -> None:
-        """frames: [n, H, W, 3] or [H, W, 3] uint8 RGB."""
+        """frames: uint8 RGB [n, H, W, 3] or [H, W, 3]; yuv420p input: [n, yuv420_bytes(W, H)] or one flat frame."""
         frames = np.ascontiguousarray(frames, dtype=np.uint8)
-        if frames.shape[-3:-1] != (self.size[1], self.size[0]):
-            raise ValueError(f"frame size {frames.shape[-3:-1]} does not match writer {self.size[::-1]}")
-        self._proc.stdin.write(frames.tobytes())
-        self.frames += 1 if frames.ndim == 3 else frames.shape[0]
+        if self.input_pix_fmt == "yuv420p":
+            per_frame = yuv420_bytes(*self.size)
+            if frames.shape[-1] != per_frame or frames.ndim > 2:
+                raise ValueError(f"yuv420p frames must be [n, {per_frame}], got {frames.shape}")
+            count = 1 if frames.ndim == 1 else frames.shape[0]
+        else:
+            if frames.shape[-3:-1] != (self.size[1], self.size[0]):
+                raise ValueError(f"frame size {frames.shape[-3:-1]} does not match writer {self.size[::-1]}")
+            count = 1 if frames.ndim == 3 else frames.shape[0]
+        self._proc.stdin.write(frames.data)
+        self.frames += count
 
     def close(self) -> Path:
         self._proc.stdin.close()

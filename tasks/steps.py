@@ -50,7 +50,7 @@ class DownloadStep:
 class CropStep:
     config: CropConfig = field(default_factory=CropConfig)
     name: str = "crop"
-    version: str = "2"  # 2: follows the manifest's face box when it gives one
+    version: str = "3"  # 2: follows the manifest's face box; 3: luma landmarks, landmark-tracked boxes
     requires: tuple[str, ...] = ("download",)
 
     def fingerprint(self) -> str:

@@ -4,8 +4,9 @@ writing byte-identical shards with no shared folder."""
 from __future__ import annotations
 
 import io
+import json
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import fsspec
@@ -134,6 +135,7 @@ def test_round_trip_matches_a_local_store_and_a_rerun_skips(mem, tmp_path):
     got = remote.clip_dir("reader", "a")
     assert (got / "joined.bin").read_bytes() == (local.clip_dir("reader", "a") / "joined.bin").read_bytes() \
         == b"alpha-a|\x00\x01-a"
+    assert json.loads((got / STATUS_FILE).read_text()) == asdict(remote.load("reader", "a"))  # looks like a local dir
     assert remote.clip_dir("writer", "zzz").exists() is False  # like a local store: no output, no folder
     remote.release()
 
@@ -236,6 +238,24 @@ def test_scratch_keeps_no_inputs_after_release(mem, tmp_path):
         store.release("a")
         assert not one.exists() and (two / "a.txt").exists()
     assert not two.exists() and _inputs_left(scratch) == []
+
+
+def test_layout_puts_step_outputs_under_a_remote_root_and_keeps_downloads_local(tmp_path):
+    from flows.layout import DatasetLayout
+    from tasks.step_store import default_scratch_base
+
+    remote = DatasetLayout("memory://b/out/", "t")
+    assert (remote.output, remote.steps, remote.shards_url) == ("memory://b/out/t", "memory://b/out/t/steps", "memory://b/out/t/shards")
+    assert remote.download_cache == default_scratch_base() / "_download_cache"
+    assert DatasetLayout("memory://b/out", "t", scratch_root=str(tmp_path)).download_cache == tmp_path / "_download_cache"
+    split = DatasetLayout(tmp_path / "out", "t", work_root="memory://bucket/work")
+    assert (split.steps, split.ledger) == ("memory://bucket/work/t/steps", tmp_path / "out" / "t")
+    assert split.download_cache == default_scratch_base() / "_download_cache"
+    local = DatasetLayout(tmp_path / "out", "t", work_root=f"file://{tmp_path}/work")
+    assert (local.steps, local.download_cache) == (tmp_path / "work" / "t" / "steps", tmp_path / "work" / "_download_cache")
+    assert DatasetLayout(tmp_path / "out", "t").steps == tmp_path / "out" / "t" / "steps"
+    with pytest.raises(ValueError, match="scratch_root memory://s must be a local folder"):
+        DatasetLayout("memory://b/out", "t", scratch_root="memory://s")
 
 
 # -- the real preprocess flow ---------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         wan_vae_subfolder=args.wan_vae_subfolder, device=args.device, flame_dir=args.flame_dir,
         runner=args.runner, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
         cpus_per_batch=args.cpus_per_batch, gpus_per_batch=args.gpus_per_batch, shard_groups=args.shard_groups,
-        work_root=args.work_root, progress=not args.no_progress, return_state=True,
+        work_root=args.work_root, scratch_root=args.scratch_root, progress=not args.no_progress, return_state=True,
     )
     report = _finish(state, time.perf_counter() - t0)
     if report is None:
@@ -182,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--cpus-per-batch", type=float, default=1.0)
     pp.add_argument("--gpus-per-batch", type=float, default=1.0, help="for the GPU steps, when the cluster has GPUs")
     pp.add_argument("--shard-groups", type=int, default=16, help="independent shard writers, merged at the end")
-    pp.add_argument("--work-root", help="local/shared folder for step outputs when --out is an object-store URL")
+    pp.add_argument("--work-root", help="folder or fsspec URL for step outputs (default: under --out)")
+    pp.add_argument("--scratch-root", help="local folder where workers stage step files when the step outputs are "
+                                           "remote (default: a per-user folder in the system temp dir)")
     pp.add_argument("--no-progress", action="store_true")
     pp.set_defaults(func=cmd_preprocess)
 

@@ -1,11 +1,12 @@
 """Where a dataset's preprocessing outputs live under an output root.
 
-The output root (shards, ledger, gate reports) is a local folder or any fsspec URL: `file:///data/out`, a
-shared filesystem path, `s3://bucket/prefix`. The per-step outputs and the download cache are working files
-that ffmpeg and the models read and write as local files, so they live under a local or shared folder: the
-output root itself when it is local, else `work_root` (required then; on a multi-node Ray cluster it must be
-a filesystem every node mounts at the same path, because batch b's crop may run on another node than its
-download).
+The output root (shards, ledger, gate reports) and the per-step outputs are local folders or any fsspec URL:
+`file:///data/out`, a shared filesystem path, `s3://bucket/prefix`. Step outputs go under `work_root` when
+given, else under the output root. A remote step root needs no shared filesystem: each worker builds a step's
+files in a local scratch folder and uploads them, and fetches (and checksums) the upstream files it reads
+(tasks/step_store.py). The download cache is always a local folder (ffmpeg reads it): `<work root>/_download_cache`
+when the work root is local, else `<scratch_root>/_download_cache` (scratch_root defaults to
+tasks.step_store.default_scratch_base(), a per-user folder in the system temp dir).
 """
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ from pathlib import Path
 from typing import Optional
 
 from tasks import storage
+from tasks.step_store import default_scratch_base
+
+
+def _under(root: str | Path, name: str) -> Path | str:
+    """`root/name` as a local Path when root is local, else as a URL."""
+    local = storage.local_path(root)
+    return local / name if local is not None else storage.join(str(root).rstrip("/"), name)
 
 
 @dataclass(frozen=True)
@@ -21,19 +29,16 @@ class DatasetLayout:
     root: str | Path
     dataset: str
     work_root: Optional[str | Path] = None
+    scratch_root: Optional[str | Path] = None
 
     def __post_init__(self) -> None:
-        if storage.local_path(self.root) is None and self.work_root is None:
-            raise ValueError(f"output root {self.root} is not a local folder: give work_root, a local or shared "
-                             "folder for the per-step working files (crops, features, downloads)")
-        if self.work_root is not None and storage.local_path(self.work_root) is None:
-            raise ValueError(f"work_root {self.work_root} must be a local or shared folder (ffmpeg reads it)")
+        if self.scratch_root is not None and storage.local_path(self.scratch_root) is None:
+            raise ValueError(f"scratch_root {self.scratch_root} must be a local folder (steps write files there)")
 
     @property
     def output(self) -> str:
         """The dataset's output URL (or local path) for shards, ledger and gate reports."""
-        local = storage.local_path(self.root)
-        return str(local / self.dataset) if local is not None else storage.join(str(self.root).rstrip("/"), self.dataset)
+        return str(_under(self.root, self.dataset))
 
     @property
     def is_local(self) -> bool:
@@ -48,12 +53,14 @@ class DatasetLayout:
         return local / self.dataset
 
     @property
-    def work(self) -> Path:
-        return storage.local_path(self.work_root) / self.dataset if self.work_root is not None else self.base
+    def work(self) -> Path | str:
+        """The dataset's working root (step outputs): a Path when local, else a URL."""
+        return _under(self.work_root if self.work_root is not None else self.root, self.dataset)
 
     @property
-    def steps(self) -> Path:
-        return self.work / "steps"
+    def steps(self) -> Path | str:
+        """Root of tasks.step_store.StepStore: a Path when local, else a URL."""
+        return _under(self.work, "steps")
 
     @property
     def shards(self) -> Path:
@@ -70,5 +77,9 @@ class DatasetLayout:
 
     @property
     def download_cache(self) -> Path:
-        root = storage.local_path(self.work_root) if self.work_root is not None else storage.local_path(self.root)
-        return root / "_download_cache"
+        """Always local: the work root's when it is local, else the scratch folder's."""
+        work_root = storage.local_path(self.work_root if self.work_root is not None else self.root)
+        if work_root is not None:
+            return work_root / "_download_cache"
+        scratch = storage.local_path(self.scratch_root) if self.scratch_root is not None else default_scratch_base()
+        return scratch / "_download_cache"

@@ -88,9 +88,10 @@ def hydrate(states: list[ClipState], store: StepStore, steps: tuple[str, ...]) -
 
 
 @task(name="run-step-batch", cache_policy=NO_CACHE)
-def run_step_batch(step: Step, batch: BatchResult, steps_root: str, run_id: str, progress: Optional[Progress] = None) -> BatchResult:
+def run_step_batch(step: Step, batch: BatchResult, steps_root: str, run_id: str, progress: Optional[Progress] = None,
+                   scratch_root: Optional[str] = None) -> BatchResult:
     logger = get_run_logger()
-    store = StepStore(steps_root)
+    store = StepStore(steps_root, scratch_root)
 
     def report(state: ClipState, entry: LedgerEntry) -> None:
         how = "cached" if entry.action == "skipped" else f"{entry.seconds:.1f}s"
@@ -143,18 +144,18 @@ def _group_key(group: str, states: list[ClipState], shard_cfg: ShardConfig, with
 
 @task(name="write-shard-group", cache_policy=NO_CACHE)
 def shard_group(group: str, states: list[ClipState], steps_root: str, shards_out: str, shard_cfg: ShardConfig,
-                with_features: bool, key: str) -> GroupResult:
+                with_features: bool, key: str, scratch_root: Optional[str] = None) -> GroupResult:
     """One shard group, on whichever worker: its clips' windows into `<split>/shard-<group>-*.tar`."""
-    store = StepStore(steps_root)
-    clips = [_shard_clip(s, store, with_features) for s in states]
-    result = write_shard_group(clips, shards_out, group, shard_cfg, key)
+    with StepStore(steps_root, scratch_root) as store:  # a remote store's local copies are freed on exit
+        clips = [_shard_clip(s, store, with_features) for s in states]
+        result = write_shard_group(clips, shards_out, group, shard_cfg, key)
     get_run_logger().info(f"shard group {group}: {sum(s['samples'] for s in result.shards)} samples in "
                           f"{len(result.shards)} shards ({'cached' if result.skipped else f'{result.seconds:.1f}s'})")
     return result
 
 
 def shard_clips(states: list[ClipState], layout: DatasetLayout, shard_cfg: ShardConfig, with_features: bool,
-                run_id: str, groups: int, submitter) -> tuple[dict, list[LedgerEntry]]:
+                run_id: str, groups: int, submitter, scratch_root: Optional[str] = None) -> tuple[dict, list[LedgerEntry]]:
     """Shard groups in parallel (one task each), then the one merge: index, stats, garbage collection."""
     logger = get_run_logger()
     needed = ("crop", *FEATURE_STEPS) if with_features else ("crop",)
@@ -166,7 +167,7 @@ def shard_clips(states: list[ClipState], layout: DatasetLayout, shard_cfg: Shard
     done = begin_shard_set(layout.shards_url, set_key)
     futures = [submitter.submit(shard_group.with_options(task_run_name=f"shard-{g}"), "shard", group=g, states=members,
                                 steps_root=str(layout.steps), shards_out=layout.shards_url, shard_cfg=shard_cfg,
-                                with_features=with_features, key=keys[g])
+                                with_features=with_features, key=keys[g], scratch_root=scratch_root)
                for g, members in planned.items()]
     results: list[GroupResult] = [f.result() for f in futures]
     if done is None:
@@ -246,13 +247,16 @@ def preprocess(
     gpus_per_batch: float = 1.0,
     shard_groups: int = DEFAULT_SHARD_GROUPS,
     work_root: Optional[str] = None,
+    scratch_root: Optional[str] = None,
 ) -> dict:
     """Preprocess one dataset's manifest into shards under `output_root/<dataset>/`.
 
     `shard_features`: shards carry steps 3-6's members; None decides by whether those results exist.
     `runner`: "local" (this flow's thread pool) or "ray" (one Ray task per batch; `ray_address` "auto", a
     cluster address or None for a local instance of `ray_num_cpus` CPUs; see flows/runners.py for resources
-    and the shared Prefect API). `output_root` may be an fsspec URL; `work_root` then holds the step outputs.
+    and the shared Prefect API). `output_root` and `work_root` (step outputs; default: under `output_root`) may
+    be fsspec URLs (s3://...): no shared filesystem is needed then, each worker stages step files in
+    `scratch_root`, a local folder (default: a per-user folder in the system temp dir; see flows/layout.py).
     """
     logger = get_run_logger()
     run_id = str(flow_run.get_id() or uuid.uuid4())
@@ -262,7 +266,7 @@ def preprocess(
         raise ValueError(f"unknown steps {sorted(unknown)}; choose from {ALL_STEPS}")
     if runner not in RUNNERS:
         raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
-    layout = DatasetLayout(output_root, dataset, work_root)
+    layout = DatasetLayout(output_root, dataset, work_root, scratch_root)
     ray_cfg = RayConfig(address=ray_address, num_cpus=ray_num_cpus, cpus_per_batch=cpus_per_batch,
                         gpus_per_batch=gpus_per_batch)
     windows = ShardConfig(n=window_n, stride=window_stride, max_samples_per_shard=shard_max_samples)
@@ -272,7 +276,7 @@ def preprocess(
         feature_models = resolve_models(models, layout, liveportrait_root, hubert, wan_vae, wan_vae_subfolder, device)
         if feature_models.dryrun:
             logger.warning("DRY RUN: steps 3-6 use small randomly initialised models; their outputs are marked untrained_dryrun")
-    store = StepStore(layout.steps)
+    store = StepStore(layout.steps, scratch_root)
     cleaned = store.clean_staging()
     if cleaned:
         logger.info(f"removed {cleaned} leftovers of an interrupted run")
@@ -293,7 +297,7 @@ def preprocess(
         batch_task = run_step_batch.with_options(task_run_name="{step.name}-batch")
         for step in clip_steps:
             futures = [submitter.submit(batch_task, step.name, step=step, batch=f, steps_root=str(layout.steps),
-                                        run_id=run_id, progress=bar) for f in futures]
+                                        run_id=run_id, progress=bar, scratch_root=scratch_root) for f in futures]
         results: list[BatchResult] = [f.result() if hasattr(f, "result") else f for f in futures]
         if bar:
             bar.close()
@@ -305,7 +309,8 @@ def preprocess(
             gate_state = publish_gate(latent_gate(all_states, max_frame_drop_ratio), key_prefix=f"preprocess-{dataset}")
         shard_stats = None
         if "shard" in wanted and (gate_state is None or not gate_state.is_failed()):
-            shard_stats, shard_entries = shard_clips(all_states, layout, windows, with_features, run_id, shard_groups, submitter)
+            shard_stats, shard_entries = shard_clips(all_states, layout, windows, with_features, run_id, shard_groups, submitter,
+                                                     scratch_root)
             entries += shard_entries
     write_ledger_part(layout.ledger, entries, f"run-{time.strftime('%Y%m%dT%H%M%S')}-{run_id[:8]}")
 

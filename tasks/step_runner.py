@@ -3,10 +3,13 @@
 A step is any object with `name`, `version`, `requires`, `fingerprint()` and
 `run(row, inputs, out_dir) -> info`. Per-clip failures never escape: ClipRejected becomes a cached
 `rejected` record (re-runs skip it until the step's key changes); any other exception becomes a `failed`
-record that the next run retries.
+record that the next run retries. So does an upstream output that cannot be read back intact (a remote
+store's checksum mismatch: reason `corrupt_input`). A clip's materialised inputs are released once its step
+ran, so a remote store's scratch holds only the clips in flight.
 """
 from __future__ import annotations
 
+import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -15,7 +18,7 @@ from typing import Callable, Optional, Protocol
 
 from datasets_manifest.schema import ClipRow
 from tasks.errors import ClipRejected
-from tasks.step_store import StepRecord, StepStore, fingerprint
+from tasks.step_store import StepOutputCorrupt, StepRecord, StepStore, fingerprint
 
 
 class Step(Protocol):
@@ -90,7 +93,10 @@ def run_step(
             if cached is not None and cached.key == key and cached.status in ("ok", "rejected"):
                 rec, action = cached, "skipped"
             else:
-                rec, action = _execute(step, row, upstream, key, store), "ran"
+                try:
+                    rec, action = _execute(step, row, upstream, key, store), "ran"
+                finally:
+                    store.release(row.clip_id)
         state.records[step.name] = rec
         entry = LedgerEntry(
             clip_id=row.clip_id, dataset=row.dataset, step=step.name, status=rec.status, action=action,
@@ -104,10 +110,16 @@ def run_step(
 
 
 def _execute(step: Step, row: ClipRow, upstream: list[StepRecord], key: str, store: StepStore) -> StepRecord:
-    inputs = {r.step: store.clip_dir(r.step, row.clip_id) for r in upstream}
-    staging = store.staging_dir(step.name, row.clip_id)
     t0 = time.perf_counter()
     rec = StepRecord(row.clip_id, step.name, "ok", key, step.version)
+    try:
+        inputs = {r.step: store.clip_dir(r.step, row.clip_id) for r in upstream}
+    except Exception as exc:  # an upstream output that cannot be read back: this clip fails, the batch goes on
+        rec.status, rec.reason = "failed", "corrupt_input" if isinstance(exc, StepOutputCorrupt) else "error"
+        rec.detail = f"{type(exc).__name__}: {exc}"
+        rec.seconds = time.perf_counter() - t0
+        return rec
+    staging = store.staging_dir(step.name, row.clip_id)
     try:
         rec.info = step.run(row, inputs, staging) or {}
     except ClipRejected as exc:
@@ -117,11 +129,14 @@ def _execute(step: Step, row: ClipRow, upstream: list[StepRecord], key: str, sto
         rec.detail = f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=3).splitlines()[-2].strip()}"
     rec.seconds = time.perf_counter() - t0
     if rec.status == "failed":
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
         return rec
     if rec.status == "rejected":
         for f in staging.iterdir():  # keep only the status: a rejection has no outputs
             f.unlink() if f.is_file() else None
-    return store.commit(staging, rec)
+    try:
+        return store.commit(staging, rec)
+    except Exception as exc:  # e.g. an object store dropping the upload: recorded, retried next run
+        shutil.rmtree(staging, ignore_errors=True)
+        rec.status, rec.reason, rec.detail = "failed", "publish_failed", f"{type(exc).__name__}: {exc}"
+        return rec

@@ -2,11 +2,19 @@
 
     python -m benchmarks.worker_scaling [--clips 24 --seconds 1.6 --steps download crop --ray-address ADDR]
 
-The same manifest of distinct short clips is run with flows.preprocess.with_workers(1) and (2), each into a
-fresh output folder (nothing cached); the baseline is the 1-worker wall time of the same run. The Ray
-variant runs when the flow accepts `runner="ray"` (and `ray_address`): on a machine with 2 cores its figure
-is again the ratio to the local 1-worker wall time. Note the steps already use more than one core each
-(ffmpeg decodes in its own process; libx264 encodes with 2 threads), so 2 workers on 2 cores cannot reach 2x.
+The same manifest of distinct short clips is run with 1 and with 2 workers, each into a fresh output folder
+(nothing cached); the baseline is the 1-worker wall time of the same kind of run. Two figures:
+
+- `one_core_per_worker`: the run is pinned (sched_setaffinity, inherited by ffmpeg and Ray workers) to as many
+  cores as it has workers: 1 worker on 1 core vs 2 workers on 2 cores. This is the scaling a cluster sees when
+  it adds a worker with its core; it is what the >= 1.8x goal is about.
+- `shared_cores`: 1 and 2 workers on all of this machine's cores. A single worker already keeps more than one
+  core busy (ffmpeg decodes in its own processes, the crop warps on a second thread, libx264 encodes with 2
+  threads), so on a 2-core machine this ratio is bounded by cores / (cores one worker uses), reported as
+  `cores_busy_1_worker` (process-tree CPU seconds / wall seconds).
+
+Each run is a fresh child process with its own embedded Prefect server, started by a warm-up run that is not
+timed. The Ray variant (when the flow has `runner=`) runs with a local Ray instance of `workers` CPUs.
 """
 from __future__ import annotations
 
@@ -14,10 +22,13 @@ import argparse
 import inspect
 import json
 import os
+import resource
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.preprocess_runs import copies_manifest, prefect_env, run_preprocess, warm_up
+from benchmarks.preprocess_runs import REPO, copies_manifest, prefect_env, run_preprocess, warm_up
 
 
 def ray_options(workers: int, address: str | None) -> tuple[dict | None, str]:
@@ -33,14 +44,61 @@ def ray_options(workers: int, address: str | None) -> tuple[dict | None, str]:
     except ImportError as exc:
         return None, f"skipped: {exc.name} is not installed"
     opts: dict = {"runner": "ray"}
-    if "ray_address" in params and address:
+    if address:
         opts["ray_address"] = address
-    if "workers" in params:
-        opts["workers"] = workers
+    elif "ray_num_cpus" in params:
+        opts["ray_num_cpus"] = workers
     return opts, "ran"
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (ffmpeg, Ray workers once they exit)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _child(spec: dict) -> dict:
+    """One timed run inside a fresh process (pinned to `cpus` when given)."""
+    if spec["cpus"] is not None:
+        os.sched_setaffinity(0, set(spec["cpus"]))
+    work = Path(spec["work"])
+    prefect_env(work / "prefect")
+    warm_up(work, work / "warm", spec["steps"])
+    cpu0 = _cpu_seconds()
+    run = run_preprocess(Path(spec["manifest"]), work / "out", spec["steps"], spec["workers"], spec["batch_size"],
+                         **spec["extra"])
+    return {"wall_s": run.wall_s, "compute_s": run.compute_s, "cpu_s": _cpu_seconds() - cpu0,
+            "clips_out": run.clips_out}
+
+
+def timed_run(work: Path, manifest: Path, steps: list[str], workers: int, batch_size: int,
+              cpus: list[int] | None, extra: dict | None = None) -> dict:
+    spec = {"work": str(work), "manifest": str(manifest), "steps": steps, "workers": workers,
+            "batch_size": batch_size, "cpus": cpus, "extra": extra or {}}
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.worker_scaling", "--child", json.dumps(spec)],
+                          capture_output=True, text=True, cwd=REPO, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"run with {workers} workers failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _ratio(one: dict, many: dict, goal: float, workers: int) -> dict:
+    speedup = one["wall_s"] / many["wall_s"]
+    return {
+        "baseline_1_worker_wall_s": round(one["wall_s"], 2),
+        f"{workers}_workers_wall_s": round(many["wall_s"], 2),
+        "speedup": round(speedup, 3),
+        "cores_busy_1_worker": round(one["cpu_s"] / one["wall_s"], 2),
+        "step_seconds_summed_1_vs_n": [round(one["compute_s"], 1), round(many["compute_s"], 1)],
+        "goal": f">= {goal}x", "met": speedup >= goal,
+    }
+
+
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        print(json.dumps(_child(json.loads(sys.argv[2]))))
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=24)
     p.add_argument("--seconds", type=float, default=1.6)
@@ -48,31 +106,37 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2, help="clips per task; small so 2 workers stay busy")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--ray-address", help="an existing Ray cluster (default: a local one started by the flow)")
+    p.add_argument("--no-ray", action="store_true")
     p.add_argument("--goal", type=float, default=1.8)
     args = p.parse_args()
-    result: dict = {"clips": args.clips, "steps": args.steps, "cpus_here": os.cpu_count()}
+    cores = sorted(os.sched_getaffinity(0))
+    result: dict = {"clips": args.clips, "steps": args.steps, "cores_here": len(cores)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        prefect_env(tmp / "prefect")
-        warm_up(tmp, tmp / "warm", args.steps)
         manifest = copies_manifest(tmp / "copies.parquet", args.clips, args.seconds)
-        one = run_preprocess(manifest, tmp / "w1", args.steps, 1, args.batch_size)
-        many = run_preprocess(manifest, tmp / f"w{args.workers}", args.steps, args.workers, args.batch_size)
-        result["local"] = {
-            "baseline_1_worker_wall_s": round(one.wall_s, 2),
-            f"{args.workers}_workers_wall_s": round(many.wall_s, 2),
-            "speedup": round(one.wall_s / many.wall_s, 3),
-            "compute_s_1_vs_n (ledger sums: >1 means steps slow down when sharing cores)":
-                [round(one.compute_s, 1), round(many.compute_s, 1)],
-            "goal": f">= {args.goal}x", "met": one.wall_s / many.wall_s >= args.goal,
-        }
-        opts, why = ray_options(args.workers, args.ray_address)
+
+        def run(name: str, workers: int, cpus: list[int] | None, extra: dict | None = None) -> dict:
+            return timed_run(tmp / name, manifest, args.steps, workers, args.batch_size, cpus, extra)
+
+        if len(cores) >= args.workers:
+            pinned_one = run("pin1", 1, cores[:1])
+            pinned_many = run("pinN", args.workers, cores[: args.workers])
+            result["one_core_per_worker"] = _ratio(pinned_one, pinned_many, args.goal, args.workers)
+        else:
+            result["one_core_per_worker"] = f"skipped: {len(cores)} cores < {args.workers} workers"
+        shared_one = run("shared1", 1, None)
+        shared_many = run("sharedN", args.workers, None)
+        result["shared_cores"] = _ratio(shared_one, shared_many, args.goal, args.workers)
+        opts, why = (None, "skipped (--no-ray)") if args.no_ray else ray_options(args.workers, args.ray_address)
         if opts is None:
             result["ray"] = why
         else:
-            ray_run = run_preprocess(manifest, tmp / "ray", args.steps, args.workers, args.batch_size, **opts)
-            result["ray"] = {"options": opts, "wall_s": round(ray_run.wall_s, 2),
-                             "speedup_vs_local_1_worker": round(one.wall_s / ray_run.wall_s, 3)}
+            cpus = cores[: args.workers] if len(cores) >= args.workers and not args.ray_address else None
+            ray_run = run("ray", args.workers, cpus, opts)
+            result["ray"] = {"options": opts, "pinned_cores": cpus, "wall_s": round(ray_run["wall_s"], 2),
+                             "speedup_vs_1_worker_1_core": round(pinned_one["wall_s"] / ray_run["wall_s"], 3)
+                             if cpus else None,
+                             "speedup_vs_local_1_worker_shared": round(shared_one["wall_s"] / ray_run["wall_s"], 3)}
     print(json.dumps(result, indent=2))
 
 

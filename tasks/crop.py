@@ -1,24 +1,25 @@
 """Step 2, crop: source clip -> 512x512 25 fps face video + 16 kHz mono wav of the same length.
 
-Two streaming passes over the source, so memory does not grow with clip length:
-1. luma only, at detection resolution: 68-point landmarks on every frame, each frame's face box following
-   the previous frame's landmarks (LivePortrait tracks driving videos the same way); face detection every
-   `detect_every` frames near the tracked face re-anchors the box and counts face presence, and a
-   whole-frame detection every `full_detect_every` frames counts other faces and re-acquires a lost one;
-2. at source resolution, in the decoder's yuv420p planes (no RGB round trip, half the bytes of RGB): warp
-   every frame with the smoothed LivePortrait crop (chroma planes with the same map at half scale) and pipe
-   it to the encoder.
-Both decoders run ahead of the Python work on reader threads (tasks.media.iter_frames).
+One streaming decode (yuv420p, read ahead on a thread by tasks.media.iter_frames), so memory does not grow
+with clip length. Each frame is
+1. tracked on its luma, downscaled to detection size: 68-point landmarks on every frame, the face box
+   following the previous frame's landmarks (LivePortrait tracks driving videos the same way); a face
+   detection every `detect_every` frames near the tracked face re-anchors the box and counts face presence,
+   and a whole-frame detection every `full_detect_every` frames counts other faces and re-acquires a lost one;
+2. held until its temporally smoothed crop is known (the Gaussian's radius, 8 frames), then warped in its
+   yuv420p planes (no RGB round trip, half the bytes; chroma with the same map on its half-size grid) and
+   piped to the encoder, which runs in its own process.
+The decision to keep or reject the clip comes after the last frame; a rejected clip's video is discarded.
 """
 from __future__ import annotations
 
 import json
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from itertools import islice
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional
 
 import cv2
 import numpy as np
@@ -33,6 +34,7 @@ CROP_VIDEO = "crop.mp4"
 CROP_AUDIO = "audio.wav"
 CROP_LANDMARKS = "landmarks.npy"
 CROP_INFO = "crop.json"
+PENDING_BYTES = 256 * 2**20  # decoded frames held before the first face is found (then: a second decode)
 CROP_RECTS = "rects.npy"  # [T, 4] smoothed crop squares in source pixels: cx, cy, size, angle (rad)
 
 
@@ -134,55 +136,69 @@ def _box_from_landmarks(pts: np.ndarray, anchor: np.ndarray) -> FaceBox:
     return FaceBox(cx - half, cy - half, cx + half, cy + half)
 
 
-def _track_faces(source: Path, cfg: CropConfig, max_frames: int, face_box: Optional[list[float]] = None,
-                 on_frame: Optional[Callable[[np.ndarray], bool]] = None) -> _Track:
-    """Pass 1. `on_frame` gets each frame's landmarks (source pixels, NaN before the first face) as soon as
-    they exist; returning False stops the pass."""
-    info = probe(source)
-    s = min(1.0, cfg.detect_max_side / max(info.width, info.height))
-    size = (max(2, int(round(info.width * s / 2)) * 2), max(2, int(round(info.height * s / 2)) * 2))
-    sx, sy = size[0] / info.width, size[1] / info.height
-    lm = get_landmarker(cfg.landmarker)
-    hint = FaceBox(*face_box).scaled(s) if face_box else None
-    track = _Track(landmarks=[])
-    box: Optional[FaceBox] = None  # the face being followed, in detection-frame pixels
-    anchor: Optional[np.ndarray] = None  # the last detection's box relative to its landmarks
-    pts: Optional[np.ndarray] = None  # the previous frame's landmarks
-    i = 0
-    for chunk in iter_frames(source, fps=FPS, scale_to=size, pix_fmt="gray"):
-        for frame in chunk:  # [H, W] luma
-            if i >= max_frames:
-                return track
-            detected = False
-            if box is not None and pts is not None and anchor is not None:
-                box = _box_from_landmarks(pts, anchor)
-            if i % cfg.detect_every == 0:
-                near = box is not None and i % cfg.full_detect_every != 0
-                boxes = _detect_near(lm, frame, box, cfg.track_margin) if near else []
-                if not boxes:  # whole frame: scheduled, not tracking yet, or the face left the region
-                    near = False
-                    boxes = lm.detect(frame)
-                    track.full_det_frames += 1
-                track.det_frames += 1
-                picked = _pick(boxes, box, hint) if boxes else None
-                if picked is not None:
-                    box, detected = picked, True
-                    track.det_hits += 1
-                    track.face_sizes.append(box.size / s)
-                    others = [b for b in boxes if b is not box]
-                    if not near and others and max(b.size for b in others) >= cfg.second_face_ratio * box.size:
-                        track.multi_hits += 1
-            if box is None:
-                track.landmarks.append(np.full((68, 2), np.nan, np.float32))
-            else:
-                pts = lm.landmarks(frame, box)
-                if detected:
-                    anchor = _box_anchor(box, pts)
-                track.landmarks.append(pts / np.array([sx, sy], np.float32))
-            i += 1
-            if on_frame is not None and not on_frame(track.landmarks[-1]):
-                return track
-    return track
+class _FaceTracker:
+    """Per-frame face tracking on luma at detection size: landmarks every frame, each frame's box following
+    the previous frame's landmarks; detections re-anchor the box and keep the statistics the rejections use."""
+
+    def __init__(self, cfg: CropConfig, scale: float, sx: float, sy: float, face_box: Optional[list[float]]):
+        self.cfg, self.scale = cfg, scale
+        self.to_source = np.array([sx, sy], np.float32)
+        self.lm = get_landmarker(cfg.landmarker)
+        self.hint = FaceBox(*face_box).scaled(scale) if face_box else None
+        self.track = _Track(landmarks=[])
+        self.box: Optional[FaceBox] = None  # the face being followed, in detection-frame pixels
+        self.anchor: Optional[np.ndarray] = None  # the last detection's box relative to its landmarks
+        self.pts: Optional[np.ndarray] = None  # the previous frame's landmarks
+
+    @property
+    def frames(self) -> int:
+        return len(self.track.landmarks)
+
+    def step(self, frame: np.ndarray) -> np.ndarray:
+        """[68, 2] landmarks of this frame in source pixels (NaN until the first face is found)."""
+        cfg, track, i = self.cfg, self.track, self.frames
+        detected = False
+        if self.box is not None and self.pts is not None and self.anchor is not None:
+            self.box = _box_from_landmarks(self.pts, self.anchor)
+        if i % cfg.detect_every == 0:
+            near = self.box is not None and i % cfg.full_detect_every != 0
+            boxes = _detect_near(self.lm, frame, self.box, cfg.track_margin) if near else []
+            if not boxes:  # whole frame: scheduled, not tracking yet, or the face left the region
+                near = False
+                boxes = self.lm.detect(frame)
+                track.full_det_frames += 1
+            track.det_frames += 1
+            picked = _pick(boxes, self.box, self.hint) if boxes else None
+            if picked is not None:
+                self.box, detected = picked, True
+                track.det_hits += 1
+                track.face_sizes.append(picked.size / self.scale)
+                others = [b for b in boxes if b is not picked]
+                if not near and others and max(b.size for b in others) >= cfg.second_face_ratio * picked.size:
+                    track.multi_hits += 1
+        if self.box is None:
+            track.landmarks.append(np.full((68, 2), np.nan, np.float32))
+        else:
+            self.pts = self.lm.landmarks(frame, self.box)
+            if detected:
+                self.anchor = _box_anchor(self.box, self.pts)
+            track.landmarks.append(self.pts / self.to_source)
+        return track.landmarks[-1]
+
+
+# dlib's models expect full-range intensity; decoded luma is video range (16-235).
+_FULL_RANGE_LUT = np.clip(np.round((np.arange(256) - 16) * 255 / 219), 0, 255).astype(np.uint8)
+
+
+def _detection_luma(y: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Luma at detection size: exact 2x area halvings while above twice the size, then one bilinear step
+    (cv2's INTER_AREA at a fractional factor costs ~20x a bilinear resize at these sizes)."""
+    small = y
+    while small.shape[1] >= 2 * size[0] and small.shape[0] >= 2 * size[1]:
+        small = cv2.resize(small, (small.shape[1] // 2, small.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    if (small.shape[1], small.shape[0]) != size:
+        small = cv2.resize(small, size, interpolation=cv2.INTER_LINEAR)
+    return cv2.LUT(small, _FULL_RANGE_LUT)
 
 
 def warp_yuv420(frame: np.ndarray, width: int, height: int, m: np.ndarray, d: int) -> np.ndarray:
@@ -201,88 +217,11 @@ def warp_yuv420(frame: np.ndarray, width: int, height: int, m: np.ndarray, d: in
     return np.concatenate([warp(y, m, d, 16).ravel(), warp(u, mc, h, 128).ravel(), warp(v, mc, h, 128).ravel()])
 
 
-class _CropFeed:
-    """Hands pass 1's per-frame crop rects to the warp thread as soon as the smoothing look-ahead allows,
-    so decoding, tracking, warping and encoding overlap instead of running as two passes in a row."""
-
-    def __init__(self, cfg: CropConfig, limit: int):
-        self.params = cfg.params
-        self.smoother = StreamingRectSmoother(cfg.smooth_sigma)
-        self.limit = limit  # frames the output may have (video estimate, or the audio's length)
-        self._cond = threading.Condition()
-        self._done = False
-        self._cancelled = False
-
-    def push(self, landmarks: np.ndarray) -> bool:
-        rect = None if np.isnan(landmarks).any() else rect_from_landmarks(landmarks, self.params)
-        with self._cond:
-            self.smoother.push(rect)
-            self._cond.notify_all()
-            return not self._cancelled
-
-    def finish(self) -> None:
-        with self._cond:
-            self._done = True
-            self._cond.notify_all()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    def cancel(self) -> None:
-        with self._cond:
-            self._cancelled = True
-            self._cond.notify_all()
-
-    def rect(self, i: int) -> Optional[np.ndarray]:
-        """Smoothed rect of frame i; None once frame i will not be in the output (or the run was cancelled)."""
-        with self._cond:
-            while True:
-                if self._cancelled:
-                    return None
-                end = min(len(self.smoother.raw), self.limit) if self._done else self.limit
-                if i >= end:
-                    return None
-                if self.smoother.ready(i, end):
-                    return self.smoother.smoothed(i, end)
-                if self._done:  # tracking ended without a face: nothing to warp
-                    return None
-                self._cond.wait()
-
-
-class _NothingToWarp(Exception):
-    pass
-
-
-def _warp_and_encode(source: Path, info, feed: _CropFeed, video: Path, d: int, crf: int) -> int:
-    """Pass 2 (on its own thread): warp each source frame as its rect becomes known; frames written.
-
-    Writes no file when no frame is warped (no face, or tracking failed and cancelled the feed)."""
-    i = 0
-    try:
-        with VideoWriter(video, d, d, fps=FPS, crf=crf, input_pix_fmt="yuv420p") as writer:
-            for chunk in iter_frames(source, fps=FPS, chunk=8, pix_fmt="yuv420p"):
-                warped = []
-                for frame in chunk:
-                    rect = feed.rect(i)
-                    if rect is None:
-                        break
-                    warped.append(warp_yuv420(frame, info.width, info.height, crop_matrix(rect, d), d))
-                    i += 1
-                if warped:
-                    writer.write(np.stack(warped))
-                if len(warped) < len(chunk):
-                    break
-            if feed.cancelled or i == 0:
-                raise _NothingToWarp
-            if feed.rect(i) is not None:
-                raise MediaError(f"the warp pass decoded {i} frames, fewer than tracked")
-    except _NothingToWarp:
-        return 0
-    except BaseException:
-        feed.cancel()  # stop the tracking pass early: this clip fails anyway
-        raise
-    return i
+def _warped(frames: list[np.ndarray], start: int, smoother: StreamingRectSmoother, end: int,
+            width: int, height: int, d: int) -> np.ndarray:
+    """Frames start.. warped by their smoothed crop, as flat yuv420p rows for the encoder."""
+    return np.stack([warp_yuv420(f, width, height, crop_matrix(smoother.smoothed(start + k, end), d), d)
+                     for k, f in enumerate(frames)])
 
 
 def _fill_missing(landmarks: np.ndarray) -> np.ndarray:
@@ -319,24 +258,45 @@ def crop_clip(source: str | Path, out_dir: str | Path, cfg: CropConfig = CropCon
     source_frames_est = int(round(info.duration_s * FPS)) + FPS
     # Frames the output can have at most: trimmed to the audio (when av_mismatch allows it; checked below).
     limit = min(source_frames_est, len(audio) // AUDIO_SAMPLES_PER_FRAME) if info.has_audio else source_frames_est
+    s = min(1.0, cfg.detect_max_side / max(info.width, info.height))
+    size = (max(2, int(round(info.width * s / 2)) * 2), max(2, int(round(info.height * s / 2)) * 2))
+    tracker = _FaceTracker(cfg, s, size[0] / info.width, size[1] / info.height, face_box)
+    smoother = StreamingRectSmoother(cfg.smooth_sigma)
+    d, w, h = cfg.params.dsize, info.width, info.height
     out_dir.mkdir(parents=True, exist_ok=True)
-    feed = _CropFeed(cfg, limit)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crop-warp") as pool:
-        encoded = pool.submit(_warp_and_encode, source, info, feed, out_dir / CROP_VIDEO, cfg.params.dsize, cfg.crf)
+    # One decode feeds both jobs: each frame is tracked, then waits in `pending` until its smoothed crop is
+    # known (radius frames later) and goes to the encoder. Before the first face nothing can be warped; if
+    # that lead outgrows PENDING_BYTES the warp is left to a second decode after tracking.
+    writer: Optional[VideoWriter] = VideoWriter(out_dir / CROP_VIDEO, d, d, fps=FPS, crf=cfg.crf, input_pix_fmt="yuv420p")
+    pending: deque[np.ndarray] = deque()
+    written = 0
+    try:
         try:
-            track = _track_faces(source, cfg, max_frames=source_frames_est, face_box=face_box, on_frame=feed.push)
-        except BaseException as exc:
-            feed.cancel()
-            if isinstance(exc, MediaError):
-                raise ClipRejected("corrupt", str(exc)) from exc
-            raise
-        finally:
-            feed.finish()
-        try:
-            written = encoded.result()
+            decoded = (f for chunk in iter_frames(source, fps=FPS, chunk=8, pix_fmt="yuv420p") for f in chunk)
+            for frame in islice(decoded, source_frames_est):
+                pts = tracker.step(_detection_luma(yuv420_planes(frame, w, h)[0], size))
+                smoother.push(None if np.isnan(pts).any() else rect_from_landmarks(pts, cfg.params))
+                if writer is None or tracker.frames > limit:
+                    continue
+                pending.append(frame)
+                ready = 0
+                while ready < len(pending) and smoother.ready(written + ready, limit):
+                    ready += 1
+                if ready:
+                    writer.write(_warped([pending.popleft() for _ in range(ready)], written, smoother, limit, w, h, d))
+                    written += ready
+                elif smoother.first is None and len(pending) * frame.nbytes > PENDING_BYTES:
+                    writer.abort()
+                    writer, written = None, 0
+                    pending.clear()
         except MediaError as exc:
             raise ClipRejected("corrupt", str(exc)) from exc
-    try:
+        track = tracker.track
+        end = min(tracker.frames, limit)
+        if writer is not None and pending and smoother.ready(written, end):
+            writer.write(_warped(list(pending), written, smoother, end, w, h, d))
+            written += len(pending)
+            pending.clear()
         n_video = len(track.landmarks)
         audio_s = len(audio) / SAMPLE_RATE
         if n_video < cfg.min_frames:
@@ -358,14 +318,28 @@ def crop_clip(source: str | Path, out_dir: str | Path, cfg: CropConfig = CropCon
             frames = min(n_video, len(audio) // AUDIO_SAMPLES_PER_FRAME)
             if frames < cfg.min_frames:
                 raise ClipRejected("too_short", f"only {frames} frames have audio (audio {audio_s:.2f}s)")
+        if writer is None:  # the lead before the first face outgrew the buffer: warp in a second decode
+            writer = VideoWriter(out_dir / CROP_VIDEO, d, d, fps=FPS, crf=cfg.crf, input_pix_fmt="yuv420p")
+            try:
+                for chunk in iter_frames(source, fps=FPS, chunk=8, pix_fmt="yuv420p"):
+                    take = list(chunk[: max(0, frames - written)])
+                    if take:
+                        writer.write(_warped(take, written, smoother, frames, w, h, d))
+                        written += len(take)
+                    if written >= frames:
+                        break
+            except MediaError as exc:
+                raise ClipRejected("corrupt", str(exc)) from exc
         if written != frames:
-            raise ClipRejected("corrupt", f"second decode gave {written} frames, first gave {n_video}")
-    except ClipRejected:
-        (out_dir / CROP_VIDEO).unlink(missing_ok=True)  # warped while tracking: only a kept clip keeps it
-        raise
+            raise ClipRejected("corrupt", f"warped {written} frames, tracked {n_video} ({frames} kept)")
+        writer.close()
+        writer = None
+    finally:
+        if writer is not None:  # rejected or failed: the encoder's temporary file goes, no crop.mp4 appears
+            writer.abort()
 
     landmarks = _fill_missing(np.stack(track.landmarks[:frames]))
-    rects = np.stack([feed.smoother.smoothed(i, frames) for i in range(frames)])  # the rects the warp used
+    rects = np.stack([smoother.smoothed(i, frames) for i in range(frames)])  # the rects the warp used
     mats = [crop_matrix(r, cfg.params.dsize) for r in rects]
     crop_landmarks = np.stack([transform_points(p, m) for p, m in zip(landmarks, mats)]).astype(np.float32)
 

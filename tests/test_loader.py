@@ -170,7 +170,8 @@ def test_memory_url_shards_give_the_same_batches_as_local_paths(tmp_path, memfs)
         for key in ("video_latents", "reference_latent", "struct", "audio_features", "keep_mask"):
             assert a[key].dtype == b[key].dtype
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
-    assert sorted(k for b in remote for k in b["sample_keys"]) == [f"clip{s:03d}_{i:03d}" for s in range(3) for i in range(3)]
+    everything = [f"clip{s:03d}_{i:03d}" for s in range(3) for i in range(3)]
+    assert sorted(k for b in remote for k in b["sample_keys"]) == everything
 
 
 def test_file_url_glob_with_two_workers_gives_the_local_sample_set(tmp_path):
@@ -207,6 +208,8 @@ def test_missing_and_truncated_shards_are_counted_and_the_rest_arrives(tmp_path,
     assert len(messages) == 2
     assert any(missing in m and "FileNotFoundError" in m for m in messages)
     assert any("shard-000001.tar (after 2 samples)" in m and "unexpected end of data" in m for m in messages)
+    with pytest.raises(ValueError, match="memory:// shards .* only readable with num_workers=0"):
+        ShardLoader(_cfg(tmp_path, shards=[missing], num_workers=2))
     # nothing readable at all: the epoch's clear error names the shard rejections
     only_bad = ShardLoader(_cfg(tmp_path, shards=[missing]))
     with pytest.raises(RuntimeError, match="yielded no batch.*'shard': 1.*FileNotFoundError"):
@@ -222,7 +225,8 @@ def test_brace_and_glob_expansion_for_memory_urls(memfs):
     assert urls == [f"{canonical}/shard-{i:06d}.tar" for i in range(4)]  # sorted, each once
     assert expand_shards([f"{base}/sub-{{a,b}}-*.tar", f"{base}/other.tar"]) == [f"{canonical}/other.tar"]
     assert expand_shards([f"{base}/absent.tar"]) == [f"{canonical}/absent.tar"]  # no glob: kept, counted when read
-    assert expand_shards([f"simplecache::{base}/shard-00000[3-9].tar"]) == [f"simplecache::{canonical}/shard-000003.tar"]
+    chained = expand_shards([f"simplecache::{base}/shard-00000[3-9].tar"])  # fsspec chain prefix kept
+    assert chained == [f"simplecache::{canonical}/shard-000003.tar"]
     with pytest.raises(ValueError, match="no shards match"):
         expand_shards([f"{base}/nothing-*.tar", f"{base}/shard-{{7..8}}*.tar"])
 

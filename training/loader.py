@@ -170,6 +170,9 @@ class ShardDataset(IterableDataset):
         super().__init__()
         self.cfg = cfg
         self.urls = expand_shards(cfg.shards)
+        in_memory = [u for u in self.urls if "memory://" in u]
+        if in_memory and cfg.num_workers > 0:  # each worker process has its own, empty, memory filesystem
+            raise ValueError(f"memory:// shards ({in_memory[0]}, ...) are only readable with num_workers=0")
         self.spec = ContractSpec(window=cfg.window, crop_size=cfg.crop_size, audio_dim=cfg.audio_dim)
         if cfg.train_window is not None:
             contract.latent_frames(cfg.train_window)  # 4m+1 check

@@ -1,14 +1,17 @@
-"""Training loader: contract checks, splits by worker and node, determinism and exact resume positions."""
+"""Training loader: contract checks, splits by worker and node, determinism and exact resume positions,
+shards at fsspec URLs (memory://, file://) and unreadable shards counted as rejections."""
 from __future__ import annotations
 
 import io
+import tarfile
 
+import fsspec
 import numpy as np
 import pytest
 import torch
 
 from tasks import contract
-from training.loader import LoaderConfig, ShardLoader, crop_window, expand_shards
+from training.loader import LoaderConfig, ShardLoader, crop_window, expand_shards, tar_samples
 from tests.training_shards import AUDIO_DIM, CROP, WINDOW, write_shards
 
 
@@ -134,3 +137,139 @@ def test_train_window_crops_from_the_start(tmp_path):
 def test_no_shards_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no shards match"):
         expand_shards([str(tmp_path / "nothing-*.tar")])
+
+
+MEM_ROOT = "/loader-test"
+MEM_URL = "memory://loader-test"  # as a user writes it; expanded URLs come back as memory:///loader-test/...
+
+
+@pytest.fixture
+def memfs():
+    """fsspec's process-wide memory filesystem, emptied under MEM_ROOT after the test."""
+    fs = fsspec.filesystem("memory")
+    yield fs
+    if fs.exists(MEM_ROOT):
+        fs.rm(MEM_ROOT, recursive=True)
+
+
+def _to_memory(fs, paths) -> None:
+    for path in paths:
+        fs.pipe(f"{MEM_ROOT}/{path.name}", path.read_bytes())
+
+
+def test_memory_url_shards_give_the_same_batches_as_local_paths(tmp_path, memfs):
+    _to_memory(memfs, write_shards(tmp_path, n_shards=3, per_shard=3, seed=5))
+    local = list(ShardLoader(_cfg(tmp_path, shuffle_buffer=4, seed=2, partial_batches=True)).epoch_iter())
+    remote_loader = ShardLoader(_cfg(tmp_path, shards=[f"{MEM_URL}/shard-*.tar"], shuffle_buffer=4,
+                                     seed=2, partial_batches=True))
+    assert remote_loader.dataset.urls == [f"memory://{MEM_ROOT}/shard-{i:06d}.tar" for i in range(3)]
+    remote = list(remote_loader.epoch_iter())
+    assert len(remote) == len(local) == 5
+    for a, b in zip(local, remote):
+        assert a["sample_keys"] == b["sample_keys"]
+        for key in ("video_latents", "reference_latent", "struct", "audio_features", "keep_mask"):
+            assert a[key].dtype == b[key].dtype
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    everything = [f"clip{s:03d}_{i:03d}" for s in range(3) for i in range(3)]
+    assert sorted(k for b in remote for k in b["sample_keys"]) == everything
+
+
+def test_file_url_glob_with_two_workers_gives_the_local_sample_set(tmp_path):
+    write_shards(tmp_path, n_shards=4, per_shard=3)
+    local = _epoch_keys(ShardLoader(_cfg(tmp_path, partial_batches=True)))
+    url_loader = ShardLoader(_cfg(tmp_path, shards=[f"file://{tmp_path}/shard-*.tar"], num_workers=2,
+                                  partial_batches=True))
+    assert all(u.startswith("file:///") for u in url_loader.dataset.urls) and len(url_loader.dataset.urls) == 4
+    remote = _epoch_keys(url_loader)
+    assert sorted(remote) == sorted(local) and len(remote) == 12
+    assert not url_loader.stats.rejected
+
+
+def _truncate_inside_sample(path, sample_index: int) -> None:
+    """Cut the tar in the middle of the first member of its `sample_index`-th sample."""
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    first = members[sample_index * len(members) // 3]  # write_shards(per_shard=3): equal member counts
+    data = path.read_bytes()
+    path.write_bytes(data[: first.offset_data + first.size // 2])
+
+
+def test_missing_and_truncated_shards_are_counted_and_the_rest_arrives(tmp_path, memfs):
+    paths = write_shards(tmp_path, n_shards=3, per_shard=3)
+    _truncate_inside_sample(paths[1], 2)
+    _to_memory(memfs, paths)
+    missing = f"memory://{MEM_ROOT}/shard-000009.tar"
+    loader = ShardLoader(_cfg(tmp_path, shards=[f"memory://{MEM_ROOT}/shard-*.tar", missing], partial_batches=True))
+    keys = _epoch_keys(loader)
+    expected = [f"clip{s:03d}_{i:03d}" for s in (0, 2) for i in range(3)] + ["clip001_000", "clip001_001"]
+    assert sorted(keys) == sorted(expected)
+    assert loader.stats.rejected == {"shard": 2}
+    messages = loader.stats.last_rejections
+    assert len(messages) == 2
+    assert any(missing in m and "FileNotFoundError" in m for m in messages)
+    assert any("shard-000001.tar (after 2 samples)" in m and "unexpected end of data" in m for m in messages)
+    with pytest.raises(ValueError, match="memory:// shards .* only readable with num_workers=0"):
+        ShardLoader(_cfg(tmp_path, shards=[missing], num_workers=2))
+    # nothing readable at all: the epoch's clear error names the shard rejections
+    only_bad = ShardLoader(_cfg(tmp_path, shards=[missing]))
+    with pytest.raises(RuntimeError, match="yielded no batch.*'shard': 1.*FileNotFoundError"):
+        _epoch_keys(only_bad)
+
+
+def test_brace_and_glob_expansion_for_memory_urls(memfs):
+    for name in ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "shard-000003.tar", "other.tar"]:
+        memfs.pipe(f"{MEM_ROOT}/{name}", b"x")
+    base, canonical = MEM_URL, f"memory://{MEM_ROOT}"
+    urls = expand_shards([f"{base}/shard-{{000002..000003}}.tar", f"{canonical}/shard-00000[01].tar",
+                          f"{base}/shard-*2.tar"])
+    assert urls == [f"{canonical}/shard-{i:06d}.tar" for i in range(4)]  # sorted, each once
+    assert expand_shards([f"{base}/sub-{{a,b}}-*.tar", f"{base}/other.tar"]) == [f"{canonical}/other.tar"]
+    assert expand_shards([f"{base}/absent.tar"]) == [f"{canonical}/absent.tar"]  # no glob: kept, counted when read
+    chained = expand_shards([f"simplecache::{base}/shard-00000[3-9].tar"])  # fsspec chain prefix kept
+    assert chained == [f"simplecache::{canonical}/shard-000003.tar"]
+    with pytest.raises(ValueError, match="no shards match"):
+        expand_shards([f"{base}/nothing-*.tar", f"{base}/shard-{{7..8}}*.tar"])
+
+
+class _Unseekable(io.RawIOBase):
+    def __init__(self, data: bytes):
+        self._buf = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        return self._buf.readinto(b)
+
+
+def test_tar_samples_groups_members_by_key_seekable_or_streamed(tmp_path):
+    path = write_shards(tmp_path, n_shards=1, per_shard=2)[0]
+    with tarfile.open(path, "a") as tar:  # a member repeating clip000_001's suffix, then a lone one
+        for name, data in [("clip000_001.struct.npy", b"again"), ("clip000_009.META.JSON", b"{}"),
+                           ("__index__", b"skip"), ("noext", b"skip")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = path.read_bytes()
+    seekable = list(tar_samples(io.BytesIO(data)))
+    streamed = list(tar_samples(_Unseekable(data)))
+    assert seekable == streamed
+    assert [s["__key__"] for s in seekable] == ["clip000_000", "clip000_001", "clip000_009"]
+    assert sorted(k for k in seekable[0] if k != "__key__") == sorted(contract.BASE_MEMBERS + contract.FEATURE_MEMBERS)
+    assert "__error__" not in seekable[0] and "duplicate member 'clip000_001.struct.npy'" in seekable[1]["__error__"]
+    assert seekable[2] == {"__key__": "clip000_009", "meta.json": b"{}"}  # suffixes are lower-cased
+    with tarfile.open(path) as tar:
+        first = tar.extractfile("clip000_000.video_latents.npy").read()
+    assert seekable[0]["video_latents.npy"] == first
+
+
+def test_float16_finite_check_matches_isfinite():
+    from tasks.contract import all_finite
+
+    every_f16 = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)  # all 65536 bit patterns
+    for value in every_f16[::97]:
+        single = np.full((3, 2), 1.0, np.float16)
+        single[1, 1] = value
+        assert all_finite(single) == bool(np.isfinite(single).all())
+    assert not all_finite(every_f16) and all_finite(every_f16[np.isfinite(every_f16)])
+    assert all_finite(np.ones(4, np.float32)) and not all_finite(np.array([1.0, np.inf], np.float32))

@@ -8,7 +8,9 @@ The same manifest of distinct short clips is run with 1 and with 2 workers, each
 - `one_core_per_worker`: the run is pinned (sched_setaffinity, inherited by ffmpeg and Ray workers) to as many
   cores as it has workers: 1 worker on 1 core vs 2 workers on 2 cores. This is the scaling a cluster sees when
   it adds a worker with its core; it is what the >= 1.8x goal is about.
-- `shared_cores`: 1 and 2 workers on all of this machine's cores. A single worker already keeps more than one
+- `processes_one_core_per_worker`: the same with `runner="processes"` (worker processes instead of threads:
+  the crop's Python face tracking holds the interpreter lock, so threads of one process share it).
+- `shared_cores`: 1 and 2 workers (threads) on all of this machine's cores. A single worker already keeps more than one
   core busy (ffmpeg decodes in its own processes, the crop warps on a second thread, libx264 encodes with 2
   threads), so on a 2-core machine this ratio is bounded by cores / (cores one worker uses), reported as
   `cores_busy_1_worker` (process-tree CPU seconds / wall seconds).
@@ -107,6 +109,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--ray-address", help="an existing Ray cluster (default: a local one started by the flow)")
     p.add_argument("--no-ray", action="store_true")
+    p.add_argument("--configs", nargs="+", default=["threads", "processes", "shared"],
+                   choices=["threads", "processes", "shared"],
+                   help="pinned threads, pinned processes, threads on shared cores (Ray: see --no-ray)")
     p.add_argument("--goal", type=float, default=1.8)
     args = p.parse_args()
     cores = sorted(os.sched_getaffinity(0))
@@ -118,15 +123,21 @@ def main() -> None:
         def run(name: str, workers: int, cpus: list[int] | None, extra: dict | None = None) -> dict:
             return timed_run(tmp / name, manifest, args.steps, workers, args.batch_size, cpus, extra)
 
-        if len(cores) >= args.workers:
+        pinned_one = shared_one = None
+        if len(cores) < args.workers:
+            result["one_core_per_worker"] = f"skipped: {len(cores)} cores < {args.workers} workers"
+        elif "threads" in args.configs:
             pinned_one = run("pin1", 1, cores[:1])
             pinned_many = run("pinN", args.workers, cores[: args.workers])
             result["one_core_per_worker"] = _ratio(pinned_one, pinned_many, args.goal, args.workers)
-        else:
-            result["one_core_per_worker"] = f"skipped: {len(cores)} cores < {args.workers} workers"
-        shared_one = run("shared1", 1, None)
-        shared_many = run("sharedN", args.workers, None)
-        result["shared_cores"] = _ratio(shared_one, shared_many, args.goal, args.workers)
+        if len(cores) >= args.workers and "processes" in args.configs:
+            procs_one = run("proc1", 1, cores[:1], {"runner": "processes", "processes": 1})
+            procs_many = run("procN", args.workers, cores[: args.workers], {"runner": "processes", "processes": args.workers})
+            result["processes_one_core_per_worker"] = _ratio(procs_one, procs_many, args.goal, args.workers)
+        if "shared" in args.configs:
+            shared_one = run("shared1", 1, None)
+            shared_many = run("sharedN", args.workers, None)
+            result["shared_cores"] = _ratio(shared_one, shared_many, args.goal, args.workers)
         opts, why = (None, "skipped (--no-ray)") if args.no_ray else ray_options(args.workers, args.ray_address)
         if opts is None:
             result["ray"] = why
@@ -135,8 +146,9 @@ def main() -> None:
             ray_run = run("ray", args.workers, cpus, opts)
             result["ray"] = {"options": opts, "pinned_cores": cpus, "wall_s": round(ray_run["wall_s"], 2),
                              "speedup_vs_1_worker_1_core": round(pinned_one["wall_s"] / ray_run["wall_s"], 3)
-                             if cpus else None,
-                             "speedup_vs_local_1_worker_shared": round(shared_one["wall_s"] / ray_run["wall_s"], 3)}
+                             if cpus and pinned_one else None,
+                             "speedup_vs_local_1_worker_shared": round(shared_one["wall_s"] / ray_run["wall_s"], 3)
+                             if shared_one else None}
     print(json.dumps(result, indent=2))
 
 

@@ -82,6 +82,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         models=args.models, liveportrait_root=args.liveportrait_root, hubert=args.hubert, wan_vae=args.wan_vae,
         wan_vae_subfolder=args.wan_vae_subfolder, device=args.device, flame_dir=args.flame_dir,
         runner=args.runner, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
+        processes=args.workers if args.runner == "processes" else None,
         cpus_per_batch=args.cpus_per_batch, gpus_per_batch=args.gpus_per_batch, shard_groups=args.shard_groups,
         work_root=args.work_root, scratch_root=args.scratch_root, progress=not args.no_progress, return_state=True,
     )
@@ -176,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--wan-vae-subfolder")
     pp.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     pp.add_argument("--flame-dir", help="per-clip FLAME parameter files <clip_id>.npz for the pose cross-check")
-    pp.add_argument("--runner", choices=["local", "ray"], default="local", help="ray: one Ray task per batch")
+    pp.add_argument("--runner", choices=["local", "processes", "ray"], default="local",
+                    help="local: threads of this process; processes: --workers worker processes on this machine; "
+                         "ray: one Ray task per batch")
     pp.add_argument("--ray-address", help="'auto', a cluster address, or none for a local Ray instance")
     pp.add_argument("--ray-num-cpus", type=int, help="CPUs of a local Ray instance")
     pp.add_argument("--cpus-per-batch", type=float, default=1.0)

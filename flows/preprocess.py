@@ -248,11 +248,13 @@ def preprocess(
     shard_groups: int = DEFAULT_SHARD_GROUPS,
     work_root: Optional[str] = None,
     scratch_root: Optional[str] = None,
+    processes: Optional[int] = None,
 ) -> dict:
     """Preprocess one dataset's manifest into shards under `output_root/<dataset>/`.
 
     `shard_features`: shards carry steps 3-6's members; None decides by whether those results exist.
-    `runner`: "local" (this flow's thread pool) or "ray" (one Ray task per batch; `ray_address` "auto", a
+    `runner`: "local" (this flow's thread pool), "processes" (a pool of `processes` worker processes, default
+    one per CPU: the CPU steps' Python work then runs in parallel) or "ray" (one Ray task per batch; `ray_address` "auto", a
     cluster address or None for a local instance of `ray_num_cpus` CPUs; see flows/runners.py for resources
     and the shared Prefect API). `output_root` and `work_root` (step outputs; default: under `output_root`) may
     be fsspec URLs (s3://...): no shared filesystem is needed then, each worker stages step files in
@@ -292,7 +294,7 @@ def preprocess(
     logger.info(f"{dataset}: {len(states)} clips, steps {list(wanted)}, batches of {batch_size}")
     bar = Progress(total=len(states) * len(clip_steps), desc=dataset) if progress and runner == "local" else None
 
-    with batch_submitter(runner, ray_cfg) as submitter:
+    with batch_submitter(runner, ray_cfg, processes) as submitter:
         futures: list = [BatchResult(states[i : i + batch_size]) for i in range(0, len(states), batch_size)]
         batch_task = run_step_batch.with_options(task_run_name="{step.name}-batch")
         for step in clip_steps:

@@ -1,4 +1,10 @@
-"""Where the preprocess flow's batch tasks run: the flow's own thread pool ("local") or a Ray cluster ("ray").
+"""Where the preprocess flow's batch tasks run: the flow's own thread pool ("local"), a pool of worker
+processes on this machine ("processes"), or a Ray cluster ("ray").
+
+Threads are enough while the work is in ffmpeg and torch (they release the GIL), but the crop step's face
+tracking is Python + dlib, so two batches in threads of one process share one interpreter lock. The process
+pool (Prefect's ProcessPoolTaskRunner) gives each batch its own interpreter: use it on a many-core machine
+without a cluster; workers start once per run (imports take a few seconds each).
 
 Ray: every batch of clips becomes one Ray task (prefect-ray's RayTaskRunner) that asks for `cpus_per_batch`
 CPUs, and for the GPU steps (motion, audio_features, vae_latents) also `gpus_per_batch` GPUs when the cluster
@@ -20,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 from urllib.parse import urlparse
 
-RUNNERS = ("local", "ray")
+RUNNERS = ("local", "processes", "ray")
 GPU_STEPS = frozenset({"motion", "audio_features", "vae_latents"})
 # Settings a worker needs to report where the driver does (credentials only when the driver has them).
 _FORWARDED_ENV = ("PREFECT_API_KEY", "PREFECT_LOGGING_LEVEL", "PREFECT_SERVER_ANALYTICS_ENABLED", "DUALFORCE_CACHE")
@@ -76,8 +82,8 @@ def check_api_reachable(api_url: str, alive_nodes: int) -> None:
 class BatchSubmitter:
     """Submits batch tasks to the flow's task runner (local) or to Ray with per-step resource requests."""
 
-    def __init__(self, runner: str, ray_cfg: RayConfig, ray_runner=None):
-        self.runner, self.ray_cfg, self._ray = runner, ray_cfg, ray_runner
+    def __init__(self, runner: str, ray_cfg: RayConfig, ray_runner=None, pool=None):
+        self.runner, self.ray_cfg, self._ray, self._pool = runner, ray_cfg, ray_runner, pool
         self.cluster_gpus = 0.0
         if ray_runner is not None:
             import ray
@@ -86,6 +92,8 @@ class BatchSubmitter:
 
     def submit(self, task, step_name: str, /, **parameters):
         """`task.submit(**parameters)`, as a Ray task with `step_name`'s resource request when on Ray."""
+        if self._pool is not None:
+            return self._pool.submit(task, parameters=parameters)
         if self._ray is None:
             return task.submit(**parameters)
         from prefect_ray.context import remote_options
@@ -96,13 +104,21 @@ class BatchSubmitter:
 
 
 @contextmanager
-def batch_submitter(runner: str, ray_cfg: Optional[RayConfig] = None) -> Iterator[BatchSubmitter]:
-    """Inside a flow run: a submitter for the chosen runner; a Ray instance lives as long as the block."""
+def batch_submitter(runner: str, ray_cfg: Optional[RayConfig] = None,
+                    processes: Optional[int] = None) -> Iterator[BatchSubmitter]:
+    """Inside a flow run: a submitter for the chosen runner; a Ray instance or process pool lives as long as
+    the block (`processes`: pool size, default this machine's CPUs)."""
     if runner not in RUNNERS:
         raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
     cfg = ray_cfg or RayConfig()
     if runner == "local":
         yield BatchSubmitter("local", cfg)
+        return
+    if runner == "processes":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        with ProcessPoolTaskRunner(max_workers=max(1, processes or os.cpu_count() or 1)) as pool:
+            yield BatchSubmitter("processes", cfg, pool=pool)
         return
     import ray
 

@@ -1,4 +1,5 @@
-"""Preprocessing on Ray: resource requests, one Prefect API, and the same ledger and shard bytes as locally."""
+"""Preprocessing on Ray or a local process pool: resource requests, one Prefect API, and the same ledger and shard
+bytes as the thread runner."""
 from __future__ import annotations
 
 import hashlib
@@ -93,6 +94,25 @@ def test_ray_runner_gives_the_local_runs_ledger_and_shard_bytes(local_run, manif
     assert len(ray_ledger) == 9 and ray_ledger == _ledger(local_out / "t", local_report["run_id"])
     assert {v[0] for v in ray_ledger.values()} == {"ok"}
     assert {k for k in ray_ledger if k[1] == "crop" and ray_ledger[k][3]} == {(f"c-{n}", "crop") for n in ("lp_d19", "lp_d12", "lp_s18")}
+
+
+def test_process_pool_runner_gives_the_local_runs_ledger_and_shard_bytes(local_run, manifest, tmp_path):
+    """runner="processes": batches in worker processes (own interpreters, so the crop's Python work runs in
+    parallel) report to the same Prefect API and produce the thread runner's exact outputs."""
+    from flows.preprocess import preprocess
+
+    local_out, local_report, _ = local_run
+    report = preprocess(dataset="t", manifest=manifest, output_root=str(tmp_path), runner="processes", processes=2,
+                        **FLOW)
+    assert report["runner"] == "processes" and report["clips_out"] == 3
+    digests = _digests(tmp_path / "t" / "shards")
+    assert digests and digests == _digests(local_out / "t" / "shards")
+    ledger = _ledger(tmp_path / "t", report["run_id"])
+    assert len(ledger) == 9 and ledger == _ledger(local_out / "t", local_report["run_id"])
+    import psutil  # the pool is gone with the run: no worker process outlives it
+
+    assert not [c for c in psutil.Process().children(recursive=True) if "ProcessPool" in " ".join(c.cmdline()) or
+                "multiprocessing.spawn" in " ".join(c.cmdline())]
 
 
 def _ray_batch_pids() -> list[int]:

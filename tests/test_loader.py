@@ -90,6 +90,7 @@ def test_tampered_samples_are_rejected_and_counted(tmp_path):
     assert loader.stats.rejected == {"contract": 2, "decode": 1}
     joined = " ".join(loader.stats.last_rejections)
     assert "clip000_001" in joined and "struct.npy" in joined and "clip001_000" in joined
+    assert f"shape ({WINDOW}, 7), expected ({WINDOW}, 133)" in joined and "holds NaN or inf" in joined
 
 
 def test_resume_position_gives_the_same_remaining_batches(tmp_path):

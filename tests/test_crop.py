@@ -15,7 +15,7 @@ from tasks.crop_geometry import (CropParams, StreamingRectSmoother, crop_matrix,
                                  transform_points)
 from tasks.errors import ClipRejected
 from tasks.face_landmarks import get_landmarker
-from tasks.media import probe, read_frames, run_ffmpeg
+from tasks.media import iter_frames, probe, read_frames, run_ffmpeg
 
 # The crop puts the eye-lip box centre 0.125 * 512 = 64 px above the face centre (vy_ratio -0.125), so the
 # face's landmark centroid should sit near (256, 320). Tolerance: 8% of the crop side (41 px) on each axis.
@@ -197,3 +197,33 @@ def test_manifest_face_box_picks_the_face_to_follow(side, samples_dir, tmp_path)
     with pytest.raises(ClipRejected) as exc:  # a box where no face is
         crop_clip(two, tmp_path / "none", face_box=[0.0, 0.0, 30.0, 30.0])
     assert exc.value.reason == "no_face"
+
+
+def test_a_late_first_face_gives_the_same_crop_through_the_second_decode(samples_dir, tmp_path, monkeypatch):
+    """Frames before the first face wait in memory for its crop; past PENDING_BYTES the warp moves to a second
+    decode after tracking. Both paths must give the same video, landmarks and rects."""
+    import tasks.crop as crop_module
+
+    late = tmp_path / "late.mp4"  # 1.2 s of black, then the face: the first detection that finds it is frame 30
+    run_ffmpeg(["-y", "-t", "3", "-i", str(samples_dir / "more" / "lp_d12.mp4"), "-filter_complex",
+                "[0:v]fps=25,drawbox=x=0:y=0:w=iw:h=ih:color=black:t=fill:enable='lt(t,1.2)'[v]",
+                "-map", "[v]", "-map", "0:a", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", str(late)],
+               "late face clip")
+    decodes = []
+
+    def counted(*args, **kwargs):
+        decodes.append(kwargs.get("pix_fmt"))
+        return iter_frames(*args, **kwargs)
+
+    monkeypatch.setattr(crop_module, "iter_frames", counted)
+    one_pass = crop_clip(late, tmp_path / "one", CropConfig(min_face_ratio=0.5))
+    assert len(decodes) == 1  # a 30-frame lead fits the default buffer: one decode
+    monkeypatch.setattr(crop_module, "PENDING_BYTES", 1)
+    two_pass = crop_clip(late, tmp_path / "two", CropConfig(min_face_ratio=0.5))
+    assert len(decodes) == 3  # the lead overflowed: the warp took a second decode
+    assert one_pass.frames == two_pass.frames == 75
+    for name in ("rects.npy", "landmarks.npy"):
+        np.testing.assert_array_equal(np.load(tmp_path / "one" / name), np.load(tmp_path / "two" / name))
+    assert (tmp_path / "one" / "crop.mp4").read_bytes() == (tmp_path / "two" / "crop.mp4").read_bytes()
+    rects = np.load(tmp_path / "one" / "rects.npy")
+    np.testing.assert_array_equal(rects[0], rects[20])  # frames before the face take the first face's crop

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from models.dualforce import DiffusionForcingConfig, build_model, diffusion_forcing_loss, sample_sigmas
-from models.dualforce.diffusion_forcing import shift_sigma
 
 torch.set_num_threads(1)
 

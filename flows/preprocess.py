@@ -155,7 +155,7 @@ def shard_group(group: str, states: list[ClipState], steps_root: str, shards_out
 
 
 def shard_clips(states: list[ClipState], layout: DatasetLayout, shard_cfg: ShardConfig, with_features: bool,
-                run_id: str, groups: int, submitter, scratch_root: Optional[str] = None) -> tuple[dict, list[LedgerEntry]]:
+                run_id: str, groups: int, submitter) -> tuple[dict, list[LedgerEntry]]:
     """Shard groups in parallel (one task each), then the one merge: index, stats, garbage collection."""
     logger = get_run_logger()
     needed = ("crop", *FEATURE_STEPS) if with_features else ("crop",)
@@ -167,7 +167,8 @@ def shard_clips(states: list[ClipState], layout: DatasetLayout, shard_cfg: Shard
     done = begin_shard_set(layout.shards_url, set_key)
     futures = [submitter.submit(shard_group.with_options(task_run_name=f"shard-{g}"), "shard", group=g, states=members,
                                 steps_root=str(layout.steps), shards_out=layout.shards_url, shard_cfg=shard_cfg,
-                                with_features=with_features, key=keys[g], scratch_root=scratch_root)
+                                with_features=with_features, key=keys[g],
+                                scratch_root=None if layout.scratch_root is None else str(layout.scratch_root))
                for g, members in planned.items()]
     results: list[GroupResult] = [f.result() for f in futures]
     if done is None:
@@ -311,8 +312,7 @@ def preprocess(
             gate_state = publish_gate(latent_gate(all_states, max_frame_drop_ratio), key_prefix=f"preprocess-{dataset}")
         shard_stats = None
         if "shard" in wanted and (gate_state is None or not gate_state.is_failed()):
-            shard_stats, shard_entries = shard_clips(all_states, layout, windows, with_features, run_id, shard_groups, submitter,
-                                                     scratch_root)
+            shard_stats, shard_entries = shard_clips(all_states, layout, windows, with_features, run_id, shard_groups, submitter)
             entries += shard_entries
     write_ledger_part(layout.ledger, entries, f"run-{time.strftime('%Y%m%dT%H%M%S')}-{run_id[:8]}")
 

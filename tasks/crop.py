@@ -121,17 +121,21 @@ def _detect_near(lm, frame: np.ndarray, box: FaceBox, margin: float) -> list[Fac
     return [FaceBox(b.x0 + x0, b.y0 + y0, b.x1 + x0, b.y1 + y0, b.score) for b in found]
 
 
+def _landmark_extent(pts: np.ndarray) -> tuple[np.ndarray, float]:
+    """Centre of the landmarks' bounding box and its size (geometric mean of the sides, at least 1 px)."""
+    lo, hi = pts.min(0), pts.max(0)
+    return (lo + hi) / 2, float(np.sqrt(max(hi[0] - lo[0], 1.0) * max(hi[1] - lo[1], 1.0)))
+
+
 def _box_anchor(box: FaceBox, pts: np.ndarray) -> np.ndarray:
     """The detector box relative to the landmarks' extent: centre offset and size, in landmark-extent units."""
-    lo, hi = pts.min(0), pts.max(0)
-    extent = float(np.sqrt(max(hi[0] - lo[0], 1.0) * max(hi[1] - lo[1], 1.0)))
-    return np.array([*(box.center - (lo + hi) / 2) / extent, box.size / extent])
+    centre, extent = _landmark_extent(pts)
+    return np.array([*(box.center - centre) / extent, box.size / extent])
 
 
 def _box_from_landmarks(pts: np.ndarray, anchor: np.ndarray) -> FaceBox:
-    lo, hi = pts.min(0), pts.max(0)
-    extent = float(np.sqrt(max(hi[0] - lo[0], 1.0) * max(hi[1] - lo[1], 1.0)))
-    cx, cy = (lo + hi) / 2 + anchor[:2] * extent
+    centre, extent = _landmark_extent(pts)
+    cx, cy = centre + anchor[:2] * extent
     half = anchor[2] * extent / 2
     return FaceBox(cx - half, cy - half, cx + half, cy + half)
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-from scipy.ndimage import gaussian_filter1d
 
 # iBUG 68-point indices: eye corners and mouth corners.
 _LEFT_EYE = (36, 39)
@@ -64,21 +63,24 @@ def rect_from_landmarks(pts: np.ndarray, p: CropParams) -> np.ndarray:
 def smooth_rects(rects: np.ndarray, sigma_frames: float) -> np.ndarray:
     """Zero-phase Gaussian smoothing of [T, 4] rects (the crop is offline, so looking ahead is allowed).
 
-    Angles are unwrapped first so a wrap at ±pi does not smear. sigma 0 returns the input.
+    Angles are unwrapped first so a wrap at ±pi does not smear. sigma 0 returns the input. The whole-sequence
+    form of StreamingRectSmoother, which the crop uses frame by frame.
     """
     if sigma_frames <= 0 or len(rects) < 2:
         return rects.copy()
-    out = rects.copy()
-    out[:, 3] = np.unwrap(rects[:, 3])
-    out = gaussian_filter1d(out, sigma=sigma_frames, axis=0, mode="nearest")
-    return out
+    stream = StreamingRectSmoother(sigma_frames)
+    for rect in rects:
+        stream.push(rect)
+    return np.stack([stream.smoothed(i, len(rects)) for i in range(len(rects))])
 
 
 class StreamingRectSmoother:
-    """`smooth_rects` one frame at a time, for a crop that warps frames while later ones are still tracked.
+    """Gaussian smoothing of crop rects one frame at a time, for a crop that warps frames while later ones are
+    still tracked.
 
     The same Gaussian as scipy's gaussian_filter1d (radius = int(4 sigma + 0.5), edges repeat the end
-    value), so frame i needs the raw rects up to i + radius, or the sequence's end. Rects arrive in order;
+    value; the tests check equality with it), so frame i needs the raw rects up to i + radius, or the
+    sequence's end. Rects arrive in order;
     frames before the first face (None) take the first face's rect, as the offline path fills them.
     """
 

@@ -189,7 +189,7 @@ class _ChunkReader:
                 buf = self._stream.read(self._block)
                 if not buf or not self._put(buf) or len(buf) < self._block:
                     break
-        except (OSError, ValueError) as exc:  # pipe closed under us by close()
+        except (OSError, ValueError) as exc:  # a read failure, or the pipe closed under us by close()
             self._error = exc
         finally:
             self._put(self._END)
@@ -198,6 +198,8 @@ class _ChunkReader:
         while True:
             item = self._queue.get()
             if item is self._END:
+                if self._error is not None and not self._stop.is_set():
+                    raise MediaError(f"reading decoded frames failed: {self._error}")
                 return
             yield item
 

@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import soundfile as sf
+from scipy.ndimage import gaussian_filter1d
 
 from conftest import make_video
 from tasks.contract import AUDIO_SAMPLES_PER_FRAME, FPS
@@ -80,12 +81,14 @@ def test_streaming_smoother_equals_offline_smoothing():
         if i + lead >= stream.radius:  # frame k is ready once rects up to k + radius arrived
             k = i + lead - stream.radius
             assert stream.ready(k) and not stream.ready(k + 1)
-    offline = smooth_rects(np.concatenate([np.repeat(rects[:1], lead, 0), rects]), 2.0)
-    for end in (len(offline), 50):  # the whole sequence, and one trimmed to 50 frames (audio shorter)
+    filled = np.concatenate([np.repeat(rects[:1], lead, 0), rects])
+    for end in (len(filled), 50):  # the whole sequence, and one trimmed to 50 frames (audio shorter)
         online = np.stack([stream.smoothed(i, end) for i in range(end)])
-        expect = smooth_rects(np.concatenate([np.repeat(rects[:1], lead, 0), rects])[:end], 2.0)
+        unwrapped = filled[:end].copy()
+        unwrapped[:, 3] = np.unwrap(unwrapped[:, 3])
+        expect = gaussian_filter1d(unwrapped, sigma=2.0, axis=0, mode="nearest")  # the reference Gaussian
         np.testing.assert_allclose(online, expect, atol=1e-9)
-    assert stream.smoothed(10, len(offline))[0] == pytest.approx(offline[10, 0])
+        np.testing.assert_allclose(smooth_rects(filled[:end], 2.0), expect, atol=1e-9)
 
 
 def test_yuv_warp_keeps_chroma_on_its_luma():

@@ -75,13 +75,12 @@ def _is_url(pattern: str) -> bool:
     return "://" in pattern
 
 
-def _expand_url(url: str) -> list[str]:
-    """One fsspec URL (glob or not) -> canonical URLs: the protocol (and any `cache::` chain) kept, so the
-    same object named two ways (`memory://x/a`, `memory:///x/a`) is listed once."""
-    chain, sep, inner = url.rpartition("::")  # fsspec chaining: list with the innermost filesystem
-    fs, path = fsspec.core.url_to_fs(inner)
+def _expand_url(chain: str, inner: str) -> list[str]:
+    """One fsspec URL (glob or not; `chain` is any `cache::` prefix) -> canonical URLs: the protocol and chain
+    kept, so the same object named two ways (`memory://x/a`, `memory:///x/a`) is listed once."""
+    fs, path = fsspec.core.url_to_fs(inner)  # fsspec chaining: list with the innermost filesystem
     paths = sorted(fs.glob(path)) if any(c in path for c in "*?[") else [path]
-    return [chain + sep + fs.unstrip_protocol(p) for p in paths]
+    return [chain + fs.unstrip_protocol(p) for p in paths]
 
 
 def expand_shards(patterns: list[str]) -> list[str]:
@@ -94,7 +93,7 @@ def expand_shards(patterns: list[str]) -> list[str]:
         if _is_url(pattern):  # "::" is fsspec's chaining there, not webdataset's url-list separator
             chain, sep, inner = pattern.rpartition("::")
             for expanded in wds.shardlists.expand_urls(inner):
-                out.extend(_expand_url(chain + sep + expanded))
+                out.extend(_expand_url(chain + sep, expanded))
             continue
         for expanded in wds.shardlists.expand_urls(pattern):
             out.extend(sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else [expanded])

@@ -45,6 +45,7 @@ class CropConfig:
     detect_every: int = 10  # frames (at 25 fps) between face detections
     full_detect_every: int = 50  # frames between whole-frame detections; the others search near the tracked face
     track_margin: float = 1.0  # the near-face search region extends this many face sizes on each side
+    near_face_px: float = 110.0  # the near-face search runs at a scale where the tracked face is this wide
     detect_max_side: int = 640  # detection and landmarks run on frames downscaled to this
     smooth_sigma: float = 2.0  # frames; Gaussian smoothing of crop boxes over time
     min_face_px: float = 64.0  # median detected face size in source pixels
@@ -111,14 +112,23 @@ def _pick(boxes: list[FaceBox], last: Optional[FaceBox], hint: Optional[FaceBox]
     return boxes[0]
 
 
-def _detect_near(lm, frame: np.ndarray, box: FaceBox, margin: float) -> list[FaceBox]:
-    """Faces inside a region around `box` (HOG cost grows with area: ~1/3 of a 480x640 frame's)."""
+def _detect_near(lm, frame: np.ndarray, box: FaceBox, margin: float, face_px: float) -> list[FaceBox]:
+    """Faces inside a region around `box`, searched at a scale where the tracked face is about `face_px`
+    wide: HOG's cost grows with the searched area, and its 80 px window finds any face at least that big."""
     pad = margin * box.size
     h, w = frame.shape[:2]
     x0, y0 = int(max(0, box.x0 - pad)), int(max(0, box.y0 - pad))
     x1, y1 = int(min(w, box.x1 + pad)), int(min(h, box.y1 + pad))
-    found = lm.detect(np.ascontiguousarray(frame[y0:y1, x0:x1]))
-    return [FaceBox(b.x0 + x0, b.y0 + y0, b.x1 + x0, b.y1 + y0, b.score) for b in found]
+    region = frame[y0:y1, x0:x1]
+    s = min(1.0, face_px / max(box.size, 1.0))
+    if s < 1.0:
+        size = (max(1, round((x1 - x0) * s)), max(1, round((y1 - y0) * s)))
+        region = _downscale(region, size)
+        sx, sy = region.shape[1] / (x1 - x0), region.shape[0] / (y1 - y0)
+    else:
+        sx = sy = 1.0
+    found = lm.detect(np.ascontiguousarray(region))
+    return [FaceBox(b.x0 / sx + x0, b.y0 / sy + y0, b.x1 / sx + x0, b.y1 / sy + y0, b.score) for b in found]
 
 
 def _landmark_extent(pts: np.ndarray) -> tuple[np.ndarray, float]:
@@ -166,7 +176,7 @@ class _FaceTracker:
             self.box = _box_from_landmarks(self.pts, self.anchor)
         if i % cfg.detect_every == 0:
             near = self.box is not None and i % cfg.full_detect_every != 0
-            boxes = _detect_near(self.lm, frame, self.box, cfg.track_margin) if near else []
+            boxes = _detect_near(self.lm, frame, self.box, cfg.track_margin, cfg.near_face_px) if near else []
             if not boxes:  # whole frame: scheduled, not tracking yet, or the face left the region
                 near = False
                 boxes = self.lm.detect(frame)
@@ -194,15 +204,20 @@ class _FaceTracker:
 _FULL_RANGE_LUT = np.clip(np.round((np.arange(256) - 16) * 255 / 219), 0, 255).astype(np.uint8)
 
 
-def _detection_luma(y: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Luma at detection size: exact 2x area halvings while above twice the size, then one bilinear step
+def _downscale(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`image` at `size` (w, h): exact 2x area halvings while above twice the size, then one bilinear step
     (cv2's INTER_AREA at a fractional factor costs ~20x a bilinear resize at these sizes)."""
-    small = y
+    small = image
     while small.shape[1] >= 2 * size[0] and small.shape[0] >= 2 * size[1]:
         small = cv2.resize(small, (small.shape[1] // 2, small.shape[0] // 2), interpolation=cv2.INTER_AREA)
     if (small.shape[1], small.shape[0]) != size:
         small = cv2.resize(small, size, interpolation=cv2.INTER_LINEAR)
-    return cv2.LUT(small, _FULL_RANGE_LUT)
+    return small
+
+
+def _detection_luma(y: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Full-range luma at detection size."""
+    return cv2.LUT(_downscale(y, size), _FULL_RANGE_LUT)
 
 
 def warp_yuv420(frame: np.ndarray, width: int, height: int, m: np.ndarray, d: int) -> np.ndarray:
@@ -256,7 +271,7 @@ def crop_clip(source: str | Path, out_dir: str | Path, cfg: CropConfig = CropCon
         raise ClipRejected("no_audio", f"{source.name} has no audio stream")
 
     try:
-        audio = read_audio(source, SAMPLE_RATE) if info.has_audio else np.zeros(0, np.float32)
+        audio = read_audio(source, SAMPLE_RATE, info=info) if info.has_audio else np.zeros(0, np.float32)
     except MediaError as exc:
         raise ClipRejected("corrupt", str(exc)) from exc
     source_frames_est = int(round(info.duration_s * FPS)) + FPS
@@ -276,7 +291,7 @@ def crop_clip(source: str | Path, out_dir: str | Path, cfg: CropConfig = CropCon
     written = 0
     try:
         try:
-            decoded = (f for chunk in iter_frames(source, fps=FPS, chunk=8, pix_fmt="yuv420p") for f in chunk)
+            decoded = (f for chunk in iter_frames(source, fps=FPS, chunk=8, pix_fmt="yuv420p", info=info) for f in chunk)
             for frame in islice(decoded, source_frames_est):
                 pts = tracker.step(_detection_luma(yuv420_planes(frame, w, h)[0], size))
                 smoother.push(None if np.isnan(pts).any() else rect_from_landmarks(pts, cfg.params))
@@ -325,7 +340,7 @@ def crop_clip(source: str | Path, out_dir: str | Path, cfg: CropConfig = CropCon
         if writer is None:  # the lead before the first face outgrew the buffer: warp in a second decode
             writer = VideoWriter(out_dir / CROP_VIDEO, d, d, fps=FPS, crf=cfg.crf, input_pix_fmt="yuv420p")
             try:
-                for chunk in iter_frames(source, fps=FPS, chunk=8, pix_fmt="yuv420p"):
+                for chunk in iter_frames(source, fps=FPS, chunk=8, pix_fmt="yuv420p", info=info):
                     take = list(chunk[: max(0, frames - written)])
                     if take:
                         writer.write(_warped(take, written, smoother, frames, w, h, d))

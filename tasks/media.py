@@ -114,6 +114,7 @@ def iter_frames(
     chunk: int = 32,
     pix_fmt: Literal["rgb24", "gray", "yuv420p"] = "rgb24",
     prefetch: int = 2,
+    info: Optional[MediaInfo] = None,
 ) -> Iterator[np.ndarray]:
     """Stream uint8 frame chunks through a pipe, so memory stays flat for long sources.
 
@@ -121,9 +122,10 @@ def iter_frames(
     frames as [n, yuv420_bytes(W, H)] (split them with `yuv420_planes`; half the bytes of rgb24 and no colour
     conversion on either side of a yuv420p encoder). A reader thread keeps
     up to `prefetch` chunks (at most PREFETCH_BYTES, at least one chunk) decoded ahead, so ffmpeg decodes while
-    the caller computes instead of stalling on the pipe's 64 KiB buffer.
+    the caller computes instead of stalling on the pipe's 64 KiB buffer. `info`: the caller's probe of
+    `path`, when it has one (saves an ffprobe run).
     """
-    info = probe(path)
+    info = info or probe(path)
     if not info.has_video:
         raise MediaError(f"{path}: no video stream")
     filters = []
@@ -215,9 +217,9 @@ def read_frames(path: str | Path, **kw) -> np.ndarray:
     return np.concatenate(chunks, axis=0)
 
 
-def read_audio(path: str | Path, sample_rate: int = 16_000) -> np.ndarray:
+def read_audio(path: str | Path, sample_rate: int = 16_000, info: Optional[MediaInfo] = None) -> np.ndarray:
     """Mono float32 audio resampled by ffmpeg; empty array when the file has no audio stream."""
-    info = probe(path)
+    info = info or probe(path)
     if not info.has_audio:
         return np.zeros(0, np.float32)
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(path),

@@ -50,7 +50,7 @@ class DownloadStep:
 class CropStep:
     config: CropConfig = field(default_factory=CropConfig)
     name: str = "crop"
-    version: str = "3"  # 2: follows the manifest's face box; 3: luma landmarks, landmark-tracked boxes
+    version: str = "4"  # 2: manifest face box; 3: luma landmarks, landmark-tracked boxes; 4: scaled near-face search
     requires: tuple[str, ...] = ("download",)
 
     def fingerprint(self) -> str:

@@ -11,7 +11,7 @@ from scipy.ndimage import gaussian_filter1d
 
 from conftest import make_video
 from tasks.contract import AUDIO_SAMPLES_PER_FRAME, FPS
-from tasks.crop import CropConfig, crop_clip, warp_yuv420
+from tasks.crop import CropConfig, _detect_near, crop_clip, warp_yuv420
 from tasks.crop_geometry import (CropParams, StreamingRectSmoother, crop_matrix, rect_from_landmarks, smooth_rects,
                                  transform_points)
 from tasks.errors import ClipRejected
@@ -116,6 +116,26 @@ def test_yuv_warp_keeps_chroma_on_its_luma():
     src_x = inv[0, 0] * xx + inv[0, 1] * yy + inv[0, 2]
     src_y = inv[1, 0] * xx + inv[1, 1] * yy + inv[1, 2]
     np.testing.assert_allclose(y_out, np.round(gx * src_x + gy * src_y + 10), atol=1.01)
+
+
+@pytest.mark.parametrize("upscale", [1.0, 2.5])
+def test_near_face_search_at_reduced_scale_finds_the_same_face(upscale, samples_dir):
+    """The near-face search shrinks its region until the tracked face is ~110 px; the box it reports, in
+    frame pixels, must match a search of the whole frame at full size (same face, same place, same size)."""
+    frame = next(iter_frames(samples_dir / "sun.mp4", chunk=1, pix_fmt="gray"))[0]
+    frame = cv2.resize(frame, None, fx=upscale, fy=upscale, interpolation=cv2.INTER_LINEAR)
+    lm = get_landmarker("dlib")
+    full = lm.detect(frame)
+    assert len(full) == 1
+    face = full[0]
+    near_full_res = _detect_near(lm, frame, face, 1.0, face_px=1e9)
+    near_scaled = _detect_near(lm, frame, face, 1.0, face_px=110.0)
+    assert len(near_full_res) == len(near_scaled) == 1
+    for found in (near_full_res[0], near_scaled[0]):
+        assert np.abs(found.center - face.center).max() < 0.1 * face.size
+        assert abs(found.size / face.size - 1) < 0.15
+    if upscale > 1:  # the search really ran smaller: the scaled box is quantised to the coarser grid
+        assert near_scaled[0] != near_full_res[0]
 
 
 def test_real_clip_geometry_lengths_and_centring(yongen_crop):

@@ -15,6 +15,7 @@ from datasets_manifest.schema import ClipRow, rows_to_table
 from flows.runners import GPU_STEPS, RayConfig, batch_resources, check_api_reachable
 from tasks.ledger import read_ledger
 from tasks.shard import shard_files
+from tests.prefect_server import shared_prefect_server
 
 # Steps 1, 2 and 7 on three short real clips, sparse windows: the plumbing, not the models.
 FLOW = dict(steps=["download", "crop", "shard"], shard_features=False, batch_size=1, window_n=4, window_stride=50,
@@ -40,12 +41,9 @@ def test_a_loopback_prefect_api_is_refused_on_a_multi_node_cluster():
 
 
 @pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
+def prefect_harness(request):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+    shared_prefect_server(request.config)
 
 
 @pytest.fixture(scope="module")

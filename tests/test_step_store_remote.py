@@ -20,6 +20,7 @@ from tasks.errors import ClipRejected
 from tasks.ledger import read_ledger
 from tasks.step_runner import ClipState, run_step
 from tasks.step_store import STATUS_FILE, StepOutputCorrupt, StepStore
+from tests.prefect_server import shared_prefect_server
 
 ROOT = "memory://steps-test/root"
 
@@ -261,11 +262,8 @@ def test_layout_puts_step_outputs_under_a_remote_root_and_keeps_downloads_local(
 # -- the real preprocess flow ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+def prefect_harness(request):
+    shared_prefect_server(request.config)
 
 
 def _tars(fs, root: str) -> dict[str, bytes]:

@@ -11,18 +11,17 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from flows.train import train_flow  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 from training.run_status import COMPLETED, ERROR, NONFINITE, OOM, read_statuses  # noqa: E402
+from tests.prefect_server import shared_prefect_server  # noqa: E402
 from tests.training_shards import train_config, write_shards  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
-def prefect_backend():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+def prefect_backend(request):
+    shared_prefect_server(request.config)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from training.hostfile import HostSlots, parse_hostfile, read_hostfile, write_ho
 from training.launch import LaunchSpec, check_launch, command, environment  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 from training.run_status import COMPLETED, read_statuses  # noqa: E402
+from tests.prefect_server import shared_prefect_server  # noqa: E402
 from tests.training_shards import WINDOW, train_config, write_shards  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,11 +245,8 @@ def one_node_reference(shards, tmp_path_factory) -> list[tuple]:
 
 
 @pytest.fixture(scope="module")
-def prefect_backend():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+def prefect_backend(request):
+    shared_prefect_server(request.config)
 
 
 @pytest.mark.slow  # 185 s (+90 s reference run and Prefect start) measured on the shared 2-core machine

@@ -42,6 +42,18 @@ def samples_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def prefect_test_server() -> str:
+    """One Prefect test server (fresh SQLite database + server process, ~17 s to start on the 2-core machine)
+    for every module that runs flows in-process; its settings stay active until the session ends. Tests that
+    read the API back filter by their own artifact keys and flow runs. Yields the API URL."""
+    import prefect.settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield prefect.settings.PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
 def yongen_crop(samples_dir, tmp_path_factory):
     """The real yongen.mp4 through the crop step once per session (about 8 s)."""
     from tasks.crop import crop_clip

@@ -20,7 +20,6 @@ from tasks import contract
 from tasks.ledger import latest_status, read_ledger
 from tasks.media import probe, read_frames
 from tasks.shard import iter_samples, shard_files
-from tests.prefect_server import shared_prefect_server
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
@@ -47,13 +46,10 @@ def _digests(shards: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def prefect_api(request) -> str:
+def prefect_api(prefect_test_server) -> str:
     """The session's Prefect test server, for the runs after the first: the first run starts its own temporary
     server exactly as the README's command does; the later ones skip that start (~8 s each)."""
-    import prefect.settings
-
-    shared_prefect_server(request.config)
-    return prefect.settings.PREFECT_API_URL.value()
+    return prefect_test_server
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from datasets_manifest.schema import MANIFEST_SCHEMA, ClipRow, rows_to_table
 from tasks import contract
 from tasks.ledger import latest_status, read_ledger
 from tasks.shard import iter_samples
-from tests.prefect_server import shared_prefect_server
 
 
 # Steps 1, 2 and 7 only: the feature steps have their own tests below and in the end-to-end dry-run.
@@ -17,8 +16,8 @@ BASE = dict(steps=["download", "crop", "shard"], shard_features=False)
 
 
 @pytest.fixture(scope="module")
-def prefect_harness(request):
-    shared_prefect_server(request.config)
+def prefect_harness(prefect_test_server):
+    return prefect_test_server
 
 
 def test_bad_inputs_are_recorded_and_the_rest_completes(prefect_harness, samples_dir, tmp_path):

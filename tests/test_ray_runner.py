@@ -15,7 +15,6 @@ from datasets_manifest.schema import ClipRow, rows_to_table
 from flows.runners import GPU_STEPS, RayConfig, batch_resources, check_api_reachable
 from tasks.ledger import read_ledger
 from tasks.shard import shard_files
-from tests.prefect_server import shared_prefect_server
 
 # Steps 1, 2 and 7 on three short real clips, sparse windows: the plumbing, not the models.
 FLOW = dict(steps=["download", "crop", "shard"], shard_features=False, batch_size=1, window_n=4, window_stride=50,
@@ -41,9 +40,9 @@ def test_a_loopback_prefect_api_is_refused_on_a_multi_node_cluster():
 
 
 @pytest.fixture(scope="module")
-def prefect_harness(request):
+def prefect_harness(prefect_test_server):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    shared_prefect_server(request.config)
+    return prefect_test_server
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from tasks.errors import ClipRejected
 from tasks.ledger import read_ledger
 from tasks.step_runner import ClipState, run_step
 from tasks.step_store import STATUS_FILE, StepOutputCorrupt, StepStore
-from tests.prefect_server import shared_prefect_server
 
 ROOT = "memory://steps-test/root"
 
@@ -262,8 +261,8 @@ def test_layout_puts_step_outputs_under_a_remote_root_and_keeps_downloads_local(
 # -- the real preprocess flow ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def prefect_harness(request):
-    shared_prefect_server(request.config)
+def prefect_harness(prefect_test_server):
+    return prefect_test_server
 
 
 def _tars(fs, root: str) -> dict[str, bytes]:

@@ -15,13 +15,12 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey  # 
 from flows.train import train_flow  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 from training.run_status import COMPLETED, ERROR, NONFINITE, OOM, read_statuses  # noqa: E402
-from tests.prefect_server import shared_prefect_server  # noqa: E402
 from tests.training_shards import train_config, write_shards  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
-def prefect_backend(request):
-    shared_prefect_server(request.config)
+def prefect_backend(prefect_test_server):
+    return prefect_test_server
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ from training.hostfile import HostSlots, parse_hostfile, read_hostfile, write_ho
 from training.launch import LaunchSpec, check_launch, command, environment  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 from training.run_status import COMPLETED, read_statuses  # noqa: E402
-from tests.prefect_server import shared_prefect_server  # noqa: E402
 from tests.training_shards import WINDOW, train_config, write_shards  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,7 +181,7 @@ def test_slurm_script_builds_valid_flow_commands(tmp_path, mode, flow_runs):
                           text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert len(lines) == flow_runs
+    assert len(lines) == flow_runs, proc.stdout + proc.stderr
     parser = argparse.ArgumentParser()
     parser.add_argument("-m")
     parser.add_argument("--config")
@@ -245,8 +244,8 @@ def one_node_reference(shards, tmp_path_factory) -> list[tuple]:
 
 
 @pytest.fixture(scope="module")
-def prefect_backend(request):
-    shared_prefect_server(request.config)
+def prefect_backend(prefect_test_server):
+    return prefect_test_server
 
 
 @pytest.mark.slow  # 185 s (+90 s reference run and Prefect start) measured on the shared 2-core machine

@@ -298,12 +298,14 @@ def preprocess(
     with batch_submitter(runner, ray_cfg, processes) as submitter:
         futures: list = [BatchResult(states[i : i + batch_size]) for i in range(0, len(states), batch_size)]
         batch_task = run_step_batch.with_options(task_run_name="{step.name}-batch")
-        for step in clip_steps:
-            futures = [submitter.submit(batch_task, step.name, step=step, batch=f, steps_root=str(layout.steps),
-                                        run_id=run_id, progress=bar, scratch_root=scratch_root) for f in futures]
-        results: list[BatchResult] = [f.result() if hasattr(f, "result") else f for f in futures]
-        if bar:
-            bar.close()
+        try:
+            for step in clip_steps:
+                futures = [submitter.submit(batch_task, step.name, step=step, batch=f, steps_root=str(layout.steps),
+                                            run_id=run_id, progress=bar, scratch_root=scratch_root) for f in futures]
+            results: list[BatchResult] = [f.result() if hasattr(f, "result") else f for f in futures]
+        finally:
+            if bar:
+                bar.close()
         entries = manifest_errors + [e for r in results for e in r.entries]
         all_states = [s for r in results for s in r.states]
 

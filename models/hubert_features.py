@@ -150,11 +150,18 @@ def load_hubert(name_or_dir: str | Path, device: str | torch.device = "cpu") -> 
     is_dir = local.is_dir()
     if not is_dir and (local.is_absolute() or str(name_or_dir).startswith(".")):
         raise WeightsError(f"HuBERT directory not found: {local}")
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar would cut into the pipeline's own
     try:
         model = HubertModel.from_pretrained(str(name_or_dir), local_files_only=True)
     except (OSError, ValueError) as exc:
         where = f"directory {local}" if is_dir else f"'{name_or_dir}' in the Hugging Face cache"
         raise WeightsError(f"cannot load HuBERT from {where} (local_files_only, nothing downloaded): {exc}") from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model = model.to(device).eval()
     pre_dir = local if is_dir else _cached_snapshot(str(name_or_dir))
     dryrun = is_dir and (local / HF_DRYRUN_MARKER).is_file()

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from training.config import TrainConfig
-from training.launch import REPO_ROOT, LaunchSpec, command, environment, run_streaming
+from training.launch import REPO_ROOT, LaunchSpec, command, environment, extensions_dir, run_streaming
 
 
 def test_torchrun_single_node_is_standalone():
@@ -31,8 +31,16 @@ def test_torchrun_multi_node_and_deepspeed_launcher():
 def test_environment_sets_cpu_defaults_without_overriding():
     env = environment({"PATH": "/bin", "OMP_NUM_THREADS": "4"})
     assert env["OMP_NUM_THREADS"] == "4" and env["DS_ACCELERATOR"] == "cpu"
-    assert env["TORCH_EXTENSIONS_DIR"] and env["PYTHONPATH"].split(":")[0] == str(REPO_ROOT)
+    assert env["TORCH_EXTENSIONS_DIR"] == str(extensions_dir()) and env["PYTHONPATH"].split(":")[0] == str(REPO_ROOT)
     assert environment({})["OMP_NUM_THREADS"] == "1"
+    assert environment({"TORCH_EXTENSIONS_DIR": "/x"})["TORCH_EXTENSIONS_DIR"] == "/x"
+
+
+def test_extension_builds_are_kept_per_python_environment_and_cpu():
+    here = extensions_dir("/venvs/a")
+    assert extensions_dir("/venvs/a") == here  # stable across calls (and runs)
+    for other in (extensions_dir("/venvs/b"), extensions_dir("/venvs/a", cpu="another model|avx2")):
+        assert other != here and other.parent == here.parent  # one cache folder each, side by side
 
 
 def test_run_streaming_forwards_lines_and_keeps_the_tail():

@@ -1,6 +1,7 @@
 """Command lines and environment for running the trainer as N processes (torchrun or DeepSpeed's launcher)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -192,13 +193,34 @@ def check_launch(spec: LaunchSpec) -> LaunchPlan:
     return LaunchPlan(spec, spec.nnodes * spec.nproc_per_node, tuple(used))
 
 
+def _cpu_signature() -> str:
+    """The CPU model and instruction-set flags: DeepSpeed builds its ops with -march=native."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        import platform
+
+        return f"{platform.machine()}|{platform.processor()}"
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "|".join(dict.fromkeys(l.split(":", 1)[1].strip() for l in lines if l.split(":", 1)[0].strip() in wanted))
+
+
+def extensions_dir(prefix: str = sys.prefix, cpu: Optional[str] = None) -> Path:
+    """Where DeepSpeed's JIT-built ops (the CPU shm comm op, ~30-50 s to build) are cached: one folder per
+    Python environment, torch version and CPU type, so two virtualenvs sharing a home directory (a cluster's
+    shared home, a fresh clone beside a checkout) keep their builds instead of rebuilding each other's, and a
+    node never loads an op built with -march=native for another CPU."""
+    signature = f"{prefix}|{torch.__version__}|{_cpu_signature() if cpu is None else cpu}"
+    return Path.home() / ".cache" / "dualforce" / "torch_extensions" / hashlib.sha256(signature.encode()).hexdigest()[:12]
+
+
 def environment(base: Optional[dict[str, str]] = None) -> dict[str, str]:
     """The launching process's environment plus what the trainer needs on this hardware (STACK.md)."""
     env = dict(os.environ if base is None else base)
     env.setdefault("OMP_NUM_THREADS", "1")  # 3.5x faster on CPU; the deepspeed launcher does not set it
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dualforce" / "torch_extensions"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     return env

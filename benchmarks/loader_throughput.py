@@ -5,12 +5,12 @@
 The plain read opens each tar in order and decodes every npy member with np.load(allow_pickle=False) (no
 validation, no shuffle, no tensors): what reading the shards takes without our loader. The loader decodes
 with tasks.contract.load_npy, whose regex fast path skips np.load's header parsing; `ratio_to_plain_fast_decode`
-is the ratio against the plain read using that same decoder, i.e. what the loader's own work costs. The loader (which opens the same local paths
-through fsspec) adds contract validation, the shuffle buffer, collation to torch tensors and (with workers)
-process start-up and hand-off. Files are read once before timing so both see a warm page cache; the plain
-read and the loader alternate, each figure is the best of --repeats (the machine may be shared: the
-1-minute load average is printed with the figures). `validate_s_per_1k` is the time
-tasks.contract.validate_sample alone takes per 1000 of these samples, the part of the gap the loader
+is the ratio against the plain read using that same decoder, i.e. what the loader's own work costs. The loader
+(which opens the same local paths through fsspec) adds contract validation, the shuffle buffer, collation to
+torch tensors and (with workers) process start-up and hand-off. Files are read once before timing so both
+see a warm page cache; the plain read and the loader alternate, each figure is the best of --repeats (the
+machine may be shared: the 1-minute load average is printed with the figures). `validate_s_per_1k` is the
+time tasks.contract.validate_sample alone takes per 1000 of these samples, the part of the gap the loader
 cannot drop.
 """
 from __future__ import annotations

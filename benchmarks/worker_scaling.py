@@ -142,7 +142,7 @@ def main() -> None:
             shared_many = run("sharedN", args.workers, None)
             result["shared_cores"] = _ratio(shared_one, shared_many, args.goal, args.workers)
         if args.no_ray or "ray" not in args.configs:
-            result["ray"] = "skipped (--no-ray)"
+            result["ray"] = "skipped (not in --configs, or --no-ray)"
         elif args.ray_address:  # a cluster's size is its own: one run, against the local baselines
             opts, why = ray_options(args.workers, args.ray_address)
             ray_run = run("ray", args.workers, None, opts) if opts else None

@@ -27,7 +27,8 @@ CLIPS = ("samples_sun", "samples_yongen")
 
 
 def _env(prefect_home: Path, api_url: str | None = None) -> dict:
-    """The README's environment; with `api_url`, the run reports to that server instead of starting its own."""
+    """The README's environment. The first dry-run starts its own temporary server, as the README's command
+    does; with `api_url` (the session's test server) a later run reports there and skips that start (~8 s)."""
     env = dict(os.environ)
     env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180", PYTHONUNBUFFERED="1")
@@ -43,13 +44,6 @@ def _cmd(out: Path, train_steps: int = 4) -> list[str]:
 
 def _digests(shards: Path) -> dict:
     return {p.relative_to(shards).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in shard_files(shards)}
-
-
-@pytest.fixture(scope="module")
-def prefect_api(prefect_test_server) -> str:
-    """The session's Prefect test server, for the runs after the first: the first run starts its own temporary
-    server exactly as the README's command does; the later ones skip that start (~8 s each)."""
-    return prefect_test_server
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +103,11 @@ def test_crop_outputs_meet_the_contract(dry_run):
         assert abs(centre[0] - 256) < 41 and abs(centre[1] - 320) < 41, centre
 
 
-def test_second_run_does_no_step_work(dry_run, prefect_api):
+def test_second_run_does_no_step_work(dry_run, prefect_test_server):
     out, home, _ = dry_run
     shards = out / "samples" / "shards"
     before = {p: p.stat().st_mtime_ns for p in shard_files(shards)}
-    proc = subprocess.run(_cmd(out), cwd=REPO, env=_env(home, prefect_api), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(_cmd(out), cwd=REPO, env=_env(home, prefect_test_server), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ledger = read_ledger(out / "samples").to_pylist()
     last_run = ledger[-1]["run_id"]
@@ -125,7 +119,7 @@ def test_second_run_does_no_step_work(dry_run, prefect_api):
     assert len([l for l in metrics.read_text().splitlines() if '"loss"' in l]) == 4  # resumed at step 4: no new steps
 
 
-def test_killed_run_resumes_to_identical_shards(dry_run, prefect_api, tmp_path):
+def test_killed_run_resumes_to_identical_shards(dry_run, prefect_test_server, tmp_path):
     """A fresh run is killed in the middle of a clip's VAE step, then re-run: the shards come out byte-identical
     to the first run's, what the killed run committed is reused and its half-done step is cleaned up.
 
@@ -139,7 +133,7 @@ def test_killed_run_resumes_to_identical_shards(dry_run, prefect_api, tmp_path):
     for step_dir in (out / "samples" / "steps").iterdir():
         if (step_dir / done_clip).is_dir():
             shutil.copytree(step_dir / done_clip, resumed / "samples" / "steps" / step_dir.name / done_clip)
-    proc = subprocess.Popen(_cmd(resumed, train_steps=0), cwd=REPO, env=_env(home, prefect_api), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(resumed, train_steps=0), cwd=REPO, env=_env(home, prefect_test_server), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     vae_dir = resumed / "samples" / "steps" / "vae_latents"
     deadline = time.time() + 900
@@ -154,7 +148,7 @@ def test_killed_run_resumes_to_identical_shards(dry_run, prefect_api, tmp_path):
     assert not (resumed / "samples" / "shards").exists()
     assert read_ledger(resumed / "samples").num_rows == 0  # a run writes its ledger part at its end
 
-    done = subprocess.run(_cmd(resumed, train_steps=0), cwd=REPO, env=_env(home, prefect_api), capture_output=True, text=True, timeout=900)
+    done = subprocess.run(_cmd(resumed, train_steps=0), cwd=REPO, env=_env(home, prefect_test_server), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert _digests(resumed / "samples" / "shards") == _digests(out / "samples" / "shards")
     a = pq.read_table(out / "samples" / "shards" / "index.parquet").to_pylist()

@@ -15,12 +15,7 @@ from tasks.shard import iter_samples
 BASE = dict(steps=["download", "crop", "shard"], shard_features=False)
 
 
-@pytest.fixture(scope="module")
-def prefect_harness(prefect_test_server):
-    return prefect_test_server
-
-
-def test_bad_inputs_are_recorded_and_the_rest_completes(prefect_harness, samples_dir, tmp_path):
+def test_bad_inputs_are_recorded_and_the_rest_completes(prefect_test_server, samples_dir, tmp_path):
     from flows.preprocess import preprocess
 
     corrupt = tmp_path / "corrupt.mp4"
@@ -66,7 +61,7 @@ def test_bad_inputs_are_recorded_and_the_rest_completes(prefect_harness, samples
     assert set(actions.values()) == {"skipped"} and ("good", "crop") in actions
 
 
-def test_unknown_step_is_refused(prefect_harness, tmp_path):
+def test_unknown_step_is_refused(prefect_test_server, tmp_path):
     from flows.preprocess import preprocess
 
     manifest = tmp_path / "m.parquet"
@@ -75,7 +70,7 @@ def test_unknown_step_is_refused(prefect_harness, tmp_path):
         preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path), steps=["crop", "teleport"])
 
 
-def test_a_real_run_without_weights_fails_before_any_work(prefect_harness, samples_dir, tmp_path):
+def test_a_real_run_without_weights_fails_before_any_work(prefect_test_server, samples_dir, tmp_path):
     from flows.preprocess import preprocess
     from models.weights import WeightsError
 
@@ -91,7 +86,7 @@ def test_a_real_run_without_weights_fails_before_any_work(prefect_harness, sampl
     assert not (tmp_path / "out" / "t" / "steps").exists()  # nothing was started
 
 
-def test_latent_quality_gate_no_go_ends_the_run_before_shards(prefect_harness, samples_dir, tmp_path):
+def test_latent_quality_gate_no_go_ends_the_run_before_shards(prefect_test_server, samples_dir, tmp_path):
     from prefect.states import State
 
     from flows.preprocess import preprocess

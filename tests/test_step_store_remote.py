@@ -260,16 +260,11 @@ def test_layout_puts_step_outputs_under_a_remote_root_and_keeps_downloads_local(
 
 # -- the real preprocess flow ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def prefect_harness(prefect_test_server):
-    return prefect_test_server
-
-
 def _tars(fs, root: str) -> dict[str, bytes]:
     return {k[len(root):]: fs.cat_file(k) for k in sorted(fs.find(root)) if k.endswith(".tar")}
 
 
-def test_preprocess_with_a_memory_output_root_writes_the_local_runs_shards(prefect_harness, mem, samples_dir, tmp_path):
+def test_preprocess_with_a_memory_output_root_writes_the_local_runs_shards(prefect_test_server, mem, samples_dir, tmp_path):
     from flows.preprocess import preprocess
 
     row = ClipRow(clip_id="good", dataset="t", source=str(samples_dir / "yongen.mp4"), identity="a", start_s=0.0, end_s=1.6)

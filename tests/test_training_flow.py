@@ -18,9 +18,7 @@ from training.run_status import COMPLETED, ERROR, NONFINITE, OOM, read_statuses 
 from tests.training_shards import train_config, write_shards  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_backend(prefect_test_server):
-    return prefect_test_server
+pytestmark = pytest.mark.usefixtures("prefect_test_server")
 
 
 @pytest.fixture(scope="module")

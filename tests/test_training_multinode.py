@@ -243,13 +243,8 @@ def one_node_reference(shards, tmp_path_factory) -> list[tuple]:
     return records
 
 
-@pytest.fixture(scope="module")
-def prefect_backend(prefect_test_server):
-    return prefect_test_server
-
-
 @pytest.mark.slow  # 185 s (+90 s reference run and Prefect start) measured on the shared 2-core machine
-def test_two_flow_runs_as_two_nodes_train_like_one_node(shards, tmp_path, one_node_reference, prefect_backend):
+def test_two_flow_runs_as_two_nodes_train_like_one_node(shards, tmp_path, one_node_reference, prefect_test_server):
     """One flow run per node, torchrun c10d rendezvous on 127.0.0.1: both GO, one shared run directory."""
     port = _free_port()
     cfg = _config(shards, tmp_path / "train")

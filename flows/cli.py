@@ -20,32 +20,19 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
-def _print_summary(report: dict, seconds: float) -> None:
-    print()
-    print(f"== {report['dataset']}: {report['clips_out']}/{report['clips_in']} clips made it through")
-    for r in report["rejected"]:
-        print(f"   - {r['clip_id']}: {r['status']} at {r['step']} [{r['reason']}] {r['detail']}")
-    print(f"{'step':<16}{'ok':>5}{'rej':>5}{'fail':>6}{'cached':>8}{'seconds':>10}")
-    for c in report["step_counts"]:
-        print(f"{c['step']:<16}{c['ok']:>5}{c['rejected']:>5}{c['failed']:>6}{c['skipped']:>8}{c['seconds']:>10.2f}")
-    sh = report.get("shards")
-    if sh:
-        print(f"samples: {sh['samples']} in {sh['shards']} shards ({sh['bytes'] / 1e6:.1f} MB), per split {sh['per_split']}")
-    if report.get("gate"):
-        print(f"gate 3d_latent_quality: {report['gate']['name']} - {report['gate']['message']}")
-    print(f"wall time: {seconds:.1f}s" + (f" (runner: {report['runner']})" if report.get("runner") else ""))
-    print(f"output: {report['output']}")
+def _failed_exit_code(state) -> int:
+    """3: a gate said NO-GO; 4: the shard audit found a sample whose content is not what its label says."""
+    return {"NO-GO": 3, "AUDIT-MISMATCH": 4}.get(state.name, 1)
 
 
 def _finish(state, seconds: float) -> dict | None:
     """Print the run's summary, or why it did not finish; returns the report when there is one."""
     if state.is_completed():
+        from flows.summary import run_lines
+
         result = state.result()
-        _print_summary(result.get("preprocess", result), seconds)
-        if result.get("training"):
-            t = result["training"]
-            print(f"training: {t['state']} after {t['steps']} steps, loss {t['first_loss']:.4f} -> {t['last_loss']:.4f}, "
-                  f"{t['samples_per_s'] or 0:.1f} samples/s ({t['run_dir']})")
+        print()
+        print("\n".join(run_lines(result, seconds)))
         return result
     print(f"\n{state.name}: {state.message}", file=sys.stderr)
     return None
@@ -63,7 +50,7 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
                     progress=not args.no_progress, return_state=True)
     result = _finish(state, time.perf_counter() - t0)
     if result is None:
-        return 3 if state.name == "NO-GO" else 1
+        return _failed_exit_code(state)
     (out / "dryrun-report.json").write_text(json.dumps(result, indent=1, default=str))
     if not result["preprocess"].get("shards") or result["preprocess"]["shards"]["samples"] == 0:
         print("error: the dry-run produced no samples", file=sys.stderr)
@@ -84,12 +71,35 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         runner=args.runner, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
         processes=args.workers if args.runner == "processes" else None,
         cpus_per_batch=args.cpus_per_batch, gpus_per_batch=args.gpus_per_batch, shard_groups=args.shard_groups,
-        work_root=args.work_root, scratch_root=args.scratch_root, progress=not args.no_progress, return_state=True,
+        work_root=args.work_root, scratch_root=args.scratch_root, progress=not args.no_progress,
+        retry_rejected=args.retry_rejected, audit_fraction=args.audit_fraction, return_state=True,
     )
     report = _finish(state, time.perf_counter() - t0)
     if report is None:
-        return 3 if state.name == "NO-GO" else 1
+        return _failed_exit_code(state)
     return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Exit 0 when every audited sample matches what it was derived from, 4 on a mismatch."""
+    from tasks.audit import AUDIT_FILE, AuditConfig, audit_models_for, audit_shards
+
+    shards = Path(args.shards).resolve()
+    steps = Path(args.steps_root).resolve() if args.steps_root else shards.parent / "steps"
+    models = audit_models_for(shards, args.models, args.liveportrait_root, args.wan_vae, args.wan_vae_subfolder)
+    cfg = AuditConfig(fraction=args.fraction, seed=args.seed)
+    from tqdm import tqdm
+
+    with tqdm(desc="audit", unit="sample", disable=args.no_progress) as bar:
+        report = audit_shards(shards, steps, models, cfg, on_sample=lambda key: bar.update(), keys=args.key or None)
+    print(f"{'check':<12}{'checked':>9}{'mismatched':>12}")
+    for row in report.table():
+        print(f"{row['check']:<12}{row['checked']:>9}{row['mismatched']:>12}")
+    for m in report.mismatches[:20]:
+        print(f"   - {m.key} {m.window} {m.check}: {m.detail}")
+    print(report.summary())
+    (shards / AUDIT_FILE).write_text(json.dumps(report.to_json(), indent=1))
+    return 0 if report.ok else 4
 
 
 def _json_arg(value: str | None) -> dict | None:
@@ -123,7 +133,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
                      workers=args.workers, return_state=True)
     result = _finish(state, time.perf_counter() - t0)
     if result is None:
-        return 3 if state.name == "NO-GO" else 1
+        return _failed_exit_code(state)
     return 0
 
 
@@ -188,8 +198,28 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--work-root", help="folder or fsspec URL for step outputs (default: under --out)")
     pp.add_argument("--scratch-root", help="local folder where workers stage step files when the step outputs are "
                                            "remote (default: a per-user folder in the system temp dir)")
+    pp.add_argument("--retry-rejected", action="store_true",
+                    help="run clips whose cached result is a rejection again (after fixing what rejected them)")
+    pp.add_argument("--audit-fraction", type=float, default=0.02,
+                    help="share of the new shard set's samples re-derived and compared member by member (0: none)")
     pp.add_argument("--no-progress", action="store_true")
     pp.set_defaults(func=cmd_preprocess)
+
+    a = sub.add_parser("audit", help="re-derive a fraction of a shard set's samples from the step outputs and "
+                                     "compare their content (exit 4 on a mismatch)")
+    a.add_argument("shards", help="a shard set folder (ROOT/DATASET/shards)")
+    a.add_argument("--fraction", type=float, default=0.05)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--key", action="append", help="audit this sample (repeatable) instead of a random fraction")
+    a.add_argument("--steps-root", help="the step outputs (default: the shard folder's sibling steps/)")
+    a.add_argument("--models", choices=["auto", "real", "dryrun", "none"], default="auto",
+                   help="extractors for the latent and struct checks; auto: the dry-run ones when the samples say "
+                        "they were made with them, else the weights given; none: skip those two checks")
+    a.add_argument("--liveportrait-root")
+    a.add_argument("--wan-vae")
+    a.add_argument("--wan-vae-subfolder")
+    a.add_argument("--no-progress", action="store_true")
+    a.set_defaults(func=cmd_audit)
 
     m = sub.add_parser("manifest", help="build a normalised clip manifest from a dataset's published metadata")
     m.add_argument("dataset")

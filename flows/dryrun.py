@@ -9,6 +9,7 @@ from datasets_manifest import build_manifest
 from datasets_manifest.schema import write_manifest
 from flows.pipeline import pipeline
 from flows.preprocess import with_workers
+from flows.run_artifacts import publish_summary
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SAMPLES = REPO.parent / "shared" / "samples"
@@ -44,9 +45,14 @@ def dry_run(
     manifest = write_manifest(built.rows, out_dir / "manifest" / "samples.parquet")
     logger.info(f"dry-run: {len(built.rows)} sample clips from {samples_dir} -> {out_dir}")
     options = dict(batch_size=batch_size, window_n=window_n, window_stride=window_stride, shard_max_samples=2,
-                   models="dryrun", progress=progress)
+                   models="dryrun", progress=progress, audit_fraction=0.25)  # 2 of the 8 samples, every member
     if train_steps <= 0:
         report = with_workers(workers)(dataset="samples", manifest=str(manifest), output_root=str(out_dir), **options)
-        return {"preprocess": report, "training": None}
-    return pipeline(dataset="samples", manifest=str(manifest), output_root=str(out_dir), preprocess_options=options,
-                    train=dict(DRYRUN_TRAIN, total_steps=train_steps), nproc_per_node=train_processes, workers=workers)
+        result = {"preprocess": report, "training": None}
+    else:
+        result = pipeline(dataset="samples", manifest=str(manifest), output_root=str(out_dir),
+                          preprocess_options=options, train=dict(DRYRUN_TRAIN, total_steps=train_steps),
+                          nproc_per_node=train_processes, workers=workers)
+    if isinstance(result, dict) and isinstance(result.get("preprocess"), dict):
+        publish_summary(result, "dry-run")  # the run a user opens in the UI carries the CLI's summary
+    return result

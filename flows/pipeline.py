@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
 from flows.layout import DatasetLayout
 from flows.preprocess import with_workers
+from flows.run_artifacts import publish_summary
 from flows.train import train_flow
 from training.launch import LaunchSpec, check_launch
 from tasks.shard import STATS_FILE, iter_samples, shard_files
@@ -86,7 +88,10 @@ def pipeline(
                          **launch)
     if not trained.is_completed():
         return trained
-    return {"preprocess": report, "training": training_summary(Path(cfg["out_dir"]), trained)}
+    result = {"preprocess": report, "training": training_summary(Path(cfg["out_dir"]), trained)}
+    if flow_run.get_parent_flow_run_id() is None:  # the top-level run: it carries the summary the CLI prints
+        publish_summary(result, f"pipeline-{dataset}")
+    return result
 
 
 def training_summary(train_dir: Path, state: State) -> dict:

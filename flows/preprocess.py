@@ -12,24 +12,29 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from datasets_manifest.schema import read_manifest
+from flows.audit_artifacts import audit_state, publish_audit
 from flows.gate_artifacts import publish_gate
 from flows.layout import DatasetLayout
 from flows.progress import Progress
+from flows.run_artifacts import ProgressArtifact, publish_contact_sheet, publish_summary
 from flows.runners import RUNNERS, RayConfig, batch_submitter
-from tasks.crop import CROP_INFO
+from tasks.audit import AuditConfig, AuditModels, AuditReport, audit_shards
+from tasks.contact_sheet import AcceptedClip, RejectedClip, contact_sheet
 from tasks.download import DownloadConfig
 from tasks.gates import GateVerdict
 from tasks.feature_models import FeatureModels, dryrun_models
-from tasks.ledger import step_counts, write_ledger_part
+from tasks.ledger import LEDGER_DIR, step_counts, write_ledger_part
 from tasks.pose_check import PoseCheckConfig, latent_quality_gate
 from tasks.sample_features import FEATURE_STEPS, window_features
 from tasks import storage
@@ -37,7 +42,8 @@ from tasks.shard import (DEFAULT_SHARD_GROUPS, GroupResult, ShardClip, ShardConf
                          plan_groups, write_shard_group)
 from tasks.step_runner import ClipState, LedgerEntry, Step, run_step
 from tasks.step_store import StepStore, fingerprint
-from tasks.steps import AudioFeaturesStep, CropStep, DownloadStep, MotionStep, PoseCheckStep, VaeLatentsStep
+from tasks.steps import (DOWNLOADED_VIDEO, SHARD_VERSION, AudioFeaturesStep, CropStep, DownloadStep, MotionStep, PoseCheckStep,
+                         VaeLatentsStep, crop_frames, crop_segments)
 
 CLIP_STEPS = ("download", "crop", *FEATURE_STEPS)
 ALL_STEPS = (*CLIP_STEPS, "shard")
@@ -89,7 +95,7 @@ def hydrate(states: list[ClipState], store: StepStore, steps: tuple[str, ...]) -
 
 @task(name="run-step-batch", cache_policy=NO_CACHE)
 def run_step_batch(step: Step, batch: BatchResult, steps_root: str, run_id: str, progress: Optional[Progress] = None,
-                   scratch_root: Optional[str] = None) -> BatchResult:
+                   scratch_root: Optional[str] = None, retry_rejected: bool = False) -> BatchResult:
     logger = get_run_logger()
     store = StepStore(steps_root, scratch_root)
 
@@ -102,10 +108,42 @@ def run_step_batch(step: Step, batch: BatchResult, steps_root: str, run_id: str,
         if progress:
             progress.advance(f"{step.name} {entry.clip_id}")
 
-    new = run_step(step, batch.states, store, run_id, on_clip=report)
+    new = run_step(step, batch.states, store, run_id, on_clip=report, retry_rejected=retry_rejected)
     if progress:  # clips already dropped by an earlier step still count as done for this one
         progress.advance_many(len(batch.states) - len(new))
     return BatchResult(batch.states, batch.entries + new)
+
+
+@task(name="audit-shards", cache_policy=NO_CACHE)
+def audit_task(layout: DatasetLayout, models: Optional[FeatureModels], cfg: AuditConfig) -> AuditReport:
+    """Re-derive a fraction of the new shard set's samples from the step outputs; publish what was compared."""
+    from tasks import feature_models as loaded
+
+    extractors = AuditModels() if models is None else AuditModels(loaded.wan_vae(models), loaded.motion_extractor(models))
+    report = audit_shards(layout.base / "shards", layout.steps, extractors, cfg)
+    publish_audit(report, key_prefix=f"preprocess-{layout.dataset}")
+    (get_run_logger().info if report.ok else get_run_logger().error)(f"audit: {report.summary()}")
+    return report
+
+
+@task(name="contact-sheet", cache_policy=NO_CACHE)
+def contact_sheet_task(states: list[ClipState], layout: DatasetLayout, run_name: str) -> Optional[Path]:
+    """The run's contact sheet beside its ledger part, and as an artifact."""
+    steps = Path(layout.steps)
+    accepted = [AcceptedClip(s.row.clip_id, steps / "crop" / s.row.clip_id) for s in states
+                if s.alive and "crop" in s.records]
+    rejected = []
+    for s in states:
+        if s.failure is None:
+            continue
+        downloaded = steps / "download" / s.row.clip_id / DOWNLOADED_VIDEO
+        local = Path(s.row.source.split("#sha256=")[0])
+        source = downloaded if downloaded.is_file() else (local if local.is_absolute() and local.is_file() else None)
+        rejected.append(RejectedClip(s.row.clip_id, s.failure.step, s.failure.reason, source))
+    png = contact_sheet(accepted, rejected, layout.base / LEDGER_DIR / f"contact-sheet-{run_name}.png")
+    if png is not None:
+        publish_contact_sheet(png, f"preprocess-{layout.dataset}")
+    return png
 
 
 @task(name="latent-quality-gate", cache_policy=NO_CACHE)
@@ -129,7 +167,7 @@ def _shard_clip(state: ClipState, store: StepStore, with_features: bool) -> Shar
         extra["audio_dim"] = int(infos["audio_features"]["audio_dim"])
         extra["pose_check"] = {k: infos["pose_check"][k] for k in ("source", "dropped", "total")}
     return ShardClip(
-        row=state.row, crop_dir=crop_dir, frames=json.loads((crop_dir / CROP_INFO).read_text())["frames"],
+        row=state.row, crop_dir=crop_dir, frames=crop_frames(crop_dir), segments=crop_segments(crop_dir),
         step_versions={name: rec.version for name, rec in state.records.items()},
         lineage={name: rec.checksum for name, rec in state.records.items()},
         feature_sources=[window_features({n: store.clip_dir(n, state.row.clip_id) for n in FEATURE_STEPS})] if with_features else [],
@@ -138,7 +176,7 @@ def _shard_clip(state: ClipState, store: StepStore, with_features: bool) -> Shar
 
 
 def _group_key(group: str, states: list[ClipState], shard_cfg: ShardConfig, with_features: bool) -> str:
-    return fingerprint("shard", group, shard_cfg, with_features, sorted(
+    return fingerprint("shard", SHARD_VERSION, group, shard_cfg, with_features, sorted(
         (s.row.model_dump_json(), sorted((n, r.version, r.checksum) for n, r in s.records.items())) for s in states))
 
 
@@ -188,7 +226,7 @@ def shard_clips(states: list[ClipState], layout: DatasetLayout, shard_cfg: Shard
             n = r.clips[s.row.clip_id][1]
             entries.append(LedgerEntry(
                 s.row.clip_id, s.row.dataset, "shard", "ok" if n else "rejected", "skipped" if r.skipped else "ran",
-                "" if n else "too_short", "" if n else f"shorter than one {shard_cfg.window}-frame window", "2", r.key,
+                "" if n else "too_short", "" if n else f"no {shard_cfg.window}-frame window in its stable segments", SHARD_VERSION, r.key,
                 "", 0.0 if r.skipped else r.seconds / max(1, len(r.clips)), run_id, now))
     return {**stats, "skipped": skipped, "seconds": seconds, "out_dir": layout.shards_url, "groups": len(planned)}, entries
 
@@ -250,6 +288,8 @@ def preprocess(
     work_root: Optional[str] = None,
     scratch_root: Optional[str] = None,
     processes: Optional[int] = None,
+    audit_fraction: float = 0.02,
+    retry_rejected: bool = False,
 ) -> dict:
     """Preprocess one dataset's manifest into shards under `output_root/<dataset>/`.
 
@@ -260,6 +300,10 @@ def preprocess(
     and the shared Prefect API). `output_root` and `work_root` (step outputs; default: under `output_root`) may
     be fsspec URLs (s3://...): no shared filesystem is needed then, each worker stages step files in
     `scratch_root`, a local folder (default: a per-user folder in the system temp dir; see flows/layout.py).
+    `audit_fraction`: share of the new shard set's samples re-derived from the step outputs and compared
+    member by member (tasks/audit.py; 0 = no audit); a mismatch ends the run in the state AUDIT-MISMATCH.
+    `retry_rejected`: run clips whose cached result is a rejection again instead of skipping them (transient
+    failures, status `retryable`, are always retried).
     """
     logger = get_run_logger()
     run_id = str(flow_run.get_id() or uuid.uuid4())
@@ -298,10 +342,18 @@ def preprocess(
     with batch_submitter(runner, ray_cfg, processes) as submitter:
         futures: list = [BatchResult(states[i : i + batch_size]) for i in range(0, len(states), batch_size)]
         batch_task = run_step_batch.with_options(task_run_name="{step.name}-batch")
+        submitted: list = []
         try:
             for step in clip_steps:
                 futures = [submitter.submit(batch_task, step.name, step=step, batch=f, steps_root=str(layout.steps),
-                                            run_id=run_id, progress=bar, scratch_root=scratch_root) for f in futures]
+                                            run_id=run_id, progress=bar, scratch_root=scratch_root,
+                                            retry_rejected=retry_rejected) for f in futures]
+                submitted += futures
+            if submitted:  # the UI's progress bar moves as each batch-step finishes, in whatever order
+                moving = ProgressArtifact(len(submitted), f"preprocess-{dataset}",
+                                          f"batch-steps ({len(states)} clips x {len(clip_steps)} steps)")
+                for _ in as_completed(submitted):
+                    moving.advance()
             results: list[BatchResult] = [f.result() if hasattr(f, "result") else f for f in futures]
         finally:
             if bar:
@@ -316,7 +368,15 @@ def preprocess(
         if "shard" in wanted and (gate_state is None or not gate_state.is_failed()):
             shard_stats, shard_entries = shard_clips(all_states, layout, windows, with_features, run_id, shard_groups, submitter)
             entries += shard_entries
-    write_ledger_part(layout.ledger, entries, f"run-{time.strftime('%Y%m%dT%H%M%S')}-{run_id[:8]}")
+    audit = None
+    if shard_stats and shard_stats["samples"] and audit_fraction > 0:
+        if layout.is_local and storage.local_path(layout.steps) is not None:
+            audit = audit_task(layout, feature_models, AuditConfig(fraction=audit_fraction))
+        else:
+            logger.info("audit: skipped (it reads shards and step outputs from local folders)")
+    run_name = f"run-{time.strftime('%Y%m%dT%H%M%S')}-{run_id[:8]}"
+    write_ledger_part(layout.ledger, entries, run_name)
+    sheet = contact_sheet_task(all_states, layout, run_name) if layout.is_local and not store.remote else None
 
     counts = step_counts(entries)
     rejected = [
@@ -328,20 +388,27 @@ def preprocess(
         "dataset": dataset,
         "clips_in": len(states) + len(manifest_errors),
         "clips_out": sum(1 for s in all_states if s.alive),
+        "clips_retryable": sum(1 for s in all_states if s.failure and s.failure.status == "retryable"),
         "rejected": rejected,
         "step_counts": counts,
         "shards": shard_stats,
         "gate": None if gate_state is None else {"name": gate_state.name, "message": gate_state.message},
+        "audit": None if audit is None else {"ok": audit.ok, "summary": audit.summary(), "checks": audit.table()},
+        "contact_sheet": None if sheet is None else str(sheet),
         "untrained_dryrun_models": bool(feature_models and feature_models.dryrun),
         "output": layout.output,
         "runner": runner,
         "run_id": run_id,
     }
+    if flow_run.get_parent_flow_run_id() is None:  # run on its own: this run is the one a user opens
+        publish_summary(report, f"preprocess-{dataset}")
     if gate_state is not None and gate_state.is_failed():
         logger.error(gate_state.message)
         fs, base = storage.filesystem(layout.output)
         storage.write_bytes(fs, storage.join(base, "gate-no-go.json"), json.dumps(report, indent=1, default=str).encode())
         return gate_state
+    if audit is not None and not audit.ok:
+        return audit_state(audit, layout.output, report)
     return report
 
 

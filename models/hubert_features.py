@@ -29,7 +29,13 @@ def num_features(num_samples: int) -> int:
 
 @dataclass(frozen=True)
 class HubertLayers:
-    """Which hidden states to use: indexes into `hidden_states` (0 = input to layer 1, -1 = last), averaged."""
+    """Which hidden states to use, averaged. Index i in [-(N+1), N] for N encoder layers:
+
+    0 = input to layer 1 (`hidden_states[0]`); 1..N-1 = output of layer i (`hidden_states[i]`);
+    N (= -1) = the model's normalised output, `last_hidden_state`. Why: with the stable-layer-norm encoder
+    (HuBERT large) the encoder's final LayerNorm follows the last layer, and transformers 5.x does not fold it
+    into `hidden_states[-1]` (4.x did); HuBERT base normalises inside each layer, so both agree there.
+    """
 
     indexes: tuple[int, ...] = (-1,)
 
@@ -85,11 +91,18 @@ class HubertFeatureModel:
 
     @torch.inference_mode()
     def hidden_states(self, audio: np.ndarray, layers: HubertLayers, device: torch.device) -> np.ndarray:
-        """audio float32 [L] (already normalised if needed) -> [num_features(L), D] float32, mean of the chosen layers."""
+        """audio float32 [L] (already normalised if needed) -> [num_features(L), D] float32, mean of the chosen layers.
+
+        The last index always reads `last_hidden_state` (see HubertLayers), whatever this transformers version puts
+        in `hidden_states[-1]`.
+        """
         idx = self.resolve(layers)
         x = torch.from_numpy(np.ascontiguousarray(audio, np.float32))[None].to(device)
         out = self.model(x, output_hidden_states=True, return_dict=True)
-        hs = out.hidden_states
+        hs = list(out.hidden_states)
+        if len(hs) != self.num_layers + 1:
+            raise RuntimeError(f"expected {self.num_layers + 1} hidden states, got {len(hs)}")
+        hs[self.num_layers] = out.last_hidden_state  # after the encoder's final LayerNorm (HuBERT large)
         stacked = torch.stack([hs[i][0].float() for i in idx]).mean(0)  # [F, D]
         return stacked.cpu().numpy()
 

@@ -28,7 +28,9 @@ from tasks.contract import AUDIO_SAMPLES_PER_FRAME, CROP_SIZE, FPS, SAMPLE_RATE
 from tasks.crop_geometry import CropParams, StreamingRectSmoother, crop_matrix, rect_from_landmarks, transform_points
 from tasks.errors import ClipRejected
 from tasks.face_landmarks import FaceBox, get_landmarker
-from tasks.media import MediaError, VideoWriter, iter_frames, probe, read_audio, write_wav, yuv420_planes
+from tasks.crop_segments import Segment, SegmentConfig, cut_score, kept_spans, plan_segments
+from tasks.media import (CorruptStream, MediaError, MediaInfo, VideoWriter, decode_errors, iter_frames,
+                         locate_decode_error, probe, read_audio, run_ffmpeg, write_wav, x264_args, yuv420_planes)
 
 CROP_VIDEO = "crop.mp4"
 CROP_AUDIO = "audio.wav"
@@ -49,14 +51,19 @@ class CropConfig:
     detect_max_side: int = 640  # detection and landmarks run on frames downscaled to this
     smooth_sigma: float = 2.0  # frames; Gaussian smoothing of crop boxes over time
     min_face_px: float = 64.0  # median detected face size in source pixels
+    small_face_px: float = 40.0  # before the first face: a second, finer search finds faces down to this size
+    small_face_probes: int = 3  # ... on at most this many detection frames (its cost grows with the source area)
     min_face_ratio: float = 0.8  # detection frames that must contain a face
     second_face_ratio: float = 0.6  # a second face this large relative to the main one counts as dominant ...
     multi_face_frames: float = 0.3  # ... and in this share of detection frames the clip is rejected
     min_frames: int = 33  # shortest clip kept (one 4n+1 window of the default n=8)
     require_audio: bool = True
+    silence_rms: float = 1e-4  # ~ -80 dBFS, as the HuBERT step's: silent clips go before any model runs
     av_tolerance_s: float = 0.2  # audio/video length difference accepted silently
     av_mismatch: Literal["trim", "reject"] = "trim"  # beyond tolerance: cut both to the shorter, or reject
     crf: int = 18
+    mode: Literal["static", "follow"] = "static"  # one box per stable segment, or a box per frame
+    segments: SegmentConfig = field(default_factory=SegmentConfig)  # the static mode's box and segment rules
 
 
 @dataclass
@@ -70,6 +77,9 @@ class CropResult:
     median_face_px: float
     landmarker: str
     seconds: float
+    mode: str = "static"
+    segments: list = field(default_factory=list)  # [start, end) spans training windows may use
+    dropped_segments: list = field(default_factory=list)  # segments too short for a window, with why
 
     @property
     def video(self) -> Path:
@@ -120,8 +130,8 @@ def _detect_near(lm, frame: np.ndarray, box: FaceBox, margin: float, face_px: fl
     x0, y0 = int(max(0, box.x0 - pad)), int(max(0, box.y0 - pad))
     x1, y1 = int(min(w, box.x1 + pad)), int(min(h, box.y1 + pad))
     region = frame[y0:y1, x0:x1]
-    s = min(1.0, face_px / max(box.size, 1.0))
-    if s < 1.0:
+    s = min(_MAX_NEAR_UPSCALE, face_px / max(box.size, 1.0))  # > 1: a small face is enlarged to HOG's window
+    if s != 1.0:
         size = (max(1, round((x1 - x0) * s)), max(1, round((y1 - y0) * s)))
         region = _downscale(region, size)
         sx, sy = region.shape[1] / (x1 - x0), region.shape[0] / (y1 - y0)
@@ -129,6 +139,10 @@ def _detect_near(lm, frame: np.ndarray, box: FaceBox, margin: float, face_px: fl
         sx = sy = 1.0
     found = lm.detect(np.ascontiguousarray(region))
     return [FaceBox(b.x0 / sx + x0, b.y0 / sy + y0, b.x1 / sx + x0, b.y1 / sy + y0, b.score) for b in found]
+
+
+_MAX_NEAR_UPSCALE = 4.0
+_HOG_WINDOW_PX = 80.0  # dlib's frontal detector finds faces at least this wide
 
 
 def _landmark_extent(pts: np.ndarray) -> tuple[np.ndarray, float]:
@@ -163,13 +177,26 @@ class _FaceTracker:
         self.box: Optional[FaceBox] = None  # the face being followed, in detection-frame pixels
         self.anchor: Optional[np.ndarray] = None  # the last detection's box relative to its landmarks
         self.pts: Optional[np.ndarray] = None  # the previous frame's landmarks
+        self.small_probes = 0  # small-face searches spent
 
     @property
     def frames(self) -> int:
         return len(self.track.landmarks)
 
-    def step(self, frame: np.ndarray) -> np.ndarray:
-        """[68, 2] landmarks of this frame in source pixels (NaN until the first face is found)."""
+    def _detect_small(self, source_luma: np.ndarray) -> list[FaceBox]:
+        """Whole-frame search at the scale where a `small_face_px` source face fills HOG's window (a tall
+        1080x1920 source puts a 135 px face at 45 px of detection size, below what HOG can see)."""
+        self.small_probes += 1
+        t = _HOG_WINDOW_PX / self.cfg.small_face_px
+        h, w = source_luma.shape
+        big = cv2.resize(source_luma, (round(w * t), round(h * t)), interpolation=cv2.INTER_LINEAR)
+        found = self.lm.detect(cv2.LUT(big, _FULL_RANGE_LUT))
+        return [b.scaled(self.scale / t) for b in found]
+
+    def step(self, frame: np.ndarray, source_luma=None) -> np.ndarray:
+        """[68, 2] landmarks of this frame in source pixels (NaN until the first face is found).
+
+        `source_luma`: a callable giving the frame's full-size luma, for the small-face search."""
         cfg, track, i = self.cfg, self.track, self.frames
         detected = False
         if self.box is not None and self.pts is not None and self.anchor is not None:
@@ -181,6 +208,11 @@ class _FaceTracker:
                 near = False
                 boxes = self.lm.detect(frame)
                 track.full_det_frames += 1
+                if not boxes and self.box is not None:  # a tracked face too small for HOG at this size
+                    near, boxes = True, _detect_near(self.lm, frame, self.box, cfg.track_margin, cfg.near_face_px)
+                if not boxes and self.box is None and source_luma is not None \
+                        and self.small_probes < cfg.small_face_probes:
+                    boxes = self._detect_small(source_luma())
             track.det_frames += 1
             picked = _pick(boxes, self.box, self.hint) if boxes else None
             if picked is not None:
@@ -252,37 +284,160 @@ def _fill_missing(landmarks: np.ndarray) -> np.ndarray:
     return out
 
 
-def crop_clip(source: str | Path, out_dir: str | Path, cfg: CropConfig = CropConfig(),
-              face_box: Optional[list[float]] = None) -> CropResult:
-    """Crop one clip into `out_dir` (created); raises ClipRejected with a reason code.
+def _unreadable(exc: MediaError) -> ClipRejected:
+    """`corrupt_stream` (decodes, but damaged data was concealed; the message says where) or `corrupt`."""
+    return ClipRejected("corrupt_stream" if isinstance(exc, CorruptStream) else "corrupt", str(exc),
+                        info={"position_s": exc.position_s} if isinstance(exc, CorruptStream) else None)
 
-    `face_box` (x0, y0, x1, y1 in source pixels, from the manifest) says which face to follow when several
-    are visible; the clip is then not rejected for a second dominant face.
-    """
-    t0 = time.perf_counter()
-    source, out_dir = Path(source), Path(out_dir)
+
+@dataclass
+class _Source:
+    path: Path
+    info: MediaInfo
+    audio: np.ndarray  # float32 mono at SAMPLE_RATE; empty without an audio stream
+    frames_est: int  # decoded frames at FPS, at most
+    limit: int  # frames the output can have at most (trimmed to the audio when av_mismatch allows it)
+    det_size: tuple[int, int]  # detection frame (w, h)
+    det_scale: float
+
+
+def _open_source(source: Path, cfg: CropConfig) -> _Source:
+    """Probe and read the audio; the rejections that need no frame (no video, no audio, silence, damage)."""
     try:
         info = probe(source)
     except MediaError as exc:
-        raise ClipRejected("corrupt", str(exc)) from exc
+        raise _unreadable(exc) from exc
     if not info.has_video:
         raise ClipRejected("no_video", f"{source.name} has no video stream")
     if not info.has_audio and cfg.require_audio:
         raise ClipRejected("no_audio", f"{source.name} has no audio stream")
-
     try:
         audio = read_audio(source, SAMPLE_RATE, info=info) if info.has_audio else np.zeros(0, np.float32)
     except MediaError as exc:
-        raise ClipRejected("corrupt", str(exc)) from exc
-    source_frames_est = int(round(info.duration_s * FPS)) + FPS
-    # Frames the output can have at most: trimmed to the audio (when av_mismatch allows it; checked below).
-    limit = min(source_frames_est, len(audio) // AUDIO_SAMPLES_PER_FRAME) if info.has_audio else source_frames_est
+        raise _unreadable(exc) from exc
+    if info.has_audio and len(audio):
+        rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
+        if rms < cfg.silence_rms:
+            raise ClipRejected("silent_audio", f"audio RMS {rms:.2e} below {cfg.silence_rms:.0e}")
+    frames_est = int(round(info.duration_s * FPS)) + FPS
+    limit = min(frames_est, len(audio) // AUDIO_SAMPLES_PER_FRAME) if info.has_audio else frames_est
     s = min(1.0, cfg.detect_max_side / max(info.width, info.height))
     size = (max(2, int(round(info.width * s / 2)) * 2), max(2, int(round(info.height * s / 2)) * 2))
-    tracker = _FaceTracker(cfg, s, size[0] / info.width, size[1] / info.height, face_box)
+    return _Source(source, info, audio, frames_est, limit, size, s)
+
+
+def _judge(track: _Track, n_video: int, src: _Source, cfg: CropConfig,
+           face_box: Optional[list[float]]) -> tuple[int, float]:
+    """After tracking: reject the clip or return (frames kept, median face size in source pixels)."""
+    audio_s = len(src.audio) / SAMPLE_RATE
+    if n_video < cfg.min_frames:
+        raise ClipRejected("too_short", f"{n_video} frames at {FPS} fps, need {cfg.min_frames}")
+    if track.det_frames == 0 or track.det_hits / track.det_frames < cfg.min_face_ratio:
+        raise ClipRejected("no_face", f"face found in {track.det_hits}/{track.det_frames} detection frames")
+    if face_box is None and track.multi_hits / max(1, track.full_det_frames) >= cfg.multi_face_frames:
+        raise ClipRejected("multiple_faces", f"a second dominant face in {track.multi_hits}/{track.full_det_frames} "
+                                             "whole-frame detections")
+    median_face = float(np.median(track.face_sizes))
+    if median_face < cfg.min_face_px:
+        raise ClipRejected("face_too_small", f"median face {median_face:.0f}px < {cfg.min_face_px:.0f}px")
+    frames = n_video
+    if src.info.has_audio:
+        gap = abs(audio_s - n_video / FPS)
+        if gap > cfg.av_tolerance_s and cfg.av_mismatch == "reject":
+            raise ClipRejected("av_length_mismatch", f"audio {audio_s:.2f}s vs video {n_video / FPS:.2f}s")
+        frames = min(n_video, len(src.audio) // AUDIO_SAMPLES_PER_FRAME)
+        if frames < cfg.min_frames:
+            raise ClipRejected("too_short", f"only {frames} frames have audio (audio {audio_s:.2f}s)")
+    return frames, median_face
+
+
+def _tracker(src: _Source, cfg: CropConfig, face_box: Optional[list[float]]) -> _FaceTracker:
+    w, h = src.det_size
+    return _FaceTracker(cfg, src.det_scale, w / src.info.width, h / src.info.height, face_box)
+
+
+def _track_static(src: _Source, cfg: CropConfig,
+                  face_box: Optional[list[float]]) -> tuple[_Track, int, np.ndarray]:
+    """Landmarks and shot-cut scores of every frame the output can hold, from a luma-only decode, and the
+    source's frame count (frames past the audio are counted, not tracked)."""
+    tracker = _tracker(src, cfg, face_box)
+    scores: list[float] = []
+    previous = None
+    cut_size = (max(1, src.det_size[0] // 4), max(1, src.det_size[1] // 4))
+    n_video = 0
+    try:
+        decoded = (f for chunk in iter_frames(src.path, fps=FPS, chunk=8, pix_fmt="gray", info=src.info) for f in chunk)
+        for luma in islice(decoded, src.frames_est):
+            n_video += 1
+            if n_video > src.limit:
+                continue
+            det = _detection_luma(luma, src.det_size)
+            tracker.step(det, source_luma=lambda: luma)
+            small = cv2.resize(det, cut_size, interpolation=cv2.INTER_AREA)
+            scores.append(cut_score(previous, small))
+            previous = small
+    except MediaError as exc:
+        raise _unreadable(exc) from exc
+    return tracker.track, n_video, np.asarray(scores)
+
+
+def encode_static_crop(source: Path, out: Path, segments: list[Segment], frames: int, info: MediaInfo,
+                       dsize: int, crf: int) -> None:
+    """The static crop in one ffmpeg run: per segment a fixed crop + scale of the 25 fps source, concatenated;
+    black outside the frame (a pad), as LivePortrait's warp fills it. No frame passes through Python."""
+    pad = max([0] + [max(-x, -y, x + s - info.width, y + s - info.height) for x, y, s in (g.box for g in segments)])
+    pad = _even_up(pad)
+    head = f"fps={FPS}" + (f",pad=iw+{2 * pad}:ih+{2 * pad}:{pad}:{pad}:color=black" if pad else "")
+    k = len(segments)
+    graph = [f"[0:v]{head},split={k}" + "".join(f"[in{i}]" for i in range(k))]
+    for i, g in enumerate(segments):
+        x, y, side = g.box
+        flags = "area" if side >= dsize else "bicubic"
+        graph.append(f"[in{i}]trim=start_frame={g.start}:end_frame={g.end},setpts=PTS-STARTPTS,"
+                     f"crop={side}:{side}:{x + pad}:{y + pad},scale={dsize}:{dsize}:flags={flags},setsar=1[seg{i}]")
+    graph.append("".join(f"[seg{i}]" for i in range(k)) + f"concat=n={k}:v=1:a=0,format=yuv420p[out]")
+    tmp = out.with_name(out.name + ".tmp.mp4")
+    try:
+        log = run_ffmpeg(["-y", "-i", f"file:{source.resolve()}", "-filter_complex", ";".join(graph), "-map", "[out]",
+                          "-frames:v", str(frames), "-r", str(FPS), *x264_args(crf), "-an", "-f", "mp4",
+                          f"file:{tmp.resolve()}"], "static crop")
+        errors = decode_errors(log)
+        if errors:
+            raise CorruptStream(source, "video", errors, locate_decode_error(source, "video"))
+        got = probe(tmp)
+        if abs(got.duration_s * FPS - frames) > 1.5:
+            raise MediaError(f"static crop wrote {got.duration_s * FPS:.0f} frames, expected {frames}")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _even_up(v: float) -> int:
+    return int(2 * np.ceil(max(0.0, v) / 2))
+
+
+def _crop_static(src: _Source, out_dir: Path, cfg: CropConfig, face_box: Optional[list[float]]):
+    track, n_video, scores = _track_static(src, cfg, face_box)
+    frames, median_face = _judge(track, n_video, src, cfg, face_box)
+    landmarks = _fill_missing(np.stack(track.landmarks[:frames]))
+    segments = plan_segments(landmarks, scores[:frames], cfg.segments)
+    if not kept_spans(segments):
+        longest = max(g.frames for g in segments)
+        raise ClipRejected("no_stable_segment", f"{len(segments)} segments, the longest {longest} frames: the face "
+                                                f"never stays {cfg.segments.min_frames} frames in one box")
+    try:
+        encode_static_crop(src.path, out_dir / CROP_VIDEO, segments, frames, src.info, cfg.params.dsize, cfg.crf)
+    except MediaError as exc:
+        raise _unreadable(exc) from exc
+    rects = np.stack([g.rect() for g in segments for _ in range(g.frames)])
+    return n_video, frames, median_face, landmarks, rects, segments
+
+
+def _crop_follow(src: _Source, out_dir: Path, cfg: CropConfig, face_box: Optional[list[float]]):
+    """The per-frame tracked crop (rotation with roll, Gaussian-smoothed boxes), warped while tracking."""
+    tracker = _tracker(src, cfg, face_box)
     smoother = StreamingRectSmoother(cfg.smooth_sigma)
-    d, w, h = cfg.params.dsize, info.width, info.height
-    out_dir.mkdir(parents=True, exist_ok=True)
+    d, w, h, limit = cfg.params.dsize, src.info.width, src.info.height, src.limit
     # One decode feeds both jobs: each frame is tracked, then waits in `pending` until its smoothed crop is
     # known (radius frames later) and goes to the encoder. Before the first face nothing can be warped; if
     # that lead outgrows PENDING_BYTES the warp is left to a second decode after tracking.
@@ -291,9 +446,11 @@ def crop_clip(source: str | Path, out_dir: str | Path, cfg: CropConfig = CropCon
     written = 0
     try:
         try:
-            decoded = (f for chunk in iter_frames(source, fps=FPS, chunk=8, pix_fmt="yuv420p", info=info) for f in chunk)
-            for frame in islice(decoded, source_frames_est):
-                pts = tracker.step(_detection_luma(yuv420_planes(frame, w, h)[0], size))
+            decoded = (f for chunk in iter_frames(src.path, fps=FPS, chunk=8, pix_fmt="yuv420p", info=src.info)
+                       for f in chunk)
+            for frame in islice(decoded, src.frames_est):
+                luma = yuv420_planes(frame, w, h)[0]
+                pts = tracker.step(_detection_luma(luma, src.det_size), source_luma=lambda: luma)
                 smoother.push(None if np.isnan(pts).any() else rect_from_landmarks(pts, cfg.params))
                 if writer is None or tracker.frames > limit:
                     continue
@@ -309,38 +466,18 @@ def crop_clip(source: str | Path, out_dir: str | Path, cfg: CropConfig = CropCon
                     writer, written = None, 0
                     pending.clear()
         except MediaError as exc:
-            raise ClipRejected("corrupt", str(exc)) from exc
+            raise _unreadable(exc) from exc
         track = tracker.track
         end = min(tracker.frames, limit)
         if writer is not None and pending and smoother.ready(written, end):
             writer.write(_warped(list(pending), written, smoother, end, w, h, d))
             written += len(pending)
             pending.clear()
-        n_video = len(track.landmarks)
-        audio_s = len(audio) / SAMPLE_RATE
-        if n_video < cfg.min_frames:
-            raise ClipRejected("too_short", f"{n_video} frames at {FPS} fps, need {cfg.min_frames}")
-        if track.det_frames == 0 or track.det_hits / track.det_frames < cfg.min_face_ratio:
-            raise ClipRejected("no_face", f"face found in {track.det_hits}/{track.det_frames} detection frames")
-        if face_box is None and track.multi_hits / max(1, track.full_det_frames) >= cfg.multi_face_frames:
-            raise ClipRejected("multiple_faces", f"a second dominant face in {track.multi_hits}/{track.full_det_frames} "
-                                                 "whole-frame detections")
-        median_face = float(np.median(track.face_sizes))
-        if median_face < cfg.min_face_px:
-            raise ClipRejected("face_too_small", f"median face {median_face:.0f}px < {cfg.min_face_px:.0f}px")
-
-        frames = n_video
-        if info.has_audio:
-            gap = abs(audio_s - n_video / FPS)
-            if gap > cfg.av_tolerance_s and cfg.av_mismatch == "reject":
-                raise ClipRejected("av_length_mismatch", f"audio {audio_s:.2f}s vs video {n_video / FPS:.2f}s")
-            frames = min(n_video, len(audio) // AUDIO_SAMPLES_PER_FRAME)
-            if frames < cfg.min_frames:
-                raise ClipRejected("too_short", f"only {frames} frames have audio (audio {audio_s:.2f}s)")
+        frames, median_face = _judge(track, len(track.landmarks), src, cfg, face_box)
         if writer is None:  # the lead before the first face outgrew the buffer: warp in a second decode
             writer = VideoWriter(out_dir / CROP_VIDEO, d, d, fps=FPS, crf=cfg.crf, input_pix_fmt="yuv420p")
             try:
-                for chunk in iter_frames(source, fps=FPS, chunk=8, pix_fmt="yuv420p", info=info):
+                for chunk in iter_frames(src.path, fps=FPS, chunk=8, pix_fmt="yuv420p", info=src.info):
                     take = list(chunk[: max(0, frames - written)])
                     if take:
                         writer.write(_warped(take, written, smoother, frames, w, h, d))
@@ -348,42 +485,67 @@ def crop_clip(source: str | Path, out_dir: str | Path, cfg: CropConfig = CropCon
                     if written >= frames:
                         break
             except MediaError as exc:
-                raise ClipRejected("corrupt", str(exc)) from exc
+                raise _unreadable(exc) from exc
         if written != frames:
-            raise ClipRejected("corrupt", f"warped {written} frames, tracked {n_video} ({frames} kept)")
+            raise ClipRejected("corrupt", f"warped {written} frames, tracked {len(track.landmarks)} ({frames} kept)")
         writer.close()
         writer = None
     finally:
         if writer is not None:  # rejected or failed: the encoder's temporary file goes, no crop.mp4 appears
             writer.abort()
-
     landmarks = _fill_missing(np.stack(track.landmarks[:frames]))
     rects = np.stack([smoother.smoothed(i, frames) for i in range(frames)])  # the rects the warp used
+    return len(track.landmarks), frames, median_face, landmarks, rects, None
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array, allow_pickle=False)
+    tmp.replace(path)
+
+
+def crop_clip(source: str | Path, out_dir: str | Path, cfg: CropConfig = CropConfig(),
+              face_box: Optional[list[float]] = None) -> CropResult:
+    """Crop one clip into `out_dir` (created); raises ClipRejected with a reason code.
+
+    `face_box` (x0, y0, x1, y1 in source pixels, from the manifest) says which face to follow when several
+    are visible; the clip is then not rejected for a second dominant face. `cfg.mode`: "static" (one box per
+    stable segment, tasks/crop_segments.py) or "follow" (a box per frame).
+    """
+    t0 = time.perf_counter()
+    source, out_dir = Path(source), Path(out_dir)
+    src = _open_source(source, cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    crop = _crop_static if cfg.mode == "static" else _crop_follow
+    n_video, frames, median_face, landmarks, rects, segments = crop(src, out_dir, cfg, face_box)
+
     mats = [crop_matrix(r, cfg.params.dsize) for r in rects]
     crop_landmarks = np.stack([transform_points(p, m) for p, m in zip(landmarks, mats)]).astype(np.float32)
-
     n_audio = frames * AUDIO_SAMPLES_PER_FRAME
-    if info.has_audio:
-        write_wav(out_dir / CROP_AUDIO, audio[:n_audio])
-    for name, array in ((CROP_LANDMARKS, crop_landmarks), (CROP_RECTS, rects.astype(np.float32))):
-        tmp = out_dir / (name + ".tmp.npy")
-        np.save(tmp, array, allow_pickle=False)
-        tmp.replace(out_dir / name)
+    if src.info.has_audio:
+        write_wav(out_dir / CROP_AUDIO, src.audio[:n_audio])
+    _save_npy(out_dir / CROP_LANDMARKS, crop_landmarks)
+    _save_npy(out_dir / CROP_RECTS, rects.astype(np.float32))
     result = CropResult(
         clip_dir=out_dir,
         frames=frames,
-        audio_samples=n_audio if info.has_audio else 0,
+        audio_samples=n_audio if src.info.has_audio else 0,
         source_frames=n_video,
-        source_audio_s=audio_s,
+        source_audio_s=len(src.audio) / SAMPLE_RATE,
         trimmed_s=max(0.0, n_video / FPS - frames / FPS),
         median_face_px=median_face,
         landmarker=get_landmarker(cfg.landmarker).name,
         seconds=time.perf_counter() - t0,
+        mode=cfg.mode,
+        segments=kept_spans(segments) if segments else [(0, frames)],
+        dropped_segments=[g.as_json() for g in segments if g.dropped] if segments else [],
     )
     # Only facts that depend on the input: no paths, no timings (the dir's checksum keys downstream steps).
     meta = {k: v for k, v in asdict(result).items() if k not in ("clip_dir", "seconds")}
-    meta["params"] = asdict(cfg.params)
+    meta["params"] = asdict(cfg.segments.params if cfg.mode == "static" else cfg.params)
     meta["crop_size"] = CROP_SIZE
+    if segments:
+        meta["segment_boxes"] = [g.as_json() for g in segments]
     tmpj = out_dir / (CROP_INFO + ".tmp")
     tmpj.write_text(json.dumps(meta, indent=1))
     tmpj.replace(out_dir / CROP_INFO)

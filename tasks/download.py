@@ -12,8 +12,9 @@ re-encoded only if the codecs cannot go into MP4). Any other range is re-encoded
 ffmpeg's input seek, which is frame-accurate when transcoding: stream copy could only cut at keyframes,
 giving clips that start up to a GOP (often 2-10 s) early and breaking audio/video alignment downstream.
 
-Per-clip failures raise `ClipRejected` with one of: unreachable, download_failed, corrupt, no_video,
-too_short. Outputs appear atomically (temp name in the same directory, then rename).
+Per-clip failures raise `ClipRejected` with one of: unreachable, download_failed, corrupt, corrupt_stream
+(decodable, but the decoder reported damaged data: re-encoding would hide it), no_video, too_short.
+Outputs appear atomically (temp name in the same directory, then rename).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from tasks.fetchers.fsspec_source import fetch_fsspec
 from tasks.fetchers.http import fetch_http
 from tasks.fetchers.retry import RetryPolicy
 from tasks.fetchers.youtube import fetch_youtube
-from tasks.media import MediaError, MediaInfo, probe, run_ffmpeg
+from tasks.media import MediaError, MediaInfo, decode_errors, error_stream, locate_decode_error, probe, run_ffmpeg
 
 STEP_NAME = "download"
 STEP_VERSION = "1"
@@ -265,10 +266,17 @@ def _cut(src: Path, tmp: Path, start_s: float, end_s: Optional[float], info: Med
         video += ["-vf", "crop=trunc(iw/2)*2:trunc(ih/2)*2:0:0"]
     audio = ["-c:a", "aac", "-b:a", cfg.audio_bitrate]
     try:
-        run_ffmpeg([*seek, "-i", inp, *length, *streams, *video, *audio, "-movflags", "+faststart",
-                    "-f", "mp4", "-y", outp], "trim")
+        log = run_ffmpeg([*seek, "-i", inp, *length, *streams, *video, *audio, "-movflags", "+faststart",
+                          "-f", "mp4", "-y", outp], "trim")
     except MediaError as exc:
         raise ClipRejected("corrupt", f"{src}: {exc}") from None
+    errors = decode_errors(log)
+    if errors:  # the re-encode would bake the gap or the concealment into a clean-looking clip
+        stream = error_stream(errors)
+        at = locate_decode_error(src, stream, start_s, None if end_s is None else end_s - start_s)
+        where = f" near {at:.2f} s of the clip ({start_s + at:.2f} s of the source)" if at is not None else ""
+        raise ClipRejected("corrupt_stream", f"{src.name}: {len(errors)} {stream} decode error(s){where}; "
+                                             f"first: {errors[0][:200]}", info={"position_s": at, "stream": stream})
     return not whole
 
 

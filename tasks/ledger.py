@@ -51,7 +51,7 @@ def latest_status(root: str | Path) -> dict[tuple[str, str], dict]:
 
 
 def step_counts(entries: Iterable[LedgerEntry]) -> list[dict]:
-    """Per step: clips ok / rejected / failed / skipped (cached), seconds, and the rejection reasons."""
+    """Per step: clips ok / rejected / retryable / failed / skipped (cached), seconds, and the reasons."""
     by_step: dict[str, Counter] = defaultdict(Counter)
     reasons: dict[str, Counter] = defaultdict(Counter)
     seconds: dict[str, float] = defaultdict(float)
@@ -70,6 +70,7 @@ def step_counts(entries: Iterable[LedgerEntry]) -> list[dict]:
             "step": s,
             "ok": by_step[s]["ok"],
             "rejected": by_step[s]["rejected"],
+            "retryable": by_step[s]["retryable"],
             "failed": by_step[s]["failed"],
             "skipped": by_step[s]["skipped"],
             "seconds": round(seconds[s], 2),

@@ -28,6 +28,65 @@ class MediaError(RuntimeError):
     """The file cannot be read as media; the message says why (shown in the ledger)."""
 
 
+class CorruptStream(MediaError):
+    """The file decodes, but its decoder reported damaged data: frames or audio went missing or were
+    concealed, so what follows would drift against the other stream. `position_s`: where, when located."""
+
+    def __init__(self, path, stream: str, errors: list[str], position_s: Optional[float] = None):
+        where = f" near {position_s:.2f} s" if position_s is not None else ""
+        super().__init__(f"{Path(path).name}: {len(errors)} {stream} decode error(s){where}; first: {errors[0][:200]}")
+        self.stream, self.errors, self.position_s = stream, errors, position_s
+
+
+# What decoders print (at -loglevel error) for damaged input; ffmpeg still exits 0 after concealing it.
+_DECODE_ERROR = re.compile(
+    r"Error submitting packet to decoder|error while decoding|Invalid NAL unit|concealing \d+|"
+    r"Invalid data found when processing input|corrupt (?:decoded )?frame|missing picture|"
+    r"decode_slice_header error|no frame!|exceeds limit|is not allocated|Reserved bit set|"
+    r"Prediction is not allowed|invalid band type|Error decoding", re.I)
+
+
+def decode_errors(log: str) -> list[str]:
+    """The lines of an ffmpeg log that report damaged input data."""
+    return [line.strip() for line in log.splitlines() if _DECODE_ERROR.search(line)]
+
+
+_PTS_TIME = re.compile(r"pts_time:\s*(-?\d+(?:\.\d+)?)")
+
+
+_AUDIO_DECODER = re.compile(r"\b(?:aac|mp3\w*|opus|vorbis|ac3|eac3|flac|pcm_\w+|aist#)", re.I)
+
+
+def error_stream(errors: list[str]) -> Literal["video", "audio"]:
+    """Which stream the first decode error came from (decoders prefix their messages with their name)."""
+    return "audio" if _AUDIO_DECODER.search(errors[0]) else "video"
+
+
+def locate_decode_error(path: str | Path, stream: Literal["video", "audio"], start_s: float = 0.0,
+                        duration_s: Optional[float] = None) -> Optional[float]:
+    """Seconds after `start_s` of the first decode error of `stream` in `path`: a diagnostic decode that logs
+    every frame's timestamp (showinfo) between the decoder's messages. Only run once a decode found errors."""
+    filt = ["-map", "0:v:0", "-vf", "showinfo"] if stream == "video" else ["-map", "0:a:0", "-af", "ashowinfo"]
+    seek = (["-ss", f"{start_s:.6f}"] if start_s > 0 else []) + (["-t", f"{duration_s:.6f}"] if duration_s else [])
+    proc = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "info", "-threads", "1",
+                           *seek, "-i", str(path), *filt, "-f", "null", "-"], capture_output=True, text=True,
+                          errors="replace")
+    last = 0.0
+    for line in proc.stderr.splitlines():
+        if _DECODE_ERROR.search(line):
+            return last
+        m = _PTS_TIME.search(line)
+        if m:
+            last = float(m.group(1))
+    return None
+
+
+def _check_decode(path, stream: Literal["video", "audio"], log: str) -> None:
+    errors = decode_errors(log)
+    if errors:
+        raise CorruptStream(path, stream, errors, locate_decode_error(path, stream))
+
+
 @dataclass(frozen=True)
 class MediaInfo:
     duration_s: float
@@ -38,10 +97,12 @@ class MediaInfo:
     has_audio: bool = False
     audio_rate: int = 0
     audio_channels: int = 0
+    rotation: float = 0.0  # degrees of the display matrix; width x height is already the displayed size
 
 
 _DURATION = re.compile(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)")
 _VIDEO = re.compile(r"Stream #\S+.*?: Video: .*?(\d{2,5})x(\d{2,5})[^\n]*?(?:(\d+(?:\.\d+)?) fps|(\d+(?:\.\d+)?) tbr)")
+_ROTATION = re.compile(r"(?:displaymatrix|Display Matrix): rotation of (-?\d+(?:\.\d+)?) degrees", re.I)
 _AUDIO = re.compile(r"Stream #\S+.*?: Audio: [^\n]*?(\d+) Hz, ([^,\n]+)")
 
 
@@ -55,7 +116,10 @@ def _channels(layout: str) -> int:
 
 
 def probe(path: str | Path) -> MediaInfo:
-    """Read container facts from `ffmpeg -i` (the bundled ffmpeg has no ffprobe)."""
+    """Read container facts from `ffmpeg -i` (the bundled ffmpeg has no ffprobe).
+
+    Width and height are the *displayed* size: ffmpeg's decoder applies a stream's display matrix (phone clips
+    stored sideways), so a 90-degree rotation swaps the stored sides."""
     path = Path(path)
     if not path.exists():
         raise MediaError(f"no such file: {path}")
@@ -70,11 +134,17 @@ def probe(path: str | Path) -> MediaInfo:
     duration = int(d.group(1)) * 3600 + int(d.group(2)) * 60 + float(d.group(3)) if d else 0.0
     v = _VIDEO.search(err)
     a = _AUDIO.search(err)
+    r = _ROTATION.search(err)
+    rotation = float(r.group(1)) if r else 0.0
+    width, height = (int(v.group(1)), int(v.group(2))) if v else (0, 0)
+    if round(rotation) % 180 == 90:
+        width, height = height, width
     return MediaInfo(
         duration_s=duration,
         has_video=v is not None,
-        width=int(v.group(1)) if v else 0,
-        height=int(v.group(2)) if v else 0,
+        width=width,
+        height=height,
+        rotation=rotation,
         fps=float(v.group(3) or v.group(4)) if v else 0.0,
         has_audio=a is not None,
         audio_rate=int(a.group(1)) if a else 0,
@@ -82,12 +152,15 @@ def probe(path: str | Path) -> MediaInfo:
     )
 
 
-def run_ffmpeg(args: list[str], what: str) -> None:
-    """Run ffmpeg with an argument list; raise MediaError with the tail of its log on failure."""
+def run_ffmpeg(args: list[str], what: str) -> str:
+    """Run ffmpeg with an argument list; raise MediaError with the tail of its log on failure. Returns its
+    error log (empty when clean): damaged input is concealed with exit 0, see `decode_errors`."""
     proc = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", *args], capture_output=True)
+    log = proc.stderr.decode(errors="replace")
     if proc.returncode != 0:
-        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
+        tail = log.strip().splitlines()[-3:]
         raise MediaError(f"{what} failed: {' | '.join(tail) or 'ffmpeg exit ' + str(proc.returncode)}")
+    return log
 
 
 def yuv420_bytes(width: int, height: int) -> int:
@@ -144,6 +217,9 @@ def iter_frames(
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     block = frame_bytes * chunk
     reader = _ChunkReader(proc.stdout, block, max(1, min(prefetch, PREFETCH_BYTES // block)))
+    log: list[bytes] = []  # drained on a thread: a damaged file's many error lines must not fill the pipe
+    log_thread = threading.Thread(target=lambda: log.extend(proc.stderr), name="ffmpeg-log", daemon=True)
+    log_thread.start()
     finished = False
     try:
         for buf in reader:
@@ -156,11 +232,13 @@ def iter_frames(
             proc.kill()
         reader.close()
         proc.stdout.close()
-        err = proc.stderr.read().decode(errors="replace")
-        proc.stderr.close()
         rc = proc.wait()
+        log_thread.join(timeout=10)
+        proc.stderr.close()
+        err = b"".join(log).decode(errors="replace")
     if rc != 0:
         raise MediaError(f"decoding {path} failed: {err.strip()[-300:]}")
+    _check_decode(path, "video", err)
 
 
 class _ChunkReader:
@@ -227,7 +305,16 @@ def read_audio(path: str | Path, sample_rate: int = 16_000, info: Optional[Media
     proc = subprocess.run(cmd, capture_output=True)
     if proc.returncode != 0:
         raise MediaError(f"reading audio of {path} failed: {proc.stderr.decode(errors='replace')[-300:]}")
+    _check_decode(path, "audio", proc.stderr.decode(errors="replace"))
     return np.frombuffer(proc.stdout, np.float32).copy()
+
+
+def x264_args(crf: int = 18, preset: str = "veryfast", threads: int = 2) -> list[str]:
+    """Our H.264 output settings: bit-exact flags and a fixed thread count, so the same frames give the same
+    bytes on every run; no metadata, index up front."""
+    return ["-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
+            "-threads", str(threads), "-fflags", "+bitexact", "-flags:v", "+bitexact",
+            "-map_metadata", "-1", "-movflags", "+faststart"]
 
 
 class VideoWriter:
@@ -244,9 +331,7 @@ class VideoWriter:
         self.frames = 0
         cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
                "-f", "rawvideo", "-pix_fmt", input_pix_fmt, "-s", f"{width}x{height}", "-r", str(fps), "-i", "-",
-               "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
-               "-threads", str(threads), "-fflags", "+bitexact", "-flags:v", "+bitexact",
-               "-map_metadata", "-1", "-movflags", "+faststart", str(self.tmp)]
+               *x264_args(crf, preset, threads), str(self.tmp)]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def write(self, frames: np.ndarray) -> None:

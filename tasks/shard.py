@@ -28,7 +28,7 @@ import soundfile as sf
 import webdataset as wds
 
 from datasets_manifest.schema import ClipRow, sanitize_clip_id
-from tasks import contract, storage
+from tasks import contract, storage, windows
 from tasks.crop import CROP_AUDIO, CROP_VIDEO
 from tasks.media import VideoWriter, iter_frames, wav_bytes
 
@@ -69,10 +69,11 @@ class ShardClip:
     lineage: dict = field(default_factory=dict)
     feature_sources: list[FeatureSource] = field(default_factory=list)
     meta_extra: dict = field(default_factory=dict)
+    segments: Optional[list[tuple[int, int]]] = None  # [start, end) spans windows stay inside; None = whole clip
 
 
-def window_starts(frames: int, cfg: ShardConfig) -> list[int]:
-    return list(range(0, frames - cfg.window + 1, cfg.step))
+def window_starts(frames: int, cfg: ShardConfig, segments: Optional[list[tuple[int, int]]] = None) -> list[int]:
+    return windows.window_starts(frames, cfg.window, cfg.step, segments)
 
 
 def sample_key(clip_id: str, start: int) -> str:
@@ -87,27 +88,12 @@ def _encode_window(frames: np.ndarray, crf: int) -> bytes:
         return path.read_bytes()
 
 
-def _iter_windows(clip: ShardClip, cfg: ShardConfig) -> Iterator[tuple[int, np.ndarray]]:
+def _iter_windows(clip: ShardClip, cfg: ShardConfig, chunk: int = 32) -> Iterator[tuple[int, np.ndarray]]:
     """Windows of decoded crop frames, streaming (only one window plus one chunk in memory)."""
-    starts = window_starts(clip.frames, cfg)
+    starts = window_starts(clip.frames, cfg, clip.segments)
     if not starts:
         return
-    buf: list[np.ndarray] = []
-    buf_start = 0
-    next_i = 0
-    for chunk in iter_frames(clip.crop_dir / CROP_VIDEO):
-        buf.extend(chunk)
-        while next_i < len(starts) and starts[next_i] + cfg.window <= buf_start + len(buf):
-            s = starts[next_i]
-            yield s, np.stack(buf[s - buf_start : s - buf_start + cfg.window])
-            next_i += 1
-        if next_i < len(starts):  # drop frames no later window needs
-            drop = starts[next_i] - buf_start
-            if drop > 0:
-                del buf[:drop]
-                buf_start += drop
-        else:
-            break
+    yield from windows.iter_windows(iter_frames(clip.crop_dir / CROP_VIDEO, chunk=chunk), starts, cfg.window)
 
 
 def _sample(clip: ShardClip, start: int, frames: np.ndarray, audio: np.ndarray, cfg: ShardConfig) -> dict:
@@ -122,6 +108,7 @@ def _sample(clip: ShardClip, start: int, frames: np.ndarray, audio: np.ndarray, 
         "attribution": row.attribution,
         "source_time_range_s": [row.start_s + start / contract.FPS, row.start_s + end / contract.FPS],
         "window": [start, end],
+        "segment": next(([a, b] for a, b in (clip.segments or [(0, clip.frames)]) if a <= start and end <= b), None),
         "frames": cfg.window,
         "fps": contract.FPS,
         "sample_rate": contract.SAMPLE_RATE,
@@ -478,3 +465,14 @@ def iter_samples(
             sample["meta"] = json.loads(sample[contract.META])
         yield sample
 
+
+
+def iter_samples_of(shard_dir: str | Path, shards: list[str], keys: Optional[set[str]] = None) -> Iterator[dict]:
+    """The samples of some of a set's shards (paths relative to `shard_dir`, as the index lists them), only
+    those whose key is in `keys` when given; members as bytes plus `__key__`."""
+    files = [str(Path(shard_dir) / s) for s in shards]
+    if not files:
+        return
+    for sample in wds.WebDataset(files, shardshuffle=False, empty_check=False):
+        if keys is None or sample["__key__"] in keys:
+            yield {k: v for k, v in sample.items() if k not in ("__url__", "__local_path__")}

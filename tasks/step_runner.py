@@ -1,11 +1,15 @@
 """Run one preprocessing step over a batch of clips: skip what is done, record what happened.
 
 A step is any object with `name`, `version`, `requires`, `fingerprint()` and
-`run(row, inputs, out_dir) -> info`. Per-clip failures never escape: ClipRejected becomes a cached
-`rejected` record (re-runs skip it until the step's key changes); any other exception becomes a `failed`
-record that the next run retries. So does an upstream output that cannot be read back intact (a remote
-store's checksum mismatch: reason `corrupt_input`). A clip's materialised inputs are released once its step
-ran, so a remote store's scratch holds only the clips in flight.
+`run(row, inputs, out_dir) -> info`, optionally `row_fields(row) -> dict`: the manifest fields it reads. The
+cache key hashes the step's version and config, those fields and the checksums of the upstream outputs, so
+fixing a manifest row recomputes what read it, and what depends on that, nothing else.
+
+Per-clip failures never escape: ClipRejected becomes a cached `rejected` record (re-runs skip it until the
+step's key changes, or `retry_rejected`); ClipRetryable (a transient failure: network, timeout) becomes a
+`retryable` record and any other exception a `failed` one, both retried by the next run. So is an upstream
+output that cannot be read back intact (a remote store's checksum mismatch: reason `corrupt_input`). A clip's
+materialised inputs are released once its step ran, so a remote store's scratch holds only the clips in flight.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Optional, Protocol
 
 from datasets_manifest.schema import ClipRow
-from tasks.errors import ClipRejected
+from tasks.errors import ClipRejected, ClipRetryable
 from tasks.step_store import StepOutputCorrupt, StepRecord, StepStore, fingerprint
 
 
@@ -27,6 +31,8 @@ class Step(Protocol):
     requires: tuple[str, ...]
 
     def fingerprint(self) -> str: ...
+
+    def row_fields(self, row: ClipRow) -> dict: ...  # optional: steps without it read no manifest field
 
     def run(self, row: ClipRow, inputs: dict[str, Path], out_dir: Path) -> dict: ...
 
@@ -52,7 +58,7 @@ class LedgerEntry:
     clip_id: str
     dataset: str
     step: str
-    status: str  # ok | rejected | failed
+    status: str  # ok | rejected | retryable | failed
     action: str  # ran | skipped (cached result reused)
     reason: str
     detail: str
@@ -64,8 +70,12 @@ class LedgerEntry:
     finished_at: float
 
 
-def step_key(step: Step, upstream: list[StepRecord]) -> str:
-    return fingerprint(step.name, step.version, step.fingerprint(), [(r.step, r.checksum) for r in upstream])
+def step_key(step: Step, upstream: list[StepRecord], row: Optional[ClipRow] = None) -> str:
+    parts = [step.name, step.version, step.fingerprint(), [(r.step, r.checksum) for r in upstream]]
+    fields = step.row_fields(row) if row is not None and hasattr(step, "row_fields") else {}
+    if fields:  # only then: the keys of steps that read no manifest field stay what they were
+        parts.append(fields)
+    return fingerprint(*parts)
 
 
 def run_step(
@@ -74,8 +84,13 @@ def run_step(
     store: StepStore,
     run_id: str,
     on_clip: Optional[Callable[[ClipState, LedgerEntry], None]] = None,
+    retry_rejected: bool = False,
 ) -> list[LedgerEntry]:
-    """Advance every alive clip in `states` through `step` (in place); returns the ledger entries."""
+    """Advance every alive clip in `states` through `step` (in place); returns the ledger entries.
+
+    `retry_rejected`: run clips whose cached record is a rejection again (e.g. after fixing what rejected them).
+    """
+    reusable = ("ok",) if retry_rejected else ("ok", "rejected")
     entries: list[LedgerEntry] = []
     for state in states:
         if not state.alive:
@@ -88,9 +103,9 @@ def run_step(
             action = "ran"
         else:
             upstream = [state.records[r] for r in step.requires]
-            key = step_key(step, upstream)
+            key = step_key(step, upstream, row)
             cached = store.load(step.name, row.clip_id)
-            if cached is not None and cached.key == key and cached.status in ("ok", "rejected"):
+            if cached is not None and cached.key == key and cached.status in reusable:
                 rec, action = cached, "skipped"
             else:
                 try:
@@ -122,8 +137,9 @@ def _execute(step: Step, row: ClipRow, upstream: list[StepRecord], key: str, sto
     staging = store.staging_dir(step.name, row.clip_id)
     try:
         rec.info = step.run(row, inputs, staging) or {}
-    except ClipRejected as exc:
-        rec.status, rec.reason, rec.detail, rec.info = "rejected", exc.reason, exc.detail, exc.info
+    except ClipRejected as exc:  # ClipRetryable included: its status keeps the next run from reusing it
+        rec.status = "retryable" if isinstance(exc, ClipRetryable) else "rejected"
+        rec.reason, rec.detail, rec.info = exc.reason, exc.detail, exc.info
     except Exception as exc:  # an unexpected bug or environment problem: recorded, retried next run
         rec.status, rec.reason = "failed", "error"
         rec.detail = f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=3).splitlines()[-2].strip()}"
@@ -131,7 +147,7 @@ def _execute(step: Step, row: ClipRow, upstream: list[StepRecord], key: str, sto
     if rec.status == "failed":
         shutil.rmtree(staging, ignore_errors=True)
         return rec
-    if rec.status == "rejected":
+    if rec.status in ("rejected", "retryable"):
         for f in staging.iterdir():  # keep only the status: a rejection has no outputs
             f.unlink() if f.is_file() else None
     try:

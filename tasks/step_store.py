@@ -1,9 +1,9 @@
 """Where step outputs live, and how a step knows its work for a clip is already done.
 
 Layout: <root>/<step>/<clip_id>/ holds the step's files and `_status.json`, written last. A clip's step is
-done when its status file carries the same cache key; the key hashes the step's version, its config and the
-checksums of the upstream outputs it read, so bumping one step's version (or changing what feeds it)
-recomputes that step and whatever depends on it, nothing else.
+done when its status file carries the same cache key; the key hashes the step's version, its config, the
+manifest fields it reads and the checksums of the upstream outputs it read, so bumping one step's version (or
+changing what feeds it) recomputes that step and whatever depends on it, nothing else.
 
 The root is a local folder (or file:// URL) or any fsspec URL (s3://, memory://):
 - local: outputs are built in a temporary sibling directory and renamed into place, so a killed run leaves
@@ -72,7 +72,7 @@ def default_scratch_base() -> Path:
 class StepRecord:
     clip_id: str
     step: str
-    status: str  # ok | rejected | failed
+    status: str  # ok | rejected | retryable | failed (not committed)
     key: str
     version: str
     reason: str = ""

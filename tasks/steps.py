@@ -36,8 +36,12 @@ class DownloadStep:
     requires: tuple[str, ...] = ()
 
     def fingerprint(self) -> str:
-        # The cache dir and retry policy do not change what is downloaded.
-        return fingerprint("download")
+        # The settings that change the clip; the cache dir and retry policy do not.
+        return self.config.fingerprint()
+
+    def row_fields(self, row: ClipRow) -> dict:
+        # The source string keeps its `#sha256=` fragment: a corrected checksum is a different download.
+        return {"source": row.source, "start_s": row.start_s, "end_s": row.end_s}
 
     def run(self, row: ClipRow, inputs: dict[str, Path], out_dir: Path) -> dict:
         result = download_clip(row, out_dir, self.config)
@@ -50,11 +54,15 @@ class DownloadStep:
 class CropStep:
     config: CropConfig = field(default_factory=CropConfig)
     name: str = "crop"
-    version: str = "4"  # 2: manifest face box; 3: luma landmarks, landmark-tracked boxes; 4: scaled near-face search
+    version: str = "5"  # 2: manifest face box; 3: luma landmarks, landmark-tracked boxes; 4: scaled near-face search;
+    # 5: static segment boxes (default), display rotation, corrupt_stream, silent_audio, small-face search
     requires: tuple[str, ...] = ("download",)
 
     def fingerprint(self) -> str:
         return fingerprint(self.config)
+
+    def row_fields(self, row: ClipRow) -> dict:
+        return {"face_box": row.face_box}  # the crop follows the manifest face box
 
     def run(self, row: ClipRow, inputs: dict[str, Path], out_dir: Path) -> dict:
         src = inputs["download"] / DOWNLOADED_VIDEO
@@ -62,13 +70,24 @@ class CropStep:
             raise ClipRejected("missing_input", f"{src} is missing")
         r = crop_clip(src, out_dir, self.config, face_box=row.face_box)
         return {"frames": r.frames, "audio_samples": r.audio_samples, "trimmed_s": round(r.trimmed_s, 3),
-                "median_face_px": round(r.median_face_px, 1), "landmarker": r.landmarker}
+                "median_face_px": round(r.median_face_px, 1), "landmarker": r.landmarker, "mode": r.mode,
+                "segments": len(r.segments), "dropped_segments": len(r.dropped_segments)}
 
 
-def _crop_frames(crop_dir: Path) -> int:
+def crop_frames(crop_dir: Path) -> int:
+    return int(crop_info(crop_dir)["frames"])
+
+
+def crop_info(crop_dir: Path) -> dict:
     import json
 
-    return int(json.loads((crop_dir / CROP_INFO).read_text())["frames"])
+    return json.loads((crop_dir / CROP_INFO).read_text())
+
+
+def crop_segments(crop_dir: Path) -> list[tuple[int, int]]:
+    """The [start, end) spans of a crop that training windows may use (the crop step's stable segments)."""
+    info = crop_info(crop_dir)
+    return [(int(a), int(b)) for a, b in info.get("segments", [(0, info["frames"])])]
 
 
 def _save_npy(path: Path, array) -> None:
@@ -97,8 +116,8 @@ class MotionStep:
         motion = extract_motion_from_video(inputs["crop"] / CROP_VIDEO, feature_models.motion_extractor(self.models),
                                            out_dir / MOTION_FILE, batch_size=self.batch_size,
                                            device=feature_models._device(self.models))
-        if motion.num_frames != _crop_frames(inputs["crop"]):
-            raise ClipRejected("corrupt", f"motion has {motion.num_frames} rows for {_crop_frames(inputs['crop'])} frames")
+        if motion.num_frames != crop_frames(inputs["crop"]):
+            raise ClipRejected("corrupt", f"motion has {motion.num_frames} rows for {crop_frames(inputs['crop'])} frames")
         _save_npy(out_dir / STRUCT_FILE, to_struct(motion))
         return {"frames": motion.num_frames, "untrained_dryrun": motion.meta.get("untrained_dryrun", False)}
 
@@ -148,7 +167,7 @@ class AudioFeaturesStep:
     models: FeatureModels
     config: AudioFeatureConfig = field(default_factory=AudioFeatureConfig)
     name: str = "audio_features"
-    version: str = "1"
+    version: str = "2"  # 2: the last layer is the model's normalised output (HuBERT-large's final LayerNorm)
     requires: tuple[str, ...] = ("crop",)
 
     def fingerprint(self) -> str:
@@ -159,7 +178,7 @@ class AudioFeaturesStep:
 
         from tasks.audio_features import audio_features_for_clip, require_usable
 
-        T = _crop_frames(inputs["crop"])
+        T = crop_frames(inputs["crop"])
         result = audio_features_for_clip(inputs["crop"] / CROP_AUDIO, T, feature_models.hubert(self.models),
                                          self.config, feature_models._device(self.models))
         features = require_usable(result, self.config)
@@ -177,7 +196,7 @@ class VaeLatentsStep:
     models: FeatureModels
     windows: ShardConfig = field(default_factory=ShardConfig)
     name: str = "vae_latents"
-    version: str = "1"
+    version: str = "2"  # 2: windows inside the crop's stable segments
     requires: tuple[str, ...] = ("crop",)
 
     def fingerprint(self) -> str:
@@ -189,6 +208,9 @@ class VaeLatentsStep:
 
         cfg = VaeLatentConfig(window_frames=self.windows.window, stride=self.windows.step)
         latents = encode_clip(iter_frames(inputs["crop"] / CROP_VIDEO, chunk=self.windows.window),
-                              feature_models.wan_vae(self.models), cfg)
+                              feature_models.wan_vae(self.models), cfg, segments=crop_segments(inputs["crop"]))
         save_vae_latents(out_dir / VAE_FILE, latents)
         return {"windows": int(len(latents.window_starts)), "untrained_dryrun": bool(latents.meta.get("untrained_dryrun"))}
+
+
+SHARD_VERSION = "3"  # 3: windows hold their own frames (stride > decode chunk), inside the crop's segments

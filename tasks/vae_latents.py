@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from models.wan_vae import TIME_STRIDE, CausalStreamEncoder, WanVae
+from tasks import windows
 from tasks.errors import ClipRejected
 
 
@@ -72,13 +73,17 @@ def encode_clip(
     frames: np.ndarray | Iterable[np.ndarray],
     wan: WanVae,
     cfg: VaeLatentConfig = VaeLatentConfig(),
+    segments: Optional[Sequence[tuple[int, int]]] = None,
 ) -> VaeLatents:
-    """uint8 RGB frames [T, H, W, 3] (or an iterator of chunks) -> windowed latents + reference latent."""
+    """uint8 RGB frames [T, H, W, 3] (or an iterator of chunks) -> windowed latents + reference latent.
+
+    Windows start where `tasks.windows` puts them (inside each `[start, end)` of `segments`, when given), the
+    same starts the shard step cuts its video from."""
     meta = {"untrained_dryrun": wan.untrained_dryrun, "vae": wan.source, "window_frames": cfg.window_frames,
             "normalised": "(mean - latents_mean) / latents_std", "posterior": "mean"}
     first: Optional[np.ndarray] = None  # frame 0, encoded after the streams close (they share the VAE cache)
     total = 0
-    windows: list[np.ndarray] = []  # float16 as soon as encoded: a long clip holds one compact copy
+    windows_out: list[np.ndarray] = []  # float16 as soon as encoded: a long clip holds one compact copy
     starts: list[int] = []
     if cfg.window_frames is None:  # whole clip, one causal stream
         enc = CausalStreamEncoder(wan)
@@ -91,34 +96,32 @@ def encode_clip(
         dropped = enc.close()
         if not parts:
             raise ClipRejected("too_short", "no frames to encode")
-        windows.append(torch.cat(parts, dim=2)[0].cpu().numpy().astype(np.float16))
+        windows_out.append(torch.cat(parts, dim=2)[0].cpu().numpy().astype(np.float16))
         starts.append(0)
         window = total - dropped
     else:
         window = cfg.window_frames
-        stride = cfg.stride or window
-        buf = np.zeros((0,), np.uint8)
-        buf_start = 0  # video index of buf[0]
-        next_start = 0
-        for chunk in _iter_chunks(frames):
-            if len(chunk) == 0:
-                continue
-            if first is None:
-                first = chunk[0].copy()
-            total += len(chunk)
-            buf = chunk if buf.size == 0 else np.concatenate([buf, chunk])
-            while buf_start + len(buf) >= next_start + window:
-                off = next_start - buf_start
-                windows.append(_encode_window(wan, buf[off: off + window]).cpu().numpy().astype(np.float16))
-                starts.append(next_start)
-                next_start += stride
-                keep_from = min(max(0, next_start - buf_start), len(buf))
-                buf, buf_start = buf[keep_from:], buf_start + keep_from
-        if not windows:
+
+        def counted(chunks):  # frame 0 and the frame count come from the stream the windows are cut from
+            nonlocal first, total
+            for chunk in _iter_chunks(chunks):
+                if first is None and len(chunk):
+                    first = chunk[0].copy()
+                total += len(chunk)
+                yield chunk
+
+        chunks = counted(frames)
+        wanted = windows.iter_window_starts(window, cfg.stride, segments=segments)
+        for start, clip in windows.iter_windows(chunks, wanted, window):
+            windows_out.append(_encode_window(wan, clip).cpu().numpy().astype(np.float16))
+            starts.append(start)
+        for _ in chunks:  # drain: the count of frames after the last window
+            pass
+        if not windows_out:
             raise ClipRejected("too_short", f"{total} frames, fewer than one {window}-frame window")
         dropped = total - (starts[-1] + window)
     reference = encode_reference(wan, first)
-    latents = np.stack(windows)  # [W, C, n+1, h, w] float16
+    latents = np.stack(windows_out)  # [W, C, n+1, h, w] float16
     return VaeLatents(latents, np.asarray(starts, np.int64), window, reference, total, dropped, meta)
 
 

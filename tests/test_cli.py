@@ -32,3 +32,16 @@ def test_parser_rejects_unknown_choices():
         build_parser().parse_args(["preprocess", "hdtf", "--manifest", "m", "--out", "o", "--models", "fake"])
     args = build_parser().parse_args(["dry-run"])
     assert args.window_n == 4 and args.window_stride == 100 and args.train_steps == 4
+
+
+def test_preprocess_retry_rejected_flag_and_summary_counts_retryable():
+    from flows.summary import preprocess_lines
+
+    parse = build_parser().parse_args
+    assert parse(["preprocess", "d", "--manifest", "m", "--out", "o", "--retry-rejected"]).retry_rejected
+    assert not parse(["preprocess", "d", "--manifest", "m", "--out", "o"]).retry_rejected
+    counts = {"step": "download", "ok": 1, "rejected": 0, "retryable": 2, "failed": 0, "skipped": 0, "seconds": 1.0}
+    text = "\n".join(preprocess_lines({"dataset": "d", "clips_in": 3, "clips_out": 1, "rejected": [],
+                                       "step_counts": [counts], "clips_retryable": 2, "output": "o"}, 1.0))
+    assert re.search(r"step\s+ok\s+rej\s+retry\s+fail", text) and re.search(r"download\s+1\s+0\s+2\s+0", text)
+    assert "2 clips hit a transient failure" in text

@@ -579,3 +579,125 @@ def test_config_validation_and_fingerprint(tmp_path):
     base = DownloadConfig(cache_dir=tmp_path)
     assert base.fingerprint() == DownloadConfig(cache_dir=tmp_path / "other", retries=9).fingerprint()
     assert base.fingerprint() != DownloadConfig(cache_dir=tmp_path, crf=23).fingerprint()
+
+
+# ---------------------------------------------------------------- through the step runner: cache keys, retries
+
+
+def _run(steps, rows, store, run_id):
+    """Each step over fresh states of `rows`; returns {(step, clip): entry}."""
+    from tasks.step_runner import ClipState, run_step
+
+    states = [ClipState(r) for r in rows]
+    return {(e.step, e.clip_id): e for s in steps for e in run_step(s, states, store, run_id)}
+
+
+def _actions(entries) -> dict:
+    return {k: e.action for k, e in entries.items()}
+
+
+def test_manifest_row_edits_recompute_exactly_that_clip(samples_dir, tmp_path, cfg):
+    from tasks.step_store import StepStore
+    from tasks.steps import DOWNLOADED_VIDEO, CropStep, DownloadStep
+
+    store, steps = StepStore(tmp_path / "steps"), [DownloadStep(cfg), CropStep()]
+    sun = row(str(samples_dir / "sun.mp4"), "sun", 0.0, 2.0)
+    yongen = row(str(samples_dir / "yongen.mp4"), "yongen", 0.0, 2.0)
+    first = _run(steps, [sun, yongen], store, "r1")
+    assert {e.status for e in first.values()} == {"ok"}
+    assert set(_actions(_run(steps, [sun, yongen], store, "r2")).values()) == {"skipped"}
+
+    # a corrected time range: that clip's download and crop run again, the other clip is untouched
+    yongen = yongen.model_copy(update={"end_s": 1.6})
+    e = _run(steps, [sun, yongen], store, "r3")
+    assert _actions(e) == {("download", "sun"): "skipped", ("crop", "sun"): "skipped",
+                           ("download", "yongen"): "ran", ("crop", "yongen"): "ran"}
+    assert probe(store.clip_dir("download", "yongen") / DOWNLOADED_VIDEO).duration_s == pytest.approx(1.6, abs=0.05)
+    assert e["download", "yongen"].checksum != first["download", "yongen"].checksum
+
+    # a changed source (here: a stated checksum) downloads again; the crop follows only if the bytes changed
+    sun = sun.model_copy(update={"source": f"{sun.source}#sha256={sha((samples_dir / 'sun.mp4').read_bytes())}"})
+    e = _run(steps, [sun, yongen], store, "r4")
+    assert e["download", "sun"].action == "ran" and e["download", "yongen"].action == "skipped"
+    same_bytes = e["download", "sun"].checksum == first["download", "sun"].checksum
+    assert e["crop", "sun"].action == ("skipped" if same_bytes else "ran")
+    assert e["crop", "yongen"].action == "skipped"
+
+    # a corrected face box: the crop runs again, the download does not
+    yongen = yongen.model_copy(update={"face_box": [189.0, 196.0, 489.0, 496.0]})
+    e = _run(steps, [sun, yongen], store, "r5")
+    assert _actions(e) == {("download", "sun"): "skipped", ("crop", "sun"): "skipped",
+                           ("download", "yongen"): "skipped", ("crop", "yongen"): "ran"}
+    assert e["crop", "yongen"].status == "ok"
+
+
+def test_transient_http_failure_is_retried_next_run_and_a_404_stays_cached(server, tmp_path, cfg, short):
+    from tasks.ledger import step_counts
+    from tasks.step_store import StepStore
+    from tasks.steps import DownloadStep
+
+    server.files["/flaky.mp4"] = short.read_bytes()
+    server.always["/flaky.mp4"] = 503
+    store, steps = StepStore(tmp_path / "steps"), [DownloadStep(cfg)]
+    rows = [row(server.url("/flaky.mp4"), "flaky", 0.0, 1.0), row(server.url("/gone.mp4"), "gone")]
+    e = _run(steps, rows, store, "r1")
+    assert (e["download", "flaky"].status, e["download", "flaky"].reason) == ("retryable", "download_failed")
+    assert (e["download", "gone"].status, e["download", "gone"].reason) == ("rejected", "unreachable")
+    counts = step_counts(e.values())[0]
+    assert (counts["ok"], counts["retryable"], counts["rejected"]) == (0, 1, 1)
+
+    del server.always["/flaky.mp4"]  # the server is back
+    e = _run(steps, rows, store, "r2")
+    assert (e["download", "flaky"].status, e["download", "flaky"].action) == ("ok", "ran")
+    assert (e["download", "gone"].status, e["download", "gone"].action) == ("rejected", "skipped")
+    assert server.log.hits("/gone.mp4") == 1  # the 404 was asked once, in the first run
+
+
+def test_fetchers_mark_transient_failures_retryable_and_permanent_ones_not(server, tmp_path, cfg, short,
+                                                                          monkeypatch):
+    import socket
+    import types
+
+    from tasks.errors import ClipRetryable
+    from tasks.fetchers import fsspec_source
+
+    def failure(source: str) -> ClipRejected:
+        with pytest.raises(ClipRejected) as exc:
+            fetch_source(source, cfg)
+        return exc.value
+
+    with socket.socket() as s:  # a port nobody listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{s.getsockname()[1]}/x.mp4"
+    server.always["/busy.mp4"] = 429
+    server.files["/a.mp4"] = short.read_bytes()
+    bad_sum = server.url("/a.mp4") + "#sha256=" + "0" * 64
+    transient = {refused: "unreachable", server.url("/busy.mp4"): "download_failed"}
+    permanent = {server.url("/missing.mp4"): "unreachable", bad_sum: "download_failed",
+                 "http:///x.mp4": "unreachable"}
+    for source, reason in transient.items():
+        exc = failure(source)
+        assert isinstance(exc, ClipRetryable) and exc.reason == reason, source
+    for source, reason in permanent.items():
+        exc = failure(source)
+        assert not isinstance(exc, ClipRetryable) and exc.reason == reason, source
+
+    calls = []
+
+    def flaky_copy(fs, path, part, chunk_bytes):
+        calls.append(path)
+        raise ConnectionResetError("peer reset")
+
+    fsspec.filesystem("memory").pipe("/flaky.mp4", short.read_bytes())
+    monkeypatch.setattr(fsspec_source, "_copy", flaky_copy)
+    assert isinstance(failure("memory://flaky.mp4"), ClipRetryable) and len(calls) == cfg.retries
+
+    fake = types.ModuleType("yt_dlp")
+    fake.YoutubeDL = _FakeYoutubeDL
+    monkeypatch.setitem(sys.modules, "yt_dlp", fake)
+    _FakeYoutubeDL.calls = []
+    for message, retryable in (("ERROR: Unable to download webpage: <urlopen error timed out>", True),
+                               ("ERROR: unable to download video data: HTTP Error 503: Service Unavailable", True),
+                               ("ERROR: [youtube] abcdefghijk: Video unavailable", False)):
+        _FakeYoutubeDL.error = message
+        assert isinstance(failure("youtube:abcdefghijk"), ClipRetryable) == retryable, message

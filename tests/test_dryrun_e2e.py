@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -17,6 +19,8 @@ import pytest
 import soundfile as sf
 
 from tasks import contract
+from tasks.audit import CHECKS, AuditModels, audit_shards
+from tasks.feature_models import dryrun_models, motion_extractor
 from tasks.ledger import latest_status, read_ledger
 from tasks.media import probe, read_frames
 from tasks.shard import iter_samples, shard_files
@@ -86,6 +90,61 @@ def test_dry_run_trains_a_few_steps_on_its_shards(dry_run):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and r["video_loss"] > 0 and r["struct_loss"] > 0 for r in records if "loss" in r)
     assert "training: GO after 4 steps" in stdout
+
+
+def test_dry_run_shards_pass_the_audit(dry_run):
+    out, _, _ = dry_run
+    audit = json.loads((out / "dryrun-report.json").read_text())["preprocess"]["audit"]
+    assert audit["ok"], audit
+    assert {c["check"] for c in audit["checks"]} == set(CHECKS)  # latents and struct re-run through the models
+    assert all(c["checked"] == 2 and c["mismatched"] == 0 for c in audit["checks"])
+
+
+def _rewrite_shards(shards: Path, edit) -> None:
+    """Rewrite every tar under `shards` with `edit(samples)` applied: {key: {member: bytes}} in place."""
+    for tar_path in shard_files(shards):
+        with tarfile.open(tar_path) as tar:
+            members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+        samples: dict[str, dict[str, bytes]] = {}
+        for name, data in members:
+            key, member = name.split(".", 1)
+            samples.setdefault(key, {})[member] = data
+        edit(samples)
+        tar_path.chmod(0o644)
+        with tarfile.open(tar_path, "w") as tar:
+            for key, sample in samples.items():
+                for member, data in sample.items():
+                    info = tarfile.TarInfo(f"{key}.{member}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def test_audit_finds_members_that_hold_another_windows_content(dry_run, tmp_path):
+    """The bug that shipped, replayed: one window's video and wav taken from another window of the same clip,
+    another window's struct rows shifted by a frame. Shapes stay valid; the audit names exactly those members."""
+    out, _, _ = dry_run
+    shards = tmp_path / "shards"
+    shutil.copytree(out / "samples" / "shards", shards)
+    wrong, donor, shifted = "samples_sun_w000400", "samples_sun_w000000", "samples_sun_w000200"
+    all_samples: dict[str, dict[str, bytes]] = {}
+    _rewrite_shards(shards, lambda samples: all_samples.update(samples))  # read every sample first
+
+    def edit(samples):
+        if wrong in samples:
+            samples[wrong]["video.mp4"] = all_samples[donor]["video.mp4"]
+            samples[wrong]["audio.wav"] = all_samples[donor]["audio.wav"]
+        if shifted in samples:
+            rows = np.load(io.BytesIO(samples[shifted]["struct.npy"]))
+            samples[shifted]["struct.npy"] = contract.npy_bytes(np.roll(rows, 1, axis=0))
+
+    _rewrite_shards(shards, edit)
+    models = dryrun_models()
+    report = audit_shards(shards, out / "samples" / "steps", AuditModels(motion_extractor=motion_extractor(models)),
+                          keys=[wrong, shifted, donor])
+    assert report.samples_checked == 3 and not report.ok
+    found = {(m.key, m.check) for m in report.mismatches}
+    assert found == {(wrong, "video"), (wrong, "audio"), (shifted, "struct"), (shifted, "features")}, found
+    assert "PSNR" in next(m.detail for m in report.mismatches if m.check == "video")
 
 
 def test_crop_outputs_meet_the_contract(dry_run):

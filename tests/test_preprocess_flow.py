@@ -1,6 +1,8 @@
 """The preprocess flow in-process: bad inputs are recorded per clip while the rest of the run completes."""
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -8,6 +10,7 @@ import pytest
 from datasets_manifest.schema import MANIFEST_SCHEMA, ClipRow, rows_to_table
 from tasks import contract
 from tasks.ledger import latest_status, read_ledger
+from tasks.media import run_ffmpeg
 from tasks.shard import iter_samples
 
 
@@ -46,19 +49,70 @@ def test_bad_inputs_are_recorded_and_the_rest_completes(prefect_test_server, sam
         "row-5": ("manifest", "malformed_row"),
     }
     assert all(r["detail"] for r in report["rejected"])
+    status_of = {r["clip_id"]: r["status"] for r in report["rejected"]}
+    assert status_of["nohost"] == "retryable" and status_of["nowhere"] == "rejected"  # refused: may come back
+    assert report["clips_retryable"] == 1
     status = latest_status(tmp_path / "out" / "t")
     assert status[("good", "shard")]["status"] == "ok"
     assert status[("silent", "crop")]["reason"] == "no_audio"
     assert report["shards"]["samples"] == 6  # 200 frames of yongen -> 6 windows of 33
     keys = [s["__key__"] for s in iter_samples(tmp_path / "out" / "t" / "shards", contract.ContractSpec(33, require_features=False))]
     assert keys == [f"good_w{s:06d}" for s in range(0, 166, 33)]
+    _check_run_pictures(report, tmp_path / "out" / "t")
 
     # the same run again does no step work: every step result is reused from the store
     again = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"), batch_size=2, **BASE)
     assert again["shards"]["skipped"]
     second = [r for r in read_ledger(tmp_path / "out" / "t").to_pylist() if r["run_id"] == again["run_id"]]
     actions = {(r["clip_id"], r["step"]): r["action"] for r in second if r["step"] != "manifest"}
+    assert actions.pop(("nohost", "download")) == "ran"  # a transient failure is tried again by every run
     assert set(actions.values()) == {"skipped"} and ("good", "crop") in actions
+
+    # retry_rejected: the cached rejections run again, the ok results are still reused
+    retried = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"), batch_size=2,
+                         retry_rejected=True, **BASE)
+    third = [r for r in read_ledger(tmp_path / "out" / "t").to_pylist() if r["run_id"] == retried["run_id"]]
+    ran = {(r["clip_id"], r["step"]) for r in third if r["action"] == "ran" and r["step"] != "manifest"}
+    assert ran == {("corrupt", "download"), ("silent", "crop"), ("nowhere", "download"), ("nohost", "download")}
+
+    # a step output that changed under finished shards: the audit sees the shards' video is no longer the
+    # crop's, and the run ends AUDIT-MISMATCH (its findings beside the ledger)
+    crop = tmp_path / "out" / "t" / "steps" / "crop" / "good" / "crop.mp4"
+    reversed_crop = tmp_path / "reversed.mp4"
+    run_ffmpeg(["-y", "-i", str(crop), "-vf", "reverse", "-c:v", "libx264", "-crf", "18", str(reversed_crop)], "reverse")
+    reversed_crop.replace(crop)
+    state = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"), batch_size=2,
+                       audit_fraction=1.0, return_state=True, **BASE)
+    assert state.is_failed() and state.name == "AUDIT-MISMATCH", state
+    audit = json.loads((tmp_path / "out" / "t" / "audit.json").read_text())["audit"]
+    assert audit["samples_checked"] == 6 and {m["check"] for m in audit["mismatches"]} == {"video"}
+
+
+def _check_run_pictures(report: dict, base) -> None:
+    """The contact sheet beside the ledger shows the accepted crop's own frames and the 4 rejected clips; the
+    run carries it, its summary and a finished progress bar as artifacts."""
+    import cv2
+    import numpy as np
+    from prefect.artifacts import Artifact
+
+    from tasks.contact_sheet import LABEL, TILE
+    from tasks.media import read_frames
+
+    sheet_path = report["contact_sheet"]
+    assert sheet_path and sheet_path.startswith(str(base / "ledger" / "contact-sheet-run-"))
+    sheet = cv2.cvtColor(cv2.imread(sheet_path), cv2.COLOR_BGR2RGB)
+    assert sheet.shape[0] == (TILE + LABEL) + (TILE + 2 * LABEL)  # one accepted row, one row of rejected tiles
+    crop0 = read_frames(base / "steps" / "crop" / "good" / "crop.mp4", scale_to=(TILE, TILE))[0]
+    diff = np.abs(sheet[:TILE, :TILE].astype(int) - crop0.astype(int))
+    assert np.median(diff) <= 3  # the first tile is the crop's frame 0 (landmark dots aside)
+    rejected_tiles = sheet[TILE + LABEL:, :4 * TILE]
+    assert rejected_tiles[:TILE].std() > 0  # the 4 tiles are there (corrupt/missing sources stay grey)
+    art = Artifact.get("preprocess-t-contact-sheet")
+    assert art is not None and "data:image/jpeg;base64," in art.data and sheet_path in art.data
+    summary = Artifact.get("preprocess-t-summary")
+    assert summary is not None and "1/6 clips made it through" in summary.data and "nohost" in summary.data
+    progress = Artifact.get("preprocess-t-progress")
+    assert progress is not None and float(progress.data) == 100.0
 
 
 def test_unknown_step_is_refused(prefect_test_server, tmp_path):

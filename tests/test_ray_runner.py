@@ -48,7 +48,7 @@ def prefect_harness(prefect_test_server):
 @pytest.fixture(scope="module")
 def manifest(samples_dir, tmp_path_factory):
     rows = [ClipRow(clip_id=f"c-{n}", dataset="t", source=str(samples_dir / "more" / f"{n}.mp4"), identity=n, split=split)
-            for n, split in (("lp_d19", "train"), ("lp_d12", "train"), ("lp_s18", "test"))]
+            for n, split in (("lp_d19", "train"), ("lp_d12", "train"), ("lp_s18", "test"))]  # lp_d19: silent
     path = tmp_path_factory.mktemp("manifest") / "m.parquet"
     pq.write_table(rows_to_table(rows), path)
     return str(path)
@@ -82,15 +82,15 @@ def test_ray_runner_gives_the_local_runs_ledger_and_shard_bytes(local_run, manif
     report = preprocess(dataset="t", manifest=manifest, output_root=f"file://{tmp_path}", **FLOW, **RAY)
     ray_s = time.perf_counter() - t0
     print(f"\nwall time: local {local_s:.1f}s, ray {ray_s:.1f}s")
-    assert report["runner"] == "ray" and report["clips_out"] == 3 and report["shards"]["samples"] > 0
+    assert report["runner"] == "ray" and report["clips_out"] == 2 and report["shards"]["samples"] > 0
     digests = _digests(tmp_path / "t" / "shards")
     assert digests and digests == _digests(local_out / "t" / "shards")
     assert (pq.read_table(tmp_path / "t" / "shards" / "index.parquet").to_pylist()
             == pq.read_table(local_out / "t" / "shards" / "index.parquet").to_pylist())
     ray_ledger = _ledger(tmp_path / "t", report["run_id"])
-    assert len(ray_ledger) == 9 and ray_ledger == _ledger(local_out / "t", local_report["run_id"])
-    assert {v[0] for v in ray_ledger.values()} == {"ok"}
-    assert {k for k in ray_ledger if k[1] == "crop" and ray_ledger[k][3]} == {(f"c-{n}", "crop") for n in ("lp_d19", "lp_d12", "lp_s18")}
+    assert len(ray_ledger) == 8 and ray_ledger == _ledger(local_out / "t", local_report["run_id"])
+    assert ray_ledger[("c-lp_d19", "crop")][:2] == ("rejected", "silent_audio")  # rejected the same way
+    assert {k for k in ray_ledger if k[1] == "crop" and ray_ledger[k][3]} == {(f"c-{n}", "crop") for n in ("lp_d12", "lp_s18")}
 
 
 def test_process_pool_runner_gives_the_local_runs_ledger_and_shard_bytes(local_run, manifest, tmp_path):
@@ -101,11 +101,11 @@ def test_process_pool_runner_gives_the_local_runs_ledger_and_shard_bytes(local_r
     local_out, local_report, _ = local_run
     report = preprocess(dataset="t", manifest=manifest, output_root=str(tmp_path), runner="processes", processes=2,
                         **FLOW)
-    assert report["runner"] == "processes" and report["clips_out"] == 3
+    assert report["runner"] == "processes" and report["clips_out"] == 2  # lp_d19 is rejected: silent_audio
     digests = _digests(tmp_path / "t" / "shards")
     assert digests and digests == _digests(local_out / "t" / "shards")
     ledger = _ledger(tmp_path / "t", report["run_id"])
-    assert len(ledger) == 9 and ledger == _ledger(local_out / "t", local_report["run_id"])
+    assert len(ledger) == 8 and ledger == _ledger(local_out / "t", local_report["run_id"])
     import psutil  # the pool is gone with the run: no worker process outlives it
 
     assert not [c for c in psutil.Process().children(recursive=True) if "ProcessPool" in " ".join(c.cmdline()) or

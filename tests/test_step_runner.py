@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets_manifest.schema import ClipRow
-from tasks.errors import ClipRejected
+from tasks.errors import ClipRejected, ClipRetryable
 from tasks.ledger import read_ledger, step_counts, write_ledger_part
-from tasks.step_runner import ClipState, run_step
+from tasks.step_runner import ClipState, run_step, step_key
 from tasks.step_store import StepStore
 
 
@@ -110,7 +110,65 @@ def test_ledger_parts_and_counts(tmp_path):
     table = read_ledger(tmp_path)
     assert table.num_rows == 5
     counts = step_counts(entries)
-    assert counts == [{"step": "upper", "ok": 1, "rejected": 1, "failed": 1, "skipped": 0,
+    assert counts == [{"step": "upper", "ok": 1, "rejected": 1, "retryable": 0, "failed": 1, "skipped": 0,
                        "seconds": counts[0]["seconds"], "reasons": "no_face×1, error×1"}]
     second = [r for r in table.to_pylist() if r["run_id"] == "r2"]
     assert {r["action"] for r in second} == {"skipped"}
+
+
+def test_retry_rejected_reruns_cached_rejections_only(tmp_path):
+    store, up = StepStore(tmp_path), Upper(explode=False)
+    run_step(up, _states(["a", "bad1"]), store, "r1")
+    up.calls.clear()
+    e = run_step(up, _states(["a", "bad1"]), store, "r2")
+    assert up.calls == [] and {x.action for x in e} == {"skipped"}
+    e = run_step(up, _states(["a", "bad1"]), store, "r3", retry_rejected=True)
+    assert up.calls == ["bad1"]  # the ok result is still reused
+    assert {(x.clip_id, x.status, x.action) for x in e} == {("a", "ok", "skipped"), ("bad1", "rejected", "ran")}
+
+
+@dataclass
+class Flaky:
+    """Fails transiently while `down`, like a source behind a dead link."""
+
+    name: str = "flaky"
+    version: str = "1"
+    requires: tuple = ()
+    down: bool = True
+    calls: list = field(default_factory=list)
+
+    def fingerprint(self) -> str:
+        return "cfg"
+
+    def run(self, row, inputs, out_dir: Path) -> dict:
+        self.calls.append(row.clip_id)
+        if self.down:
+            raise ClipRetryable("unreachable", "connection refused")
+        (out_dir / "out.txt").write_text(row.clip_id)
+        return {}
+
+
+def test_retryable_is_recorded_counted_apart_and_never_reused(tmp_path):
+    store, flaky, ex = StepStore(tmp_path), Flaky(name="upper"), Exclaim()  # exclaim reads upper's output
+    states = _states(["a"])
+    e = run_step(flaky, states, store, "r1") + run_step(ex, states, store, "r1")
+    assert [(x.step, x.status, x.reason) for x in e] == [("upper", "retryable", "unreachable")]  # exclaim: not reached
+    assert not states[0].alive and store.load("upper", "a").status == "retryable"
+    assert step_counts(e)[0]["retryable"] == 1 and step_counts(e)[0]["ok"] == 0
+    run_step(flaky, _states(["a"]), store, "r2")  # still down: tried again, not taken from the cache
+    assert flaky.calls == ["a", "a"]
+    flaky.down = False
+    states = _states(["a"])
+    e = run_step(flaky, states, store, "r3") + run_step(ex, states, store, "r3")
+    assert [(x.step, x.status, x.action) for x in e] == [("upper", "ok", "ran"), ("exclaim", "ok", "ran")]
+
+
+def test_row_fields_enter_the_key_and_steps_without_them_keep_theirs(tmp_path):
+    from tasks.step_store import fingerprint
+
+    row = _states(["a"])[0].row
+    up = Upper()
+    assert step_key(up, [], row) == fingerprint("upper", "1", "cfg", [])  # the key it had before row fields
+    up.row_fields = lambda r: {"source": r.source}
+    moved = row.model_copy(update={"source": "/y/a.mp4"})
+    assert step_key(up, [], row) != step_key(up, [], moved) != fingerprint("upper", "1", "cfg", [])

@@ -1,18 +1,30 @@
 """Other URLs (memory://, s3://, gs://, chained `simplecache::...`) through fsspec, resumable by seeking.
 
 A protocol whose package is missing (s3fs, gcsfs, ...) or a missing object -> `unreachable`; other errors
-are retried with backoff and end in `download_failed`. The size fsspec reports is checked.
+are retried with backoff and end in `download_failed`: `ClipRetryable` (the next run tries again) when the
+last one looked transient (`_transient`: OS/network errors, timeouts, throttling, 5xx), else final. The size
+fsspec reports is checked.
 """
 from __future__ import annotations
 
+import re
 import time
 from typing import Optional
 
 import fsspec
 
-from tasks.errors import ClipRejected
+from tasks.errors import ClipRejected, ClipRetryable
 from tasks.fetchers.cache import CacheEntry, FetchedSource, safe_suffix
 from tasks.fetchers.retry import RetryPolicy
+
+# Backends raise their own types (botocore, aiohttp, gcsfs, ...): judged by type name and message as well.
+_TRANSIENT = re.compile(r"timeout|timed out|connect|throttl|slow ?down|temporar|unavailable|\b(?:429|5\d\d)\b",
+                        re.IGNORECASE)
+
+
+def _transient(exc: Exception) -> bool:
+    """Whether waiting could help: OS-level errors (connections, short copies) and network-sounding ones."""
+    return isinstance(exc, (OSError, TimeoutError)) or bool(_TRANSIENT.search(f"{type(exc).__name__}: {exc}"))
 
 
 def fetch_fsspec(url: str, entry: CacheEntry, *, policy: RetryPolicy, chunk_bytes: int,
@@ -27,7 +39,7 @@ def fetch_fsspec(url: str, entry: CacheEntry, *, policy: RetryPolicy, chunk_byte
         raise ClipRejected("unreachable", f"{url}: {exc}") from exc
     suffix = safe_suffix(path)
     final, part = entry.data_path(suffix), entry.part_path(suffix)
-    last_error = ""
+    last_error, transient = "", False
     for attempt in range(1, policy.attempts + 1):
         try:
             _copy(fs, path, part, chunk_bytes)
@@ -43,11 +55,11 @@ def fetch_fsspec(url: str, entry: CacheEntry, *, policy: RetryPolicy, chunk_byte
         except ClipRejected:
             raise
         except Exception as exc:  # backends raise their own types (botocore, aiohttp, ...): retry them all
-            last_error = f"{type(exc).__name__}: {exc}"
+            last_error, transient = f"{type(exc).__name__}: {exc}", _transient(exc)
         if attempt < policy.attempts:
             time.sleep(policy.delay_s(attempt))
-    raise ClipRejected("download_failed", f"{url}: gave up after {policy.attempts} attempts; last error: "
-                                          f"{last_error}")
+    error = ClipRetryable if transient else ClipRejected
+    raise error("download_failed", f"{url}: gave up after {policy.attempts} attempts; last error: {last_error}")
 
 
 def _copy(fs, path: str, part, chunk_bytes: int) -> None:

@@ -10,8 +10,9 @@ What is verified:
   sha256 from the manifest (`#sha256=<hex>` on the source) must match the bytes on disk.
 
 Failures: 401/403/404/410/451 -> `unreachable` at once; connection errors, timeouts, 408/429/5xx and
-short bodies are retried (resuming what arrived); when every try failed without reaching the server ->
-`unreachable`, otherwise `download_failed`, as is a checksum mismatch.
+short bodies are retried (resuming what arrived); when every try failed that way the clip is `ClipRetryable`
+(the next run tries again): `unreachable` when no try reached the server, otherwise `download_failed`. A
+checksum mismatch or a malformed URL is a final `ClipRejected`.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from tasks.errors import ClipRejected
+from tasks.errors import ClipRejected, ClipRetryable
 from tasks.fetchers.cache import CacheEntry, FetchedSource, safe_suffix
 from tasks.fetchers.retry import RetryPolicy
 
@@ -150,6 +151,7 @@ def _fetch_with_retries(url, entry, sess, final, part, state_path, policy, timeo
                         verify_checksum, expected_sha256) -> FetchedSource:
     reached_server = False
     last_error = "no attempt made"
+    transient = True  # False when the last try ended in a checksum mismatch
     for attempt in range(1, policy.attempts + 1):
         try:
             resumed, state = _attempt(sess, url, part, state_path, timeout_s, chunk_bytes)
@@ -159,20 +161,19 @@ def _fetch_with_retries(url, entry, sess, final, part, state_path, policy, timeo
         except _Mismatch as exc:
             if not exc.resumed:
                 raise ClipRejected("download_failed", f"{url}: {exc}") from None
-            last_error, retry_after = f"{exc} (resumed download; fetching it whole)", None
+            last_error, retry_after, transient = f"{exc} (resumed download; fetching it whole)", None, False
         except _Retry as exc:
             reached_server = True
-            last_error = str(exc)
-            retry_after = exc.retry_after_s
+            last_error, retry_after, transient = str(exc), exc.retry_after_s, True
         except (requests.ConnectionError, requests.Timeout) as exc:
-            last_error = f"{type(exc).__name__}: {exc}"
-            retry_after = None
+            last_error, retry_after, transient = f"{type(exc).__name__}: {exc}", None, True
         except requests.RequestException as exc:  # invalid URL, too many redirects, ...
             raise ClipRejected("unreachable", f"{url}: {type(exc).__name__}: {exc}") from exc
         if attempt < policy.attempts:
             time.sleep(policy.delay_s(attempt, retry_after))
     reason = "download_failed" if reached_server else "unreachable"
-    raise ClipRejected(reason, f"{url}: gave up after {policy.attempts} attempts; last error: {last_error}")
+    error = ClipRetryable if transient else ClipRejected
+    raise error(reason, f"{url}: gave up after {policy.attempts} attempts; last error: {last_error}")
 
 
 def _attempt(sess, url, part: Path, state_path: Path, timeout_s, chunk_bytes) -> tuple[bool, _PartState]:

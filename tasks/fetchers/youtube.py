@@ -1,14 +1,16 @@
 """`youtube:<id>` sources through yt-dlp's Python API, only when yt-dlp is importable.
 
 yt-dlp is an optional extra (`pip install 'dualforce-pipeline[youtube]'`); without it, or without a network,
-the clip is rejected as `unreachable` with the reason, never a crash. yt-dlp resumes its own `.part` files.
+the clip is rejected as `unreachable` with the reason, never a crash. Network failures (name resolution,
+refused connections, timeouts, HTTP 5xx/429) once yt-dlp's own retries are spent are `ClipRetryable`: the next
+run tries again. yt-dlp resumes its own `.part` files.
 """
 from __future__ import annotations
 
 import importlib
 import re
 
-from tasks.errors import ClipRejected
+from tasks.errors import ClipRejected, ClipRetryable
 from tasks.fetchers.cache import CacheEntry, FetchedSource
 from tasks.media import ffmpeg_exe
 
@@ -19,6 +21,13 @@ _UNREACHABLE = re.compile(
     r"HTTP Error 40[134]|HTTP Error 410|Unable to download (?:webpage|API page)|Failed to resolve|"
     r"Name or service not known|Temporary failure in name resolution|getaddrinfo|Network is unreachable|"
     r"No route to host|Connection refused|timed out",
+    re.IGNORECASE,
+)
+# Network failures that may pass (among those and the transfer errors): retryable on the next run.
+_TRANSIENT = re.compile(
+    r"Failed to resolve|Name or service not known|Temporary failure in name resolution|getaddrinfo|"
+    r"Network is unreachable|No route to host|Connection refused|Connection reset|timed out|"
+    r"HTTP Error (?:429|5\d\d)",
     re.IGNORECASE,
 )
 _FINISHED = re.compile(r"source\.[A-Za-z0-9]{1,5}")
@@ -57,7 +66,8 @@ def fetch_youtube(video_id: str, entry: CacheEntry, *, attempts: int, timeout_s:
     except Exception as exc:  # yt_dlp.utils.DownloadError and whatever its extractors let through
         message = str(exc)
         reason = "unreachable" if _UNREACHABLE.search(message) else "download_failed"
-        raise ClipRejected(reason, f"youtube:{video_id}: {message.strip()[:500]}") from exc
+        error = ClipRetryable if _TRANSIENT.search(message) else ClipRejected
+        raise error(reason, f"youtube:{video_id}: {message.strip()[:500]}") from exc
     path = _output_path(info, entry)
     if path is None:
         raise ClipRejected("download_failed", f"youtube:{video_id}: yt-dlp reported success but wrote no file")

@@ -1,0 +1,118 @@
+"""A contact sheet of one preprocess run: what the crops look like, and what was turned away and why.
+
+One row per accepted clip: a few crop frames spread over the clip, the 68 landmarks drawn (so a drifting
+track or a crop that cuts the chin shows at a glance), the segment count. Then the rejected clips: their first
+frame (of the downloaded clip, else the local source) with the reason. A PNG, written atomically; a run of
+30K clips shows the first `max_clips` of each kind (by clip id), which is what a person can look at anyway.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import cv2
+import numpy as np
+
+from tasks.crop import CROP_INFO, CROP_LANDMARKS, CROP_VIDEO
+from tasks.media import MediaError, iter_frames, probe
+
+TILE = 160
+LABEL = 22  # px of caption under each row
+_REJECT_TINT = np.array([60, 0, 0], np.int16)
+
+
+@dataclass
+class AcceptedClip:
+    clip_id: str
+    crop_dir: Path
+
+
+@dataclass
+class RejectedClip:
+    clip_id: str
+    step: str
+    reason: str
+    frame_source: Optional[Path]  # a video to take the first frame from, when one is on disk
+
+
+def _frames_at(video: Path, picks: list[int], size: tuple[int, int]) -> list[np.ndarray]:
+    """Frames `picks` (ascending) of `video`, decoded at `size` (w, h); stops decoding after the last."""
+    want, out, i = set(picks), [], 0
+    for chunk in iter_frames(video, scale_to=size, chunk=16):
+        for frame in chunk:
+            if i in want:
+                out.append(frame.copy())
+            i += 1
+        if i > picks[-1]:
+            break
+    return out
+
+
+def _caption(width: int, text: str, colour=(230, 230, 230)) -> np.ndarray:
+    bar = np.full((LABEL, width, 3), 30, np.uint8)
+    cv2.putText(bar, text[: width // 8], (4, LABEL - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1, cv2.LINE_AA)
+    return bar
+
+
+def accepted_row(clip: AcceptedClip, per_clip: int) -> np.ndarray:
+    info = json.loads((clip.crop_dir / CROP_INFO).read_text())
+    frames = int(info["frames"])
+    picks = sorted({round(k * (frames - 1) / max(1, per_clip - 1)) for k in range(per_clip)})
+    landmarks = np.load(clip.crop_dir / CROP_LANDMARKS, allow_pickle=False)  # [T, 68, 2] in crop pixels
+    scale = TILE / float(info.get("crop_size", 512))
+    tiles = []
+    for k, frame in zip(picks, _frames_at(clip.crop_dir / CROP_VIDEO, picks, (TILE, TILE))):
+        tile = np.ascontiguousarray(frame)
+        for x, y in landmarks[k] * scale:
+            cv2.circle(tile, (int(round(x)), int(round(y))), 1, (0, 255, 0), -1, cv2.LINE_AA)
+        cv2.putText(tile, str(k), (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 0), 1, cv2.LINE_AA)
+        tiles.append(tile)
+    row = np.concatenate(tiles, axis=1)
+    segs = len(info.get("segments", [[0, frames]]))
+    text = f"{clip.clip_id}  {frames} frames  {info.get('mode', 'follow')}, {segs} segment(s)"
+    return np.concatenate([row, _caption(row.shape[1], text)], axis=0)
+
+
+def rejected_tile(clip: RejectedClip) -> np.ndarray:
+    tile = np.full((TILE, TILE, 3), 60, np.uint8)
+    if clip.frame_source is not None and clip.frame_source.is_file():
+        try:
+            info = probe(clip.frame_source)
+            s = TILE / max(info.width, info.height, 1)
+            w, h = max(2, int(info.width * s) // 2 * 2), max(2, int(info.height * s) // 2 * 2)
+            first = next(iter(iter_frames(clip.frame_source, scale_to=(w, h), chunk=1)), None)
+            if first is not None:
+                y0, x0 = (TILE - h) // 2, (TILE - w) // 2
+                tile[y0: y0 + h, x0: x0 + w] = first[0]
+        except MediaError:
+            pass  # unreadable sources are among the rejected: the grey tile and the reason say it
+    tile = np.clip(tile.astype(np.int16) + _REJECT_TINT, 0, 255).astype(np.uint8)
+    return np.concatenate([tile, _caption(TILE, f"{clip.reason}", (255, 140, 140)),
+                           _caption(TILE, clip.clip_id, (200, 200, 200))], axis=0)
+
+
+def contact_sheet(accepted: list[AcceptedClip], rejected: list[RejectedClip], out_png: Path,
+                  per_clip: int = 6, max_clips: int = 24) -> Optional[Path]:
+    """Write the sheet to `out_png` (temp name + rename); None when there is nothing to show."""
+    rows = [accepted_row(c, per_clip) for c in sorted(accepted, key=lambda c: c.clip_id)[:max_clips]]
+    width = max([r.shape[1] for r in rows] + [TILE * per_clip])
+    rej = [rejected_tile(c) for c in sorted(rejected, key=lambda c: c.clip_id)[:max_clips]]
+    for i in range(0, len(rej), per_clip):
+        rows.append(np.concatenate(rej[i: i + per_clip], axis=1))
+    if not rows:
+        return None
+    sheet = np.full((sum(r.shape[0] for r in rows), width, 3), 20, np.uint8)
+    y = 0
+    for r in rows:
+        sheet[y: y + r.shape[0], : r.shape[1]] = r
+        y += r.shape[0]
+    ok, png = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(out_png.name + ".tmp")
+    tmp.write_bytes(png.tobytes())
+    tmp.replace(out_png)
+    return out_png

@@ -350,10 +350,10 @@ def preprocess(
                                             retry_rejected=retry_rejected) for f in futures]
                 submitted += futures
             if submitted:  # the UI's progress bar moves as each batch-step finishes, in whatever order
-                moving = ProgressArtifact(len(submitted), f"preprocess-{dataset}",
-                                          f"batch-steps ({len(states)} clips x {len(clip_steps)} steps)")
-                for _ in as_completed(submitted):
-                    moving.advance()
+                moving = ProgressArtifact(len(states) * len(clip_steps), f"preprocess-{dataset}",
+                                          f"clip-steps ({len(states)} clips x {len(clip_steps)} steps)")
+                for done in as_completed(submitted):
+                    moving.advance(len(done.result().states))
             results: list[BatchResult] = [f.result() if hasattr(f, "result") else f for f in futures]
         finally:
             if bar:

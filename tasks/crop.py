@@ -45,6 +45,7 @@ class CropConfig:
     params: CropParams = field(default_factory=CropParams)
     landmarker: str = "dlib"
     detect_every: int = 10  # frames (at 25 fps) between face detections
+    drift_redetect: float = 0.15  # landmark extent this far (ratio) from the last detection's: detect next frame
     full_detect_every: int = 50  # frames between whole-frame detections; the others search near the tracked face
     track_margin: float = 1.0  # the near-face search region extends this many face sizes on each side
     near_face_px: float = 110.0  # the near-face search runs at a scale where the tracked face is this wide
@@ -178,6 +179,8 @@ class _FaceTracker:
         self.anchor: Optional[np.ndarray] = None  # the last detection's box relative to its landmarks
         self.pts: Optional[np.ndarray] = None  # the previous frame's landmarks
         self.small_probes = 0  # small-face searches spent
+        self.extent: Optional[float] = None  # the landmarks' extent at the last detection
+        self.drifted = False  # the landmarks grew or shrank since then: detect on the next frame
 
     @property
     def frames(self) -> int:
@@ -201,7 +204,8 @@ class _FaceTracker:
         detected = False
         if self.box is not None and self.pts is not None and self.anchor is not None:
             self.box = _box_from_landmarks(self.pts, self.anchor)
-        if i % cfg.detect_every == 0:
+        if i % cfg.detect_every == 0 or self.drifted:
+            self.drifted = False
             near = self.box is not None and i % cfg.full_detect_every != 0
             boxes = _detect_near(self.lm, frame, self.box, cfg.track_margin, cfg.near_face_px) if near else []
             if not boxes:  # whole frame: scheduled, not tracking yet, or the face left the region
@@ -226,8 +230,13 @@ class _FaceTracker:
             track.landmarks.append(np.full((68, 2), np.nan, np.float32))
         else:
             self.pts = self.lm.landmarks(frame, self.box)
+            extent = _landmark_extent(self.pts)[1]
             if detected:
-                self.anchor = _box_anchor(self.box, self.pts)
+                self.anchor, self.extent = _box_anchor(self.box, self.pts), extent
+            elif self.extent is not None and abs(np.log(extent / self.extent)) > np.log1p(cfg.drift_redetect):
+                # boxes that follow the previous frame's landmarks compound the shape model's errors on a fast
+                # head (lp_d12.mp4: extents of 0.3x-1.4x the face's within 10 frames): re-anchor at once
+                self.drifted = True
             track.landmarks.append(self.pts / self.to_source)
         return track.landmarks[-1]
 

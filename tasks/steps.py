@@ -54,8 +54,9 @@ class DownloadStep:
 class CropStep:
     config: CropConfig = field(default_factory=CropConfig)
     name: str = "crop"
-    version: str = "5"  # 2: manifest face box; 3: luma landmarks, landmark-tracked boxes; 4: scaled near-face search;
-    # 5: static segment boxes (default), display rotation, corrupt_stream, silent_audio, small-face search
+    version: str = "6"  # 2: manifest face box; 3: luma landmarks, landmark-tracked boxes; 4: scaled near-face search;
+    # 5: static segment boxes (default), display rotation, corrupt_stream, silent_audio, small-face search;
+    # 6: a drifting landmark track re-detects on the next frame
     requires: tuple[str, ...] = ("download",)
 
     def fingerprint(self) -> str:

@@ -124,3 +124,22 @@ def test_head_motion_stays_in_the_static_crop(samples_dir, tmp_path, clip, measu
     static = _head_motion(crop_clip(src, tmp_path / "s", CropConfig(**cfg)).clip_dir)
     follow = _head_motion(crop_clip(src, tmp_path / "f", CropConfig(mode="follow", **cfg)).clip_dir)
     assert static[measure] > 2 * follow[measure], (static, follow)
+
+
+def test_a_fast_head_keeps_its_size_in_the_segment_boxes(samples_dir, tmp_path):
+    """lp_d12: a close-up whose head bobs quickly across the frame but keeps its size. Landmarks that only
+    follow the previous frame's drift (extents of 0.3x-1.4x the face's between two detections: 14 segments,
+    most ended by a false "zoom", 43 of 182 frames usable); the drift guard re-detects at once, so segments
+    end only where the face really leaves its box (it reaches the source's right edge near frame 55)."""
+    src = tmp_path / "d12.mp4"  # its first 5 s
+    run_ffmpeg(["-y", "-i", str(samples_dir / "more" / "lp_d12.mp4"), "-t", "5", "-c:v", "libx264", "-crf", "18",
+                "-c:a", "aac", str(src)], "cut")
+    r = crop_clip(src, tmp_path / "crop")
+    segs = _segments(r)
+    assert not [g for g in segs if g["ends_by"] == "zoom"], segs
+    sides = [g["box"][2] for g in segs if g["dropped"] is None]
+    assert max(sides) < 1.1 * min(sides), segs
+    assert sum(e - s for s, e in crop_segments(r.clip_dir)) >= 0.85 * r.frames, segs
+    landmarks = np.load(r.clip_dir / "landmarks.npy")  # crop pixels: the face keeps its size in its box
+    extent = np.sqrt(np.prod(landmarks.max(axis=1) - landmarks.min(axis=1), axis=1))
+    assert extent.min() > 0.7 * np.median(extent) and extent.max() < 1.35 * np.median(extent)

@@ -1,6 +1,8 @@
 """The normalised clip manifest: one row per clip, whatever dataset it came from."""
 from __future__ import annotations
 
+import hashlib
+import math
 import re
 from pathlib import Path
 from typing import Iterable, Optional
@@ -14,15 +16,33 @@ SPLITS = ("train", "val", "test")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
+MAX_ID_CHARS = 180
+_DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
 def sanitize_clip_id(raw: str) -> str:
     """A clip id safe as a file name and a webdataset key (no '/', no '.' runs, no shell metacharacters).
 
-    Webdataset splits keys at the first '.', so dots become '-' too.
+    Webdataset splits keys at the first '.', so dots become '-' too. Whenever cleaning or truncating changes
+    the id, "-" and 10 hex digits of the original's sha256 are appended, so ids that differ only in what
+    was removed ("a/b" and "a_b", two long ids sharing 180 characters) stay distinct. Idempotent: a
+    sanitised id comes back unchanged.
     """
     cleaned = _UNSAFE.sub("_", raw.strip()).replace(".", "-").strip("_-")
     if not cleaned:
         raise ValueError(f"clip id {raw!r} has no usable characters")
-    return cleaned[:180]
+    if cleaned == raw and len(raw) <= MAX_ID_CHARS:
+        return raw
+    digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{cleaned[: MAX_ID_CHARS - 11].rstrip('_-')}-{digest}"
+
+
+def validate_dataset_name(name: str) -> str:
+    """Dataset names become a folder under the output root and a field of every sample's meta.json."""
+    if not isinstance(name, str) or not _DATASET_NAME.fullmatch(name):
+        raise ValueError(f"dataset name must be 1-64 letters, digits, '_' or '-' (starting with a letter or "
+                         f"digit), got {str(name)[:80]!r}")
+    return name
 
 
 class ClipRow(BaseModel):
@@ -43,6 +63,11 @@ class ClipRow(BaseModel):
     def _safe_id(cls, v: str) -> str:
         return sanitize_clip_id(v)
 
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        return validate_dataset_name(v)
+
     @field_validator("split")
     @classmethod
     def _known_split(cls, v: str) -> str:
@@ -55,12 +80,16 @@ class ClipRow(BaseModel):
     def _box(cls, v: Optional[list[float]]) -> Optional[list[float]]:
         if v is None:
             return v
-        if len(v) != 4 or not (v[2] > v[0] and v[3] > v[1]):
+        if len(v) != 4 or not all(math.isfinite(x) for x in v) or not (v[2] > v[0] and v[3] > v[1]):
             raise ValueError(f"face_box must be x0,y0,x1,y1 with x1>x0, y1>y0; got {v}")
         return [float(x) for x in v]
 
     @model_validator(mode="after")
     def _times(self) -> "ClipRow":
+        for name in ("start_s", "end_s"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number of seconds, got {value}")
         if self.start_s < 0:
             raise ValueError(f"start_s must be >= 0, got {self.start_s}")
         if self.end_s is not None and self.end_s <= self.start_s:
@@ -115,7 +144,7 @@ def read_manifest(path: str | Path) -> tuple[list[ClipRow], list[ManifestRowErro
     table = pq.read_table(path)
     good: list[ClipRow] = []
     bad: list[ManifestRowError] = []
-    seen: set[str] = set()
+    seen: dict[str, int] = {}  # clip id -> the row that first had it
     for i, rec in enumerate(table.to_pylist()):
         try:
             row = ClipRow(**{k: v for k, v in rec.items() if v is not None or k in ("end_s", "face_box")})
@@ -123,8 +152,10 @@ def read_manifest(path: str | Path) -> tuple[list[ClipRow], list[ManifestRowErro
             bad.append(ManifestRowError(i, str(exc).replace("\n", " ")))
             continue
         if row.clip_id in seen:
-            bad.append(ManifestRowError(i, f"duplicate clip_id {row.clip_id!r}"))
+            first = seen[row.clip_id]
+            bad.append(ManifestRowError(i, f"duplicate clip_id {row.clip_id!r}: row {first} has it too "
+                                           f"({rec.get('clip_id')!r} here, {table['clip_id'][first].as_py()!r} there)"))
             continue
-        seen.add(row.clip_id)
+        seen[row.clip_id] = i
         good.append(row)
     return good, bad

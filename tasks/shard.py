@@ -77,7 +77,11 @@ def window_starts(frames: int, cfg: ShardConfig, segments: Optional[list[tuple[i
 
 
 def sample_key(clip_id: str, start: int) -> str:
-    return f"{sanitize_clip_id(clip_id)}_w{start:06d}"
+    """The tar key of a window; the training loader accepts exactly these (tasks.contract.SAMPLE_KEY)."""
+    key = f"{sanitize_clip_id(clip_id)}_w{start:06d}"
+    if not contract.SAMPLE_KEY.fullmatch(key):
+        raise ValueError(f"sample key {key!r} is outside the contract's key form")
+    return key
 
 
 def _encode_window(frames: np.ndarray, crf: int) -> bytes:

@@ -34,12 +34,12 @@ def test_batch_shapes_dtypes_and_values(tmp_path):
     assert batch["struct"].shape == (2, WINDOW, 133) and batch["struct"].dtype == torch.float32
     assert batch["audio_features"].shape == (2, WINDOW, AUDIO_DIM) and batch["audio_features"].dtype == torch.float16
     assert batch["keep_mask"].shape == (2, WINDOW) and batch["keep_mask"].dtype == torch.bool
-    assert batch["sample_keys"] == ["clip000_000", "clip000_001"]
+    assert batch["sample_keys"] == ["clip000_w000000", "clip000_w000001"]
     # values are the written ones (same generator, same draw order)
     rng = np.random.default_rng(3)
     from tests.training_shards import sample_members
 
-    first = sample_members(rng, "clip000_000")
+    first = sample_members(rng, "clip000_w000000")
     expected = contract.load_npy(first[contract.VIDEO_LATENTS])
     np.testing.assert_array_equal(batch["video_latents"][0].numpy(), expected)
     expected_struct = contract.load_npy(first[contract.STRUCT])
@@ -51,7 +51,7 @@ def test_each_sample_once_per_epoch_across_two_workers(tmp_path):
     loader = ShardLoader(_cfg(tmp_path, num_workers=2, partial_batches=True, shuffle_buffer=8))
     keys0 = _epoch_keys(loader)
     keys1 = _epoch_keys(loader)
-    everything = sorted(f"clip{s:03d}_{i:03d}" for s in range(4) for i in range(5))
+    everything = sorted(f"clip{s:03d}_w{i:06d}" for s in range(4) for i in range(5))
     assert sorted(keys0) == everything and len(keys0) == 20
     assert sorted(keys1) == everything
     assert keys0 != keys1  # a new epoch reshuffles
@@ -66,18 +66,18 @@ def test_split_by_node_partitions_the_epoch(tmp_path):
     ]
     assert not set(keys[0]) & set(keys[1])
     assert len(keys[0]) == len(keys[1]) == 6
-    assert sorted(keys[0] + keys[1]) == sorted(f"clip{s:03d}_{i:03d}" for s in range(4) for i in range(3))
+    assert sorted(keys[0] + keys[1]) == sorted(f"clip{s:03d}_w{i:06d}" for s in range(4) for i in range(3))
 
 
 def test_tampered_samples_are_rejected_and_counted(tmp_path):
     def tamper(key, members):
-        if key == "clip000_001":  # wrong struct width
+        if key == "clip000_w000001":  # wrong struct width
             members[contract.STRUCT] = contract.npy_bytes(np.zeros((WINDOW, 7), np.float32))
-        if key == "clip001_002":  # object array: needs pickle, must be refused
+        if key == "clip001_w000002":  # object array: needs pickle, must be refused
             buf = io.BytesIO()
             np.save(buf, np.array([None] * WINDOW, dtype=object), allow_pickle=True)
             members[contract.KEEP_MASK] = buf.getvalue()
-        if key == "clip001_000":  # NaN latents
+        if key == "clip001_w000000":  # NaN latents
             arr = contract.load_npy(members[contract.VIDEO_LATENTS]).copy()
             arr[0, 0, 0, 0] = np.nan
             members[contract.VIDEO_LATENTS] = contract.npy_bytes(arr)
@@ -86,11 +86,12 @@ def test_tampered_samples_are_rejected_and_counted(tmp_path):
     write_shards(tmp_path, n_shards=2, per_shard=3, tamper=tamper)
     loader = ShardLoader(_cfg(tmp_path, partial_batches=True, num_workers=2))
     keys = _epoch_keys(loader)
-    assert sorted(keys) == ["clip000_000", "clip000_002", "clip001_001"]
-    assert loader.stats.rejected == {"contract": 2, "decode": 1}
+    assert sorted(keys) == ["clip000_w000000", "clip000_w000002", "clip001_w000001"]
+    assert loader.stats.rejected == {"contract": 3}  # the object array is refused by its header, unread
     joined = " ".join(loader.stats.last_rejections)
-    assert "clip000_001" in joined and "struct.npy" in joined and "clip001_000" in joined
-    assert f"shape ({WINDOW}, 7), expected ({WINDOW}, 133)" in joined and "holds NaN or inf" in joined
+    assert "clip000_w000001" in joined and "struct.npy" in joined and "clip001_w000000" in joined
+    assert f"header declares shape ({WINDOW}, 7), expected ({WINDOW}, 133)" in joined and "holds NaN or inf" in joined
+    assert "keep_mask.npy: header declares dtype object, expected bool" in joined
 
 
 def test_resume_position_gives_the_same_remaining_batches(tmp_path):
@@ -171,7 +172,7 @@ def test_memory_url_shards_give_the_same_batches_as_local_paths(tmp_path, memfs)
         for key in ("video_latents", "reference_latent", "struct", "audio_features", "keep_mask"):
             assert a[key].dtype == b[key].dtype
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
-    everything = [f"clip{s:03d}_{i:03d}" for s in range(3) for i in range(3)]
+    everything = [f"clip{s:03d}_w{i:06d}" for s in range(3) for i in range(3)]
     assert sorted(k for b in remote for k in b["sample_keys"]) == everything
 
 
@@ -202,7 +203,7 @@ def test_missing_and_truncated_shards_are_counted_and_the_rest_arrives(tmp_path,
     missing = f"memory://{MEM_ROOT}/shard-000009.tar"
     loader = ShardLoader(_cfg(tmp_path, shards=[f"memory://{MEM_ROOT}/shard-*.tar", missing], partial_batches=True))
     keys = _epoch_keys(loader)
-    expected = [f"clip{s:03d}_{i:03d}" for s in (0, 2) for i in range(3)] + ["clip001_000", "clip001_001"]
+    expected = [f"clip{s:03d}_w{i:06d}" for s in (0, 2) for i in range(3)] + ["clip001_w000000", "clip001_w000001"]
     assert sorted(keys) == sorted(expected)
     assert loader.stats.rejected == {"shard": 2}
     messages = loader.stats.last_rejections
@@ -245,8 +246,8 @@ class _Unseekable(io.RawIOBase):
 
 def test_tar_samples_groups_members_by_key_seekable_or_streamed(tmp_path):
     path = write_shards(tmp_path, n_shards=1, per_shard=2)[0]
-    with tarfile.open(path, "a") as tar:  # a member repeating clip000_001's suffix, then a lone one
-        for name, data in [("clip000_001.struct.npy", b"again"), ("clip000_009.META.JSON", b"{}"),
+    with tarfile.open(path, "a") as tar:  # a member repeating clip000_w000001's suffix, then a lone one
+        for name, data in [("clip000_w000001.struct.npy", b"again"), ("clip000_w000009.META.JSON", b"{}"),
                            ("__index__", b"skip"), ("noext", b"skip")]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -255,12 +256,12 @@ def test_tar_samples_groups_members_by_key_seekable_or_streamed(tmp_path):
     seekable = list(tar_samples(io.BytesIO(data)))
     streamed = list(tar_samples(_Unseekable(data)))
     assert seekable == streamed
-    assert [s["__key__"] for s in seekable] == ["clip000_000", "clip000_001", "clip000_009"]
+    assert [s["__key__"] for s in seekable] == ["clip000_w000000", "clip000_w000001", "clip000_w000009"]
     assert sorted(k for k in seekable[0] if k != "__key__") == sorted(contract.BASE_MEMBERS + contract.FEATURE_MEMBERS)
-    assert "__error__" not in seekable[0] and "duplicate member 'clip000_001.struct.npy'" in seekable[1]["__error__"]
-    assert seekable[2] == {"__key__": "clip000_009", "meta.json": b"{}"}  # suffixes are lower-cased
+    assert "__error__" not in seekable[0] and "duplicate member 'clip000_w000001.struct.npy'" in seekable[1]["__error__"]
+    assert seekable[2] == {"__key__": "clip000_w000009", "meta.json": b"{}"}  # suffixes are lower-cased
     with tarfile.open(path) as tar:
-        first = tar.extractfile("clip000_000.video_latents.npy").read()
+        first = tar.extractfile("clip000_w000000.video_latents.npy").read()
     assert seekable[0]["video_latents.npy"] == first
 
 

@@ -1,11 +1,14 @@
 """Each dataset parser on a small fixture written in that dataset's published format."""
 from __future__ import annotations
 
+import hashlib
+
 from pathlib import Path
 
 import pytest
 
 from datasets_manifest import DATASETS, PARSERS, ManifestSourceError, build_manifest
+from datasets_manifest.schema import sanitize_clip_id
 
 FIX = Path(__file__).parent / "fixtures" / "manifests"
 
@@ -185,7 +188,8 @@ def test_samples_ids_are_sanitised_and_bad_files_reported(tmp_path, samples_dir)
     (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
     b = build_manifest("samples", tmp_path)
     (row,) = b.rows
-    assert row.clip_id == "samples_my_clip-v2" and row.identity == "my clip.v2" and row.attribution == ""
+    digest = hashlib.sha256(b"samples_my clip.v2").hexdigest()[:10]  # cleaning changed it: the original's hash
+    assert row.clip_id == f"samples_my_clip-v2-{digest}" and row.identity == "my clip.v2" and row.attribution == ""
     (err,) = b.errors
     assert err.where == "broken.mp4" and "not a readable media file" in err.reason
 
@@ -238,13 +242,44 @@ def test_undecodable_meta_file_is_a_record_error(tmp_path):
     assert "can't decode" in reasons(b)["Clip+Zz11Yy22Xx3+P0+C0+F0-50.txt"]
 
 
-def test_ids_that_sanitise_to_the_same_id_are_reported_as_duplicates(tmp_path):
+def test_ids_that_differ_only_in_what_sanitising_removes_stay_distinct(tmp_path):
     clip = {"ytb_id": "Aa1Bb2Cc3Dd", "duration": {"start_sec": 1.0, "end_sec": 3.0},
             "bbox": {"top": 0.1, "bottom": 0.8, "left": 0.2, "right": 0.6}}
     import json
 
-    (tmp_path / "celebvhq_info.json").write_text(json.dumps({"clips": {"x y": clip, "x/y": clip}}))
+    (tmp_path / "celebvhq_info.json").write_text(json.dumps({"clips": {"x y": clip, "x/y": clip, "x_y": clip}}))
     b = build_manifest("celebvhq", tmp_path)
-    assert [r.clip_id for r in b.rows] == ["celebvhq_x_y"]
-    (err,) = b.errors
-    assert "duplicate clip_id 'celebvhq_x_y'" in err.reason
+    ids = [r.clip_id for r in b.rows]
+    assert len(set(ids)) == 3 and not b.errors, (ids, b.errors)
+    assert "celebvhq_x_y" in ids  # already clean: unchanged
+    assert all(i == "celebvhq_x_y" or (i.startswith("celebvhq_x_y-") and len(i) == len("celebvhq_x_y") + 11) for i in ids)
+    assert all(sanitize_clip_id(i) == i for i in ids)  # idempotent: paths and keys made again agree
+
+
+def test_long_ids_sharing_their_first_180_characters_stay_distinct():
+    a, b = "v" * 200 + "a", "v" * 200 + "b"
+    ids = {sanitize_clip_id(a), sanitize_clip_id(b)}
+    assert len(ids) == 2 and all(len(i) <= 180 and sanitize_clip_id(i) == i for i in ids)
+
+
+def test_a_repeated_id_is_reported_with_both_rows(tmp_path):
+    from datasets_manifest.schema import ClipRow, read_manifest, write_manifest
+
+    rows = [ClipRow(clip_id=c, dataset="t", source="x.mp4", identity="i") for c in ("a", "b", "a")]
+    good, bad = read_manifest(write_manifest(rows, tmp_path / "m.parquet"))
+    assert [r.clip_id for r in good] == ["a", "b"]
+    (err,) = bad
+    assert err.index == 2 and "duplicate clip_id 'a': row 0 has it too" in err.reason
+
+
+@pytest.mark.parametrize("field, value", [("start_s", float("nan")), ("end_s", float("inf")), ("end_s", float("nan")),
+                                          ("dataset", "../etc"), ("dataset", ""), ("dataset", "a b"),
+                                          ("face_box", [0.0, 0.0, float("nan"), 5.0])])
+def test_rows_with_non_finite_times_or_unsafe_dataset_names_are_malformed(field, value):
+    from pydantic import ValidationError
+    from datasets_manifest.schema import ClipRow
+
+    good = dict(clip_id="c", dataset="t", source="x.mp4", identity="i", start_s=0.0, end_s=2.0)
+    ClipRow(**good)
+    with pytest.raises(ValidationError):
+        ClipRow(**{**good, field: value})

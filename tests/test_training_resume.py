@@ -105,3 +105,39 @@ def test_resume_two_processes(tmp_path, stage):
     assert _losses(tmp_path / "split") == _losses(tmp_path / "full")
     assert [s.status for s in read_statuses(tmp_path / "split")] == [COMPLETED, COMPLETED]
     assert read_metrics(tmp_path / "full" / "metrics.jsonl")[0]["world_size"] == 2
+
+
+class _Planted:
+    """What an attacker pickles into a checkpoint: unpickling it creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("member", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                    "trainer_state_rank0.pt"])
+def test_a_planted_checkpoint_payload_does_not_run(tmp_path, single_process_env, member):
+    """A payload added to any file of the latest tag is refused on resume: the marker is never created, the
+    run ends in error naming the file, and the untouched checkpoint still resumes."""
+    from training.trainer import run_training
+    from training.run_status import ERROR
+
+    shards = tmp_path / "shards"
+    write_shards(shards, n_shards=1, per_shard=3)
+    out = tmp_path / "run"
+    assert run_training(TrainConfig.from_dict(_config(shards, out, stop_at_step=2))).status == STOPPED
+    target = out / "checkpoints" / "step00000002" / member
+    original = target.read_bytes()
+    state = torch.load(target, weights_only=False)  # our own file, written just now
+    marker = tmp_path / "pwned"
+    state["extra"] = _Planted(marker)
+    torch.save(state, target)
+    failed = run_training(TrainConfig.from_dict(_config(shards, out)))
+    assert not marker.exists()
+    assert failed.status == ERROR and "UnsafeCheckpoint" in failed.error and member in failed.error
+    target.write_bytes(original)
+    resumed = run_training(TrainConfig.from_dict(_config(shards, out)))
+    assert resumed.status == COMPLETED and resumed.step == 5 and not marker.exists()

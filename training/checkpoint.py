@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 import torch
 
+from training.safe_checkpoint import load_weights_only
+
 LATEST = "latest"
 
 
@@ -44,7 +46,7 @@ def load_trainer_state(ckpt_dir: Path, tag: str, rank: int) -> dict[str, Any]:
             f"checkpoint {tag} has no trainer state for rank {rank} ({path}); was it written by a run with "
             f"a different number of processes?"
         )
-    return torch.load(path, weights_only=True)
+    return load_weights_only(path)
 
 
 def prune(ckpt_dir: Path, keep: int) -> list[str]:

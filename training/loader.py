@@ -107,7 +107,24 @@ _MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's skipped __meta__ members
 
 
-def tar_samples(fileobj: Any) -> Iterator[dict[str, Any]]:
+class _BoundedReads:
+    """A file whose single reads are capped: tarfile reads what a header declares (pax and GNU long-name
+    blocks, member bodies) in one call, and Python allocates a read's full size before reading it."""
+
+    def __init__(self, fileobj: Any, max_read: int):
+        self._f, self.max_read = fileobj, max_read
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > self.max_read:
+            raise tarfile.ReadError(f"a tar header declares {n} bytes, more than the loader reads at once "
+                                    f"({self.max_read}); not a shard our writer made")
+        return self._f.read(n)
+
+    def __getattr__(self, name: str) -> Any:  # seek, tell, seekable, ...
+        return getattr(self._f, name)
+
+
+def tar_samples(fileobj: Any, limits: Optional[dict[str, contract.MemberLimit]] = None) -> Iterator[dict[str, Any]]:
     """Consecutive tar members sharing a key -> {"__key__": key, suffix: bytes, ...}, in tar order.
 
     Replaces webdataset's tarfile_to_samples (stream-mode tarfile + group_by_keys, and its gopen knows no
@@ -117,8 +134,34 @@ def tar_samples(fileobj: Any) -> Iterator[dict[str, Any]]:
     plain read with npy decode. With a seekable file (local, fsspec's buffered remote files, memory://)
     each member is one seek + read of its bytes and tarfile only parses the headers; non-seekable streams
     fall back to stream mode. A key repeating a suffix is passed on with "__error__" set (rejected by the
-    caller); open/read errors propagate, after the samples completed before them.
+    caller); open/read errors propagate, after the samples before them and the one being read (complete
+    or not: the caller's contract check judges it).
+
+    With `limits` (tasks.contract.member_limits), nothing is read that a valid sample cannot hold: a key
+    the writer does not produce, a member name it does not write, or a member larger than its limit marks
+    the sample "__error__", and the rest of that sample is skipped unread. Every single read
+    is then capped at the largest limit, so memory stays within one sample's bound whatever the headers say.
     """
+    if limits is not None:
+        fileobj = _BoundedReads(fileobj, max(64 * 1024, max(m.max_bytes for m in limits.values())))
+    sample: Optional[dict[str, Any]] = None
+    try:
+        for sample in _grouped(fileobj, limits):
+            if "__done__" in sample:
+                del sample["__done__"]
+                yield sample
+                sample = None
+    except Exception:
+        if sample is not None:  # the sample being read when the shard broke: complete or not, it is judged
+            yield sample
+        raise
+    if sample is not None:
+        yield sample
+
+
+def _grouped(fileobj: Any, limits: Optional[dict[str, contract.MemberLimit]]) -> Iterator[dict[str, Any]]:
+    """tar_samples' reading loop: yields the sample being filled after every member (marked "__done__" once
+    the next key starts), so the caller holds the partial sample when a read fails."""
     seekable = fileobj.seekable()
     sample: Optional[dict[str, Any]] = None
     with tarfile.open(fileobj=fileobj, mode="r:" if seekable else "r|") as tar:
@@ -132,8 +175,22 @@ def tar_samples(fileobj: Any) -> Iterator[dict[str, Any]]:
             key, suffix = named.group(1), named.group(2).lower()
             if sample is None or sample["__key__"] != key:  # before reading: a cut here keeps the last sample
                 if sample is not None:
+                    sample["__done__"] = True
                     yield sample
                 sample = {"__key__": key}
+                if limits is not None and not contract.SAMPLE_KEY.fullmatch(key):
+                    sample["__error__"] = f"key {key[:80]!r} is not one the shard writer produces"
+            yield sample
+            if limits is not None:
+                if "__error__" in sample:
+                    continue  # rejected already: read nothing more of it
+                if suffix not in limits:
+                    sample["__error__"] = f"member {suffix[:40]!r} is not one the shard writer produces"
+                    continue
+                if info.size > limits[suffix].max_bytes:
+                    sample["__error__"] = (f"member {suffix!r} declares {info.size} bytes, more than a valid "
+                                           f"sample's {limits[suffix].max_bytes}")
+                    continue
             if seekable and not info.issparse():
                 fileobj.seek(info.offset_data)
                 data = fileobj.read(info.size)
@@ -144,8 +201,6 @@ def tar_samples(fileobj: Any) -> Iterator[dict[str, Any]]:
             if suffix in sample:
                 sample["__error__"] = f"duplicate member {info.name!r}"
             sample[suffix] = data
-    if sample is not None:
-        yield sample
 
 
 def crop_window(arrays: dict[str, np.ndarray], window: int) -> dict[str, np.ndarray]:
@@ -173,6 +228,7 @@ class ShardDataset(IterableDataset):
         if in_memory and cfg.num_workers > 0:  # each worker process has its own, empty, memory filesystem
             raise ValueError(f"memory:// shards ({in_memory[0]}, ...) are only readable with num_workers=0")
         self.spec = ContractSpec(window=cfg.window, crop_size=cfg.crop_size, audio_dim=cfg.audio_dim)
+        self.limits = contract.member_limits(self.spec)  # what a member may declare before it is read
         if cfg.train_window is not None:
             contract.latent_frames(cfg.train_window)  # 4m+1 check
             if cfg.train_window > cfg.window:
@@ -218,7 +274,7 @@ class ShardDataset(IterableDataset):
             read = 0
             try:
                 with fsspec.open(url, "rb") as fileobj:
-                    for sample in tar_samples(fileobj):
+                    for sample in tar_samples(fileobj, self.limits):
                         read += 1
                         yield sample
             except SHARD_ERRORS as exc:
@@ -228,17 +284,17 @@ class ShardDataset(IterableDataset):
         """Raw tar members -> arrays, or None (counted) when the sample breaks the contract."""
         key = str(sample.get("__key__", "?"))
         if "__error__" in sample:
-            return self._reject("decode", f"sample {key!r}: {sample['__error__']}")
+            return self._reject("decode", f"sample {key[:80]!r}: {sample['__error__']}")
         try:
             decoded = dict(sample)
             for member in contract.FEATURE_MEMBERS:
                 if member in sample:
-                    decoded[member] = contract.load_npy(sample[member])
+                    decoded[member] = contract.load_npy(sample[member], self.limits[member], member)
             meta = contract.validate_sample(decoded, self.spec)
         except ContractError as exc:
-            return self._reject("contract", f"{exc}")
-        except (ValueError, OSError, EOFError, json.JSONDecodeError) as exc:
-            return self._reject("decode", f"sample {key!r}: {type(exc).__name__}: {exc}")
+            return self._reject("contract", f"sample {key!r}: {exc}" if key not in str(exc) else f"{exc}")
+        except Exception as exc:  # a member no check above foresaw: counted, never raised into training
+            return self._reject("decode", f"sample {key!r}: {type(exc).__name__}: {exc}"[:500])
         arrays = {name: decoded[member] for name, member in _MEMBER_OF_KEY.items()}
         if self.cfg.train_window is not None:
             arrays = crop_window(arrays, self.cfg.train_window)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from models.dualforce import DiffusionForcingConfig, build_model, diffusion_forcing_loss
 from tasks.contract import STRUCT_DIM
-from training import checkpoint, rng_state
+from training import checkpoint, rng_state, safe_checkpoint
 from training.config import TrainConfig, load_ds_config
 from training.ema import EMA
 from training.loader import TENSOR_KEYS, LoaderConfig, ShardLoader
@@ -92,6 +92,7 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             config=self.ds_config,
         )
+        safe_checkpoint.install(self.engine)  # resume never unpickles code from a checkpoint file
         self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         self.ema = EMA(self.engine.module, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.step = 0

@@ -21,8 +21,23 @@ def _prefect_env() -> None:
 
 
 def _failed_exit_code(state) -> int:
-    """3: a gate said NO-GO; 4: the shard audit found a sample whose content is not what its label says."""
-    return {"NO-GO": 3, "AUDIT-MISMATCH": 4}.get(state.name, 1)
+    """The exit code of a run that did not complete (flows/outcomes.py lists them)."""
+    from flows.outcomes import exit_code
+
+    return exit_code(state.name)
+
+
+def _done_exit_code(preprocess_report: dict | None) -> int:
+    """0, or 5 (CLIPS-FAILED) when clips failed through our own error rather than being rejected."""
+    from flows.outcomes import EXIT_CODES, CLIPS_FAILED, failed_clips
+
+    failed = failed_clips(preprocess_report or {})
+    if not failed:
+        return 0
+    print(f"\n{CLIPS_FAILED}: {len(failed)} clip(s) failed through an error of ours (not their input); the rest "
+          f"finished. First: {failed[0]['clip_id']} at {failed[0]['step']}: {failed[0]['detail'][:300]}. "
+          f"Re-run after the fix: finished steps are reused.", file=sys.stderr)
+    return EXIT_CODES[CLIPS_FAILED]
 
 
 def _finish(state, seconds: float) -> dict | None:
@@ -55,7 +70,7 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
     if not result["preprocess"].get("shards") or result["preprocess"]["shards"]["samples"] == 0:
         print("error: the dry-run produced no samples", file=sys.stderr)
         return 1
-    return 0
+    return _done_exit_code(result["preprocess"])
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
@@ -77,7 +92,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     report = _finish(state, time.perf_counter() - t0)
     if report is None:
         return _failed_exit_code(state)
-    return 0
+    return _done_exit_code(report)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -119,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     state = train_flow(_json_arg(args.config), gates=_json_arg(args.gates), return_state=True, **launch_kwargs(args))
     print(f"{state.name}: {state.message}", file=sys.stderr if not state.is_completed() else sys.stdout)
-    return 0 if state.is_completed() else (3 if state.name == "NO-GO" else 1)
+    return 0 if state.is_completed() else _failed_exit_code(state)
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -134,7 +149,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     result = _finish(state, time.perf_counter() - t0)
     if result is None:
         return _failed_exit_code(state)
-    return 0
+    return _done_exit_code(result.get("preprocess") if isinstance(result, dict) else None)
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:

@@ -20,12 +20,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from datasets_manifest.schema import read_manifest
+from datasets_manifest.schema import read_manifest, validate_dataset_name
 from flows.audit_artifacts import audit_state, publish_audit
 from flows.gate_artifacts import publish_gate
 from flows.layout import DatasetLayout
+from flows.outcomes import BAD_WEIGHTS, UNUSABLE_INPUT, unusable_manifest_message
 from flows.progress import Progress
 from flows.run_artifacts import ProgressArtifact, publish_contact_sheet, publish_summary
 from flows.runners import RUNNERS, RayConfig, batch_submitter
@@ -34,6 +36,7 @@ from tasks.contact_sheet import AcceptedClip, RejectedClip, contact_sheet
 from tasks.download import DownloadConfig
 from tasks.gates import GateVerdict
 from tasks.feature_models import FeatureModels, dryrun_models
+from models.weights import WeightsError
 from tasks.ledger import LEDGER_DIR, step_counts, write_ledger_part
 from tasks.pose_check import PoseCheckConfig, latent_quality_gate
 from tasks.sample_features import FEATURE_STEPS, window_features
@@ -253,7 +256,7 @@ def resolve_models(models: str, layout: DatasetLayout, liveportrait_root: Option
     if missing:
         raise ValueError(f"a real run needs {', '.join(missing)} (weights are never downloaded; models='dryrun' for random ones)")
     chosen = FeatureModels(liveportrait_root, hubert, wan_vae, wan_vae_subfolder, device=device)
-    chosen.check()
+    chosen.validate()
     return chosen
 
 
@@ -313,6 +316,7 @@ def preprocess(
         raise ValueError(f"unknown steps {sorted(unknown)}; choose from {ALL_STEPS}")
     if runner not in RUNNERS:
         raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
+    validate_dataset_name(dataset)  # it names a folder under output_root
     layout = DatasetLayout(output_root, dataset, work_root, scratch_root)
     ray_cfg = RayConfig(address=ray_address, num_cpus=ray_num_cpus, cpus_per_batch=cpus_per_batch,
                         gpus_per_batch=gpus_per_batch)
@@ -320,14 +324,28 @@ def preprocess(
     needs_models = any(s in wanted for s in FEATURE_STEPS)
     feature_models = None
     if needs_models:  # fail fast, before any clip is touched
-        feature_models = resolve_models(models, layout, liveportrait_root, hubert, wan_vae, wan_vae_subfolder, device)
+        try:
+            feature_models = resolve_models(models, layout, liveportrait_root, hubert, wan_vae, wan_vae_subfolder, device)
+        except WeightsError as exc:
+            logger.error(str(exc))
+            return Failed(name=BAD_WEIGHTS, message=str(exc))
         if feature_models.dryrun:
             logger.warning("DRY RUN: steps 3-6 use small randomly initialised models; their outputs are marked untrained_dryrun")
     store = StepStore(layout.steps, scratch_root)
     cleaned = store.clean_staging()
     if cleaned:
         logger.info(f"removed {cleaned} leftovers of an interrupted run")
-    states, manifest_errors = load_clips(manifest, limit)
+    try:
+        states, manifest_errors = load_clips(manifest, limit)
+    except Exception as exc:  # a missing file, not parquet, another schema
+        message = f"manifest {manifest} cannot be read ({type(exc).__name__}: {exc}); nothing was run"
+        logger.error(message)
+        return Failed(name=UNUSABLE_INPUT, message=message)
+    if not states:  # nothing to do is not a data-quality verdict: say what to fix
+        message = unusable_manifest_message(manifest, manifest_errors)
+        write_ledger_part(layout.ledger, manifest_errors, f"run-{time.strftime('%Y%m%dT%H%M%S')}-{run_id[:8]}")
+        logger.error(message)
+        return Failed(name=UNUSABLE_INPUT, message=message)
     run_names = tuple(s for s in CLIP_STEPS if s in wanted)
     hydrate(states, store, tuple(s for s in CLIP_STEPS if s not in run_names))
     if shard_features is None:  # features when this run makes them, or an earlier one made them for every clip

@@ -15,7 +15,10 @@ import torch
 import torch.nn as nn
 
 from models.dryrun_models import HF_DRYRUN_MARKER
-from models.weights import WeightsError
+from models.weights import WeightsError, check_loading_info
+
+# HubertForCTC checkpoints (hubert-large-ls960-ft) carry a CTC head the base model does not use.
+CTC_HEAD_PREFIXES = ("lm_head.",)
 
 SAMPLE_RATE = 16_000
 HOP = 320  # samples per 50 Hz feature
@@ -168,13 +171,15 @@ def load_hubert(name_or_dir: str | Path, device: str | torch.device = "cpu") -> 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # its "Loading weights" bar would cut into the pipeline's own
     try:
-        model = HubertModel.from_pretrained(str(name_or_dir), local_files_only=True)
-    except (OSError, ValueError) as exc:
+        model, info = HubertModel.from_pretrained(str(name_or_dir), local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as exc:
         where = f"directory {local}" if is_dir else f"'{name_or_dir}' in the Hugging Face cache"
         raise WeightsError(f"cannot load HuBERT from {where} (local_files_only, nothing downloaded): {exc}") from exc
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    # strict: a key missing from the file would be initialised at random and every feature silently wrong
+    check_loading_info(info, str(name_or_dir), "HubertModel", allowed_unexpected=CTC_HEAD_PREFIXES)
     model = model.to(device).eval()
     pre_dir = local if is_dir else _cached_snapshot(str(name_or_dir))
     dryrun = is_dir and (local / HF_DRYRUN_MARKER).is_file()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from models.dryrun_models import HF_DRYRUN_MARKER
-from models.weights import WeightsError
+from models.weights import WeightsError, check_loading_info
 
 TIME_STRIDE = 4
 
@@ -67,12 +67,13 @@ def load_wan_vae(
     if not local.is_dir() and (local.is_absolute() or str(name_or_dir).startswith(".")):
         raise WeightsError(f"Wan VAE directory not found: {local}")
     try:
-        vae = AutoencoderKLWan.from_pretrained(str(name_or_dir), subfolder=subfolder, local_files_only=True,
-                                               torch_dtype=dtype)
-    except (OSError, ValueError, EnvironmentError) as exc:
+        vae, info = AutoencoderKLWan.from_pretrained(str(name_or_dir), subfolder=subfolder, local_files_only=True,
+                                                     torch_dtype=dtype, output_loading_info=True)
+    except (OSError, ValueError, EnvironmentError, RuntimeError) as exc:
         where = f"directory {local}" if local.is_dir() else f"'{name_or_dir}' in the Hugging Face cache"
         raise WeightsError(f"cannot load the Wan VAE from {where} (subfolder={subfolder!r}, local_files_only, "
                            f"nothing downloaded): {exc}") from exc
+    check_loading_info(info, f"{name_or_dir}{'/' + subfolder if subfolder else ''}", "AutoencoderKLWan")
     if vae.config.patch_size is not None:
         raise WeightsError(f"{name_or_dir}: patchified VAEs (Wan 2.2, patch_size={vae.config.patch_size}) are not supported")
     mean, std = vae.config.latents_mean, vae.config.latents_std

@@ -31,6 +31,28 @@ def check_state_dict(model: nn.Module, state: dict, source: str) -> None:
         raise WeightsError(f"{source} does not fit {type(model).__name__}: " + " | ".join(parts))
 
 
+def check_loading_info(info: dict, source: str, model_name: str, allowed_unexpected: tuple[str, ...] = ()) -> None:
+    """transformers / diffusers `output_loading_info`: raise WeightsError on any missing, mismatched or
+    unexpected key (except the prefixes in `allowed_unexpected`: task heads a base model leaves out, such as
+    HubertForCTC's lm_head in hubert-large-ls960-ft) and on loader error messages. from_pretrained itself only
+    warns about these and initialises what is missing at random."""
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(k for k in (info.get("unexpected_keys") or []) if not k.startswith(allowed_unexpected))
+    mismatched = [f"{k}: file {tuple(a)} vs model {tuple(b)}" for k, a, b in (info.get("mismatched_keys") or [])]
+    errors = list(info.get("error_msgs") or [])
+    parts = []
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
+    if mismatched:
+        parts.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched[:20])}")
+    if errors:
+        parts.append(f"load errors: {'; '.join(str(e)[:200] for e in errors[:5])}")
+    if parts:
+        raise WeightsError(f"{source} does not fit {model_name}: " + " | ".join(parts))
+
+
 _WEIGHT_FILES = ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin",
                  "diffusion_pytorch_model.bin", "model.safetensors.index.json",
                  "diffusion_pytorch_model.safetensors.index.json")

@@ -35,6 +35,29 @@ class FeatureModels:
 
         check_real_weights(self.liveportrait_root, self.hubert, self.wan_vae, self.wan_vae_subfolder)
 
+    def validate(self) -> None:
+        """check(), then load every extractor strictly on the CPU (keys, shapes, dtypes against the
+        architecture) and raise one WeightsError listing every problem, before any clip is touched. Without
+        it a bad file is found out per clip, after download and crop ran for all of them."""
+        from models.hubert_features import load_hubert
+        from models.motion_extractor import load_motion_extractor
+        from models.wan_vae import load_wan_vae
+        from models.weights import WeightsError
+
+        self.check()
+        problems = []
+        for what, load in (("LivePortrait motion extractor", lambda: load_motion_extractor(self.liveportrait_root)),
+                           ("HuBERT", lambda: load_hubert(self.hubert, device="cpu")),
+                           ("Wan VAE", lambda: load_wan_vae(self.wan_vae, self.wan_vae_subfolder, device="cpu"))):
+            try:
+                with _load_lock:
+                    load()
+            except WeightsError as exc:
+                problems.append(f"{what}: {exc}")
+        if problems:
+            raise WeightsError("model weights do not fit their architectures (nothing was run):\n  - "
+                               + "\n  - ".join(problems))
+
 
 def default_dryrun_dir(seed: int = 0) -> Path:
     """One shared place per machine, so every dry run (whatever its output folder) records the same lineage."""

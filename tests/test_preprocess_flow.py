@@ -126,16 +126,16 @@ def test_unknown_step_is_refused(prefect_test_server, tmp_path):
 
 def test_a_real_run_without_weights_fails_before_any_work(prefect_test_server, samples_dir, tmp_path):
     from flows.preprocess import preprocess
-    from models.weights import WeightsError
 
     manifest = tmp_path / "m.parquet"
     pq.write_table(rows_to_table([ClipRow(clip_id="good", dataset="t", source=str(samples_dir / "yongen.mp4"), identity="a")]), manifest)
     with pytest.raises(ValueError, match="a real run needs liveportrait_root, hubert, wan_vae"):
         preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"))
-    with pytest.raises(WeightsError) as exc:
-        preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"),
-                   liveportrait_root=str(tmp_path / "lp"), hubert=str(tmp_path / "hubert"), wan_vae=str(tmp_path / "vae"))
-    msg = str(exc.value)
+    state = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"),
+                       liveportrait_root=str(tmp_path / "lp"), hubert=str(tmp_path / "hubert"),
+                       wan_vae=str(tmp_path / "vae"), return_state=True)
+    assert state.is_failed() and state.name == "BAD-WEIGHTS"
+    msg = state.message
     assert "pretrained_weights/liveportrait/base_models/motion_extractor.pth" in msg and "HuBERT" in msg and "Wan VAE" in msg
     assert not (tmp_path / "out" / "t" / "steps").exists()  # nothing was started
 

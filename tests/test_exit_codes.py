@@ -1,0 +1,103 @@
+"""Each exit code of flows/outcomes.py, produced through `dualforce` main() as a scheduler would see it."""
+from __future__ import annotations
+
+import shutil
+
+import pyarrow as pa
+import pytest
+import pyarrow.parquet as pq
+import torch
+
+from datasets_manifest.schema import MANIFEST_SCHEMA, ClipRow, rows_to_table
+from flows.cli import main
+from flows.outcomes import EXIT_CODES
+from models.motion_extractor import MOTION_EXTRACTOR_RELPATH
+from tasks.feature_models import dryrun_models
+
+DOWNLOAD_ONLY = ["--steps", "download", "--no-progress"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _prefect_logs_outside_capsys(prefect_test_server):
+    """Prefect binds its console log handler to the sys.stderr of the moment its logging is first set up;
+    set it up here, outside the tests' capsys (whose stream closes when its test ends)."""
+    from prefect import flow
+
+    flow(lambda: None, name="logging-setup")()
+
+
+def _manifest(tmp_path, rows=(), malformed=()) -> str:
+    table = rows_to_table(list(rows))
+    if malformed:
+        table = pa.concat_tables([table, pa.Table.from_pylist(list(malformed), schema=MANIFEST_SCHEMA)])
+    path = tmp_path / "m.parquet"
+    pq.write_table(table, path)
+    return str(path)
+
+
+def _row(clip_id, source, **kw):
+    return {"clip_id": clip_id, "dataset": "t", "source": source, "start_s": 0.0, "end_s": 1.0, "face_box": None,
+            "identity": "x", "split": "train", "attribution": "", **kw}
+
+
+def test_codes_are_distinct():
+    assert EXIT_CODES == {"NO-GO": 3, "AUDIT-MISMATCH": 4, "CLIPS-FAILED": 5, "UNUSABLE-INPUT": 6, "BAD-WEIGHTS": 7}
+
+
+def test_a_manifest_without_a_valid_row_is_unusable_input(prefect_test_server, tmp_path, capsys):
+    manifest = _manifest(tmp_path, malformed=[_row("backwards", "x.mp4", start_s=5.0, end_s=1.0),
+                                              _row("nan", "x.mp4", start_s=float("nan"))])
+    assert main(["preprocess", "t", "--manifest", manifest, "--out", str(tmp_path / "out"), *DOWNLOAD_ONLY]) == 6
+    err = capsys.readouterr().err
+    assert "UNUSABLE-INPUT" in err and "none of its 2 rows is valid" in err and "NO-GO" not in err
+    assert "end_s (1.0) must be after start_s" in err
+    assert not (tmp_path / "out" / "t" / "steps").exists()
+    missing = str(tmp_path / "nowhere.parquet")
+    assert main(["preprocess", "t", "--manifest", missing, "--out", str(tmp_path / "out"), *DOWNLOAD_ONLY]) == 6
+    assert "cannot be read" in capsys.readouterr().err
+
+
+def test_a_clip_failing_through_our_error_exits_5_and_the_rest_is_kept(prefect_test_server, samples_dir, tmp_path,
+                                                                     monkeypatch, capsys):
+    from tasks.steps import DownloadStep
+
+    real_run = DownloadStep.run
+
+    def run(self, row, inputs, out_dir):
+        if row.clip_id == "buggy":
+            raise KeyError("a bug of ours")  # not a ClipRejected: the clip *failed*
+        return real_run(self, row, inputs, out_dir)
+
+    monkeypatch.setattr(DownloadStep, "run", run)
+    rows = [ClipRow(clip_id=c, dataset="t", source=str(samples_dir / "yongen.mp4"), identity="a", end_s=1.0)
+            for c in ("good", "buggy")]
+    manifest = _manifest(tmp_path, rows)
+    assert main(["preprocess", "t", "--manifest", manifest, "--out", str(tmp_path / "out"), *DOWNLOAD_ONLY]) == 5
+    captured = capsys.readouterr()
+    assert "CLIPS-FAILED: 1 clip(s) failed" in captured.err and "buggy at download" in captured.err
+    assert "1/2 clips made it through" in captured.out
+    monkeypatch.setattr(DownloadStep, "run", real_run)  # fixed: the failed clip runs again, the good one is reused
+    assert main(["preprocess", "t", "--manifest", manifest, "--out", str(tmp_path / "out"), *DOWNLOAD_ONLY]) == 0
+
+
+def test_weights_that_do_not_fit_stop_the_run_before_any_clip(prefect_test_server, samples_dir, tmp_path, capsys):
+    """A motion extractor with one key missing and one extra: every problem listed, exit 7, nothing written."""
+    weights = tmp_path / "weights"
+    shutil.copytree(dryrun_models().liveportrait_root, weights)
+    path = weights / MOTION_EXTRACTOR_RELPATH
+    state = torch.load(path, weights_only=True)
+    dropped = sorted(state)[0]
+    del state[dropped]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, path)
+    manifest = _manifest(tmp_path, [ClipRow(clip_id="good", dataset="t", source=str(samples_dir / "yongen.mp4"),
+                                            identity="a")])
+    out = tmp_path / "out"
+    code = main(["preprocess", "t", "--manifest", manifest, "--out", str(out), "--no-progress",
+                 "--liveportrait-root", str(weights), "--hubert", str(weights / "hubert-dryrun"),
+                 "--wan-vae", str(weights / "wan-vae-dryrun")])
+    assert code == 7
+    err = capsys.readouterr().err
+    assert "BAD-WEIGHTS" in err and dropped in err and "extra.weight" in err
+    assert "missing keys (1)" in err and "unexpected keys (1)" in err
+    assert not (out / "t" / "steps").exists() and not (out / "t" / "ledger").exists()

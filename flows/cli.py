@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=2)
     d.add_argument("--batch-size", type=int, default=1)
     d.add_argument("--window-n", type=int, default=4, help="windows of 4n+1 frames")
-    d.add_argument("--window-stride", type=int, default=100, help="frames between window starts")
+    d.add_argument("--window-stride", type=int, default=200, help="frames between window starts")
     d.add_argument("--train-steps", type=int, default=4, help="ZeRO-2 steps on 2 CPU processes (0: no training)")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_dry_run)

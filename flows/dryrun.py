@@ -26,14 +26,14 @@ def dry_run(
     batch_size: int = 1,
     workers: int = 2,
     window_n: int = 4,
-    window_stride: int = 100,
+    window_stride: int = 200,
     train_steps: int = 4,
     train_processes: int = 2,
     progress: bool = False,
 ):
     """Build the samples manifest, preprocess it with dry-run models, then train a few steps on the shards.
 
-    Windows are 17 frames every 100 frames: on CPU the Wan VAE (even a tiny one) costs about a second per
+    Windows are 17 frames every 200 frames: on CPU the Wan VAE (even a tiny one) costs about 0.5 s per
     512x512 frame, so the dry-run encodes a sparse sample of windows rather than every frame. Shards hold 2
     samples each so that both training processes get shards of their own.
     """
@@ -45,7 +45,7 @@ def dry_run(
     manifest = write_manifest(built.rows, out_dir / "manifest" / "samples.parquet")
     logger.info(f"dry-run: {len(built.rows)} sample clips from {samples_dir} -> {out_dir}")
     options = dict(batch_size=batch_size, window_n=window_n, window_stride=window_stride, shard_max_samples=2,
-                   models="dryrun", progress=progress, audit_fraction=0.25)  # 2 of the 8 samples, every member
+                   models="dryrun", progress=progress, audit_fraction=0.5)  # 2 of the 4 samples, every member
     if train_steps <= 0:
         report = with_workers(workers)(dataset="samples", manifest=str(manifest), output_root=str(out_dir), **options)
         result = {"preprocess": report, "training": None}

@@ -31,7 +31,7 @@ def test_parser_rejects_unknown_choices():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["preprocess", "hdtf", "--manifest", "m", "--out", "o", "--models", "fake"])
     args = build_parser().parse_args(["dry-run"])
-    assert args.window_n == 4 and args.window_stride == 100 and args.train_steps == 4
+    assert args.window_n == 4 and args.window_stride == 200 and args.train_steps == 4
 
 
 def test_preprocess_retry_rejected_flag_and_summary_counts_retryable():

@@ -75,10 +75,10 @@ def test_dry_run_makes_shards_from_both_clips(dry_run):
         assert meta["untrained_dryrun_models"] == ["audio_features", "motion", "vae_latents"]
         assert set(meta["steps"]) == {"download", "crop", "motion", "pose_check", "audio_features", "vae_latents"}
         assert contract.load_npy(s[contract.VIDEO_LATENTS]).shape == (16, 5, 64, 64)
-    # dry-run windows: 17 frames every 100. sun: 550 frames -> 6 windows; yongen: audio 8.0 s -> 200 frames -> 2
-    assert per_clip == {"samples_sun": [0, 100, 200, 300, 400, 500], "samples_yongen": [0, 100]}
+    # dry-run windows: 17 frames every 200. sun: 550 frames -> 3 windows; yongen: audio 8.0 s -> 200 frames -> 1
+    assert per_clip == {"samples_sun": [0, 200, 400], "samples_yongen": [0]}
     stats = json.loads((base / "shards" / "stats.json").read_text())
-    assert stats["samples"] == 8 and stats["clips"] == 2 and stats["shards"] == 4
+    assert stats["samples"] == 4 and stats["clips"] == 2 and stats["shards"] == 3  # 2 samples a shard, per clip
 
 
 def test_dry_run_trains_a_few_steps_on_its_shards(dry_run):

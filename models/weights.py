@@ -10,25 +10,30 @@ class WeightsError(RuntimeError):
     """Model weights are missing or do not fit the architecture; the message says which file and why."""
 
 
+def _raise_if_unfit(source: str, model_name: str, **found: list[str]) -> None:
+    """One WeightsError naming every kind of problem found (at most 20 of each), or nothing."""
+    parts = [f"{kind.replace('_', ' ')} ({len(items)}): {'; '.join(items[:20])}" for kind, items in found.items() if items]
+    if parts:
+        raise WeightsError(f"{source} does not fit {model_name}: " + " | ".join(parts))
+
+
 def check_state_dict(model: nn.Module, state: dict, source: str) -> None:
-    """Raise WeightsError listing missing keys, unexpected keys and shape mismatches (all of them at once)."""
+    """Raise WeightsError listing missing and unexpected keys, shape and dtype-kind mismatches (all at once)."""
+    import torch
+
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(state))
-        if tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
-        if mismatched:
-            parts.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched[:20])}")
-        raise WeightsError(f"{source} does not fit {type(model).__name__}: " + " | ".join(parts))
+    both = sorted(set(expected) & set(state))
+    _raise_if_unfit(
+        source, type(model).__name__,
+        missing_keys=sorted(set(expected) - set(state)),
+        unexpected_keys=sorted(set(state) - set(expected)),
+        shape_mismatches=[f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in both
+                          if tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape)],
+        # a float parameter stored as integers (or the reverse) is not a cast away from right
+        dtype_mismatches=[f"{k}: file {state[k].dtype} vs model {expected[k].dtype}" for k in both
+                          if isinstance(state[k], torch.Tensor)
+                          and state[k].dtype.is_floating_point != expected[k].dtype.is_floating_point],
+    )
 
 
 def check_loading_info(info: dict, source: str, model_name: str, allowed_unexpected: tuple[str, ...] = ()) -> None:
@@ -36,21 +41,13 @@ def check_loading_info(info: dict, source: str, model_name: str, allowed_unexpec
     unexpected key (except the prefixes in `allowed_unexpected`: task heads a base model leaves out, such as
     HubertForCTC's lm_head in hubert-large-ls960-ft) and on loader error messages. from_pretrained itself only
     warns about these and initialises what is missing at random."""
-    missing = sorted(info.get("missing_keys") or [])
-    unexpected = sorted(k for k in (info.get("unexpected_keys") or []) if not k.startswith(allowed_unexpected))
-    mismatched = [f"{k}: file {tuple(a)} vs model {tuple(b)}" for k, a, b in (info.get("mismatched_keys") or [])]
-    errors = list(info.get("error_msgs") or [])
-    parts = []
-    if missing:
-        parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}")
-    if unexpected:
-        parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
-    if mismatched:
-        parts.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched[:20])}")
-    if errors:
-        parts.append(f"load errors: {'; '.join(str(e)[:200] for e in errors[:5])}")
-    if parts:
-        raise WeightsError(f"{source} does not fit {model_name}: " + " | ".join(parts))
+    _raise_if_unfit(
+        source, model_name,
+        missing_keys=sorted(info.get("missing_keys") or []),
+        unexpected_keys=sorted(k for k in (info.get("unexpected_keys") or []) if not k.startswith(allowed_unexpected)),
+        shape_mismatches=[f"{k}: file {tuple(a)} vs model {tuple(b)}" for k, a, b in (info.get("mismatched_keys") or [])],
+        load_errors=[str(e)[:200] for e in (info.get("error_msgs") or [])],
+    )
 
 
 _WEIGHT_FILES = ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin",

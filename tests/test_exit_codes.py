@@ -86,9 +86,10 @@ def test_weights_that_do_not_fit_stop_the_run_before_any_clip(prefect_test_serve
     shutil.copytree(dryrun_models().liveportrait_root, weights)
     path = weights / MOTION_EXTRACTOR_RELPATH
     state = torch.load(path, weights_only=True)
-    dropped = sorted(state)[0]
+    dropped, retyped = sorted(k for k in state if state[k].is_floating_point())[:2]
     del state[dropped]
     state["extra.weight"] = torch.zeros(1)
+    state[retyped] = state[retyped].to(torch.int32)
     torch.save(state, path)
     manifest = _manifest(tmp_path, [ClipRow(clip_id="good", dataset="t", source=str(samples_dir / "yongen.mp4"),
                                             identity="a")])
@@ -99,5 +100,46 @@ def test_weights_that_do_not_fit_stop_the_run_before_any_clip(prefect_test_serve
     assert code == 7
     err = capsys.readouterr().err
     assert "BAD-WEIGHTS" in err and dropped in err and "extra.weight" in err
-    assert "missing keys (1)" in err and "unexpected keys (1)" in err
+    assert "missing keys (1)" in err and "unexpected keys (1)" in err and f"{retyped}: file torch.int32" in err
     assert not (out / "t" / "steps").exists() and not (out / "t" / "ledger").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory, samples_dir):
+    """2 s of yongen through download, crop and shard: one 33-frame window in one shard."""
+    from flows.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("tiny")
+    manifest = _manifest(root, [ClipRow(clip_id="good", dataset="t", source=str(samples_dir / "yongen.mp4"),
+                                        identity="a", end_s=2.0)])
+    report = preprocess(dataset="t", manifest=manifest, output_root=str(root / "out"),
+                        steps=["download", "crop", "shard"], shard_features=False)
+    assert report["shards"]["samples"] == 1
+    return root, manifest
+
+
+def test_a_gate_no_go_exits_3(tiny_dataset, tmp_path, capsys):
+    """The pipeline's launch gate: one shard cannot feed two training processes; judged before training starts."""
+    root, manifest = tiny_dataset
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    options = '{"steps": ["download", "crop", "shard"], "shard_features": false}'
+    assert main(["pipeline", "t", "--manifest", manifest, "--out", str(out), "--preprocess", options,
+                 "--nproc-per-node", "2"]) == 3
+    assert "NO-GO: 1 train shards for 2 training processes" in capsys.readouterr().err
+    assert not (out / "t" / "train").exists()
+
+
+def test_an_audit_mismatch_exits_4(tiny_dataset, tmp_path, capsys):
+    from tasks.media import run_ffmpeg
+
+    root, _ = tiny_dataset
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    crop = out / "t" / "steps" / "crop" / "good" / "crop.mp4"
+    reversed_crop = tmp_path / "reversed.mp4"  # the crop changed under finished shards
+    run_ffmpeg(["-y", "-i", str(crop), "-vf", "reverse", "-c:v", "libx264", "-crf", "18", str(reversed_crop)], "reverse")
+    crop.chmod(0o644)
+    reversed_crop.replace(crop)
+    assert main(["audit", str(out / "t" / "shards"), "--fraction", "1", "--models", "none", "--no-progress"]) == 4
+    assert "good_w000000" in capsys.readouterr().out

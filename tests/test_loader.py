@@ -205,11 +205,13 @@ def test_missing_and_truncated_shards_are_counted_and_the_rest_arrives(tmp_path,
     keys = _epoch_keys(loader)
     expected = [f"clip{s:03d}_w{i:06d}" for s in (0, 2) for i in range(3)] + ["clip001_w000000", "clip001_w000001"]
     assert sorted(keys) == sorted(expected)
-    assert loader.stats.rejected == {"shard": 2}
+    # the sample cut in its first member is judged too (and lost: no members), then the shard is counted
+    assert loader.stats.rejected == {"shard": 2, "contract": 1}
     messages = loader.stats.last_rejections
-    assert len(messages) == 2
+    assert len(messages) == 3
     assert any(missing in m and "FileNotFoundError" in m for m in messages)
-    assert any("shard-000001.tar (after 2 samples)" in m and "unexpected end of data" in m for m in messages)
+    assert any("shard-000001.tar (after 3 samples)" in m and "unexpected end of data" in m for m in messages)
+    assert any("clip001_w000002" in m and "video.mp4: missing" in m for m in messages)
     with pytest.raises(ValueError, match="memory:// shards .* only readable with num_workers=0"):
         ShardLoader(_cfg(tmp_path, shards=[missing], num_workers=2))
     # nothing readable at all: the epoch's clear error names the shard rejections

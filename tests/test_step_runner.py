@@ -13,12 +13,14 @@ from tasks.step_store import StepStore
 
 @dataclass
 class Upper:
-    """Writes the clip id upper-cased; rejects ids containing 'bad', crashes on 'boom' while `explode`."""
+    """Writes the clip id upper-cased; rejects ids containing 'bad', crashes on 'boom' while `explode`, fails
+    transiently while `down` (like a source behind a dead link)."""
 
     name: str = "upper"
     version: str = "1"
     requires: tuple = ()
     explode: bool = True
+    down: bool = False
     calls: list = field(default_factory=list)
 
     def fingerprint(self) -> str:
@@ -26,6 +28,8 @@ class Upper:
 
     def run(self, row, inputs, out_dir: Path) -> dict:
         self.calls.append(row.clip_id)
+        if self.down:
+            raise ClipRetryable("unreachable", "connection refused")
         if "bad" in row.clip_id:
             raise ClipRejected("no_face", "nothing to see")
         if "boom" in row.clip_id and self.explode:
@@ -127,29 +131,8 @@ def test_retry_rejected_reruns_cached_rejections_only(tmp_path):
     assert {(x.clip_id, x.status, x.action) for x in e} == {("a", "ok", "skipped"), ("bad1", "rejected", "ran")}
 
 
-@dataclass
-class Flaky:
-    """Fails transiently while `down`, like a source behind a dead link."""
-
-    name: str = "flaky"
-    version: str = "1"
-    requires: tuple = ()
-    down: bool = True
-    calls: list = field(default_factory=list)
-
-    def fingerprint(self) -> str:
-        return "cfg"
-
-    def run(self, row, inputs, out_dir: Path) -> dict:
-        self.calls.append(row.clip_id)
-        if self.down:
-            raise ClipRetryable("unreachable", "connection refused")
-        (out_dir / "out.txt").write_text(row.clip_id)
-        return {}
-
-
 def test_retryable_is_recorded_counted_apart_and_never_reused(tmp_path):
-    store, flaky, ex = StepStore(tmp_path), Flaky(name="upper"), Exclaim()  # exclaim reads upper's output
+    store, flaky, ex = StepStore(tmp_path), Upper(down=True), Exclaim()  # exclaim reads upper's output
     states = _states(["a"])
     e = run_step(flaky, states, store, "r1") + run_step(ex, states, store, "r1")
     assert [(x.step, x.status, x.reason) for x in e] == [("upper", "retryable", "unreachable")]  # exclaim: not reached

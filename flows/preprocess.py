@@ -74,6 +74,11 @@ def build_steps(names: tuple[str, ...], layout: DatasetLayout, models: Optional[
     return [available[n] for n in names if n in available]
 
 
+def _run_name(run_id: str) -> str:
+    """The name of this run's ledger part (and contact sheet): when it was written, then the run id."""
+    return f"run-{time.strftime('%Y%m%dT%H%M%S')}-{run_id[:8]}"
+
+
 @task(name="load-manifest", cache_policy=NO_CACHE)
 def load_clips(manifest: str, limit: Optional[int]) -> tuple[list[ClipState], list[LedgerEntry]]:
     rows, bad = read_manifest(manifest)
@@ -343,7 +348,7 @@ def preprocess(
         return Failed(name=UNUSABLE_INPUT, message=message)
     if not states:  # nothing to do is not a data-quality verdict: say what to fix
         message = unusable_manifest_message(manifest, manifest_errors)
-        write_ledger_part(layout.ledger, manifest_errors, f"run-{time.strftime('%Y%m%dT%H%M%S')}-{run_id[:8]}")
+        write_ledger_part(layout.ledger, manifest_errors, _run_name(run_id))
         logger.error(message)
         return Failed(name=UNUSABLE_INPUT, message=message)
     run_names = tuple(s for s in CLIP_STEPS if s in wanted)
@@ -392,7 +397,7 @@ def preprocess(
             audit = audit_task(layout, feature_models, AuditConfig(fraction=audit_fraction))
         else:
             logger.info("audit: skipped (it reads shards and step outputs from local folders)")
-    run_name = f"run-{time.strftime('%Y%m%dT%H%M%S')}-{run_id[:8]}"
+    run_name = _run_name(run_id)
     write_ledger_part(layout.ledger, entries, run_name)
     sheet = contact_sheet_task(all_states, layout, run_name) if layout.is_local and not store.remote else None
 

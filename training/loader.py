@@ -144,63 +144,50 @@ def tar_samples(fileobj: Any, limits: Optional[dict[str, contract.MemberLimit]] 
     """
     if limits is not None:
         fileobj = _BoundedReads(fileobj, max(64 * 1024, max(m.max_bytes for m in limits.values())))
+    seekable = fileobj.seekable()
     sample: Optional[dict[str, Any]] = None
     try:
-        for sample in _grouped(fileobj, limits):
-            if "__done__" in sample:
-                del sample["__done__"]
-                yield sample
-                sample = None
+        with tarfile.open(fileobj=fileobj, mode="r:" if seekable else "r|") as tar:
+            while (info := tar.next()) is not None:
+                tar.members = []  # keep no member index (a shard can hold many thousands)
+                if not info.isreg() or _META_MEMBER.match(info.name):
+                    continue
+                named = _MEMBER_NAME.match(info.name)
+                if named is None:
+                    continue
+                key, suffix = named.group(1), named.group(2).lower()
+                if sample is None or sample["__key__"] != key:  # before reading: a cut here keeps the last sample
+                    if sample is not None:
+                        yield sample
+                    sample = {"__key__": key}
+                    if limits is not None and not contract.SAMPLE_KEY.fullmatch(key):
+                        sample["__error__"] = f"key {key[:80]!r} is not one the shard writer produces"
+                if limits is not None:
+                    if "__error__" in sample:
+                        continue  # rejected already: read nothing more of it
+                    if suffix not in limits:
+                        sample["__error__"] = f"member {suffix[:40]!r} is not one the shard writer produces"
+                        continue
+                    if info.size > limits[suffix].max_bytes:
+                        sample["__error__"] = (f"member {suffix!r} declares {info.size} bytes, more than a valid "
+                                               f"sample's {limits[suffix].max_bytes}")
+                        continue
+                if seekable and not info.issparse():
+                    fileobj.seek(info.offset_data)
+                    data = fileobj.read(info.size)
+                    if len(data) != info.size:
+                        raise tarfile.ReadError(f"unexpected end of data in member {info.name!r}")
+                else:
+                    data = tar.extractfile(info).read()
+                if suffix in sample:
+                    sample["__error__"] = f"duplicate member {info.name!r}"
+                sample[suffix] = data
     except Exception:
         if sample is not None:  # the sample being read when the shard broke: complete or not, it is judged
             yield sample
         raise
     if sample is not None:
         yield sample
-
-
-def _grouped(fileobj: Any, limits: Optional[dict[str, contract.MemberLimit]]) -> Iterator[dict[str, Any]]:
-    """tar_samples' reading loop: yields the sample being filled after every member (marked "__done__" once
-    the next key starts), so the caller holds the partial sample when a read fails."""
-    seekable = fileobj.seekable()
-    sample: Optional[dict[str, Any]] = None
-    with tarfile.open(fileobj=fileobj, mode="r:" if seekable else "r|") as tar:
-        while (info := tar.next()) is not None:
-            tar.members = []  # keep no member index (a shard can hold many thousands)
-            if not info.isreg() or _META_MEMBER.match(info.name):
-                continue
-            named = _MEMBER_NAME.match(info.name)
-            if named is None:
-                continue
-            key, suffix = named.group(1), named.group(2).lower()
-            if sample is None or sample["__key__"] != key:  # before reading: a cut here keeps the last sample
-                if sample is not None:
-                    sample["__done__"] = True
-                    yield sample
-                sample = {"__key__": key}
-                if limits is not None and not contract.SAMPLE_KEY.fullmatch(key):
-                    sample["__error__"] = f"key {key[:80]!r} is not one the shard writer produces"
-            yield sample
-            if limits is not None:
-                if "__error__" in sample:
-                    continue  # rejected already: read nothing more of it
-                if suffix not in limits:
-                    sample["__error__"] = f"member {suffix[:40]!r} is not one the shard writer produces"
-                    continue
-                if info.size > limits[suffix].max_bytes:
-                    sample["__error__"] = (f"member {suffix!r} declares {info.size} bytes, more than a valid "
-                                           f"sample's {limits[suffix].max_bytes}")
-                    continue
-            if seekable and not info.issparse():
-                fileobj.seek(info.offset_data)
-                data = fileobj.read(info.size)
-                if len(data) != info.size:
-                    raise tarfile.ReadError(f"unexpected end of data in member {info.name!r}")
-            else:
-                data = tar.extractfile(info).read()
-            if suffix in sample:
-                sample["__error__"] = f"duplicate member {info.name!r}"
-            sample[suffix] = data
 
 
 def crop_window(arrays: dict[str, np.ndarray], window: int) -> dict[str, np.ndarray]:
@@ -289,10 +276,13 @@ class ShardDataset(IterableDataset):
             decoded = dict(sample)
             for member in contract.FEATURE_MEMBERS:
                 if member in sample:
-                    decoded[member] = contract.load_npy(sample[member], self.limits[member], member)
+                    try:
+                        decoded[member] = contract.load_npy(sample[member], self.limits[member], member)
+                    except ContractError as exc:  # its message names the member; the sample's key goes first
+                        raise ContractError(f"sample {key!r}, {exc}") from None
             meta = contract.validate_sample(decoded, self.spec)
         except ContractError as exc:
-            return self._reject("contract", f"sample {key!r}: {exc}" if key not in str(exc) else f"{exc}")
+            return self._reject("contract", f"{exc}")
         except Exception as exc:  # a member no check above foresaw: counted, never raised into training
             return self._reject("decode", f"sample {key!r}: {type(exc).__name__}: {exc}"[:500])
         arrays = {name: decoded[member] for name, member in _MEMBER_OF_KEY.items()}

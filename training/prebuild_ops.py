@@ -17,7 +17,7 @@ from training.launch import environment
 
 
 def main() -> int:
-    env = environment({k: v for k, v in os.environ.items()})
+    env = environment()
     for key in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR"):
         if key in env:
             os.environ[key] = env[key]

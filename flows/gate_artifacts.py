@@ -2,7 +2,8 @@
 
 Artifacts (keys are `<prefix>-<gate>`): a table of the measured numbers (or the verdict's own rows) and a
 markdown verdict with the recommendation, with a plot PNG embedded when one is given. A no-go returns
-Failed(name="NO-GO"); returning that state from a flow ends the run FAILED with the message.
+Failed(name="NO-GO"); returning that state from a flow ends the run FAILED with the message. A gate whose step was
+never reached is titled and named NOT EVALUATED, never GO.
 """
 from __future__ import annotations
 
@@ -36,8 +37,7 @@ def verdict_table(verdict: GateVerdict) -> list[dict[str, Any]]:
 
 
 def verdict_markdown(verdict: GateVerdict, image: Optional[Path] = None) -> str:
-    head = "GO" if verdict.go else "NO-GO"
-    lines = [f"## Gate `{verdict.gate}`: **{head}**", "", verdict.summary, ""]
+    lines = [f"## Gate `{verdict.gate}`: **{verdict.head}**", "", verdict.summary, ""]
     if verdict.recommendation:
         lines += [f"**Recommendation:** {verdict.recommendation}", ""]
     lines += ["| measure | value |", "|---|---|"]
@@ -49,6 +49,8 @@ def verdict_markdown(verdict: GateVerdict, image: Optional[Path] = None) -> str:
 
 
 def verdict_state(verdict: GateVerdict) -> State:
+    if not verdict.evaluated:
+        return Completed(name="NOT-EVALUATED", message=f"{verdict.gate}: {verdict.summary}")
     if verdict.go:
         return Completed(name="GO", message=f"{verdict.gate}: {verdict.summary}")
     message = f"NO-GO: {verdict.gate}: {verdict.summary}"
@@ -61,5 +63,5 @@ def publish_gate(verdict: GateVerdict, image: Optional[Path] = None, key_prefix:
     """Create the table + markdown artifacts for this verdict (inside a flow or task run) and return its state."""
     key = artifact_key(key_prefix, verdict.gate)
     create_table_artifact(verdict_table(verdict), key=key + "-table", description=verdict.summary)
-    create_markdown_artifact(verdict_markdown(verdict, image), key=key, description=verdict.state_name)
+    create_markdown_artifact(verdict_markdown(verdict, image), key=key, description=f"{verdict.head}: {verdict.summary}")
     return verdict_state(verdict)

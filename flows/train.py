@@ -1,13 +1,18 @@
-"""Training stage as a Prefect flow: launch the DeepSpeed trainer, stream its logs, apply the training gates.
+"""Training stage as a Prefect flow: the trainer runs from gate to gate, and each gate decides when it is reached.
 
-Order of decisions after each attempt (DESIGN.md gate table):
+The trainer stops at every gate step (training.gates.gate_steps: memory, convergence, joint progress, review,
+the last step) after a checkpoint; the flow judges that gate there and only then relaunches it, which resumes
+exactly (module, optimizer, data position, RNGs). What each verdict changes (DESIGN.md gate table):
   trainer crashed                -> FAILED "TrainerCrashed" with the workers' errors and log tail
-  memory  (OOM / over budget)    -> retry with micro batch 1, then with the 16-latent-frame clip, then NO-GO
-  stability (NaN / oscillation)  -> retry once with per-sample noise (per_frame runs), then NO-GO
-  convergence (loss > X at N)    -> NO-GO: train directly on talking-head data
-  joint progress (at N)          -> NO-GO: stop and report
-Every verdict is published as artifacts (flows/gate_artifacts.py). Each retry is a new run directory named
-by its settings, so re-running the flow resumes an interrupted attempt from its last checkpoint.
+  memory  (OOM any time / over budget at memory_step)
+                                 -> a fresh attempt with micro batch 1, then with the 16-latent-frame clip, then NO-GO
+  stability (NaN / oscillation)  -> per-sample noise, resumed from the last good checkpoint (per_frame runs), then NO-GO
+  convergence (loss > X at N)    -> NO-GO at N: train directly on talking-head data (the program branches on it)
+  joint progress (at N)          -> NO-GO at N: stop and report
+  review (at the review step)    -> pause for a person's answer: continue / stop (NO-GO) / adjust
+Every verdict is published as artifacts the moment it is made (flows/gate_artifacts.py) and appended to
+`gates.jsonl` in the training directory; gates the run never reaches end NOT EVALUATED. Each attempt is a run
+directory named by its settings, so re-running the flow resumes where it stopped and re-judges from the files.
 
     python -m flows.train --config train.json [--gates gates.json] [--nproc-per-node 2]
 
@@ -21,7 +26,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,29 +36,39 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed, State
 
 from flows.gate_artifacts import publish_gate
+from flows.review import ask_reviewer, publish_review_request, review_verdict
 from tasks import contract
+from tasks.gates import GateVerdict
+from training import checkpoint
 from training.config import TrainConfig
 from training.gates import (
     TrainingGateConfig,
     convergence_gate,
+    gate_steps,
     joint_progress_gate,
     memory_fallback,
     memory_gate,
+    not_evaluated,
     stability_gate,
 )
 from training.launch import LaunchSpec, ProcessResult, check_launch, command, environment, run_streaming
-from training.loss_plot import plot_losses
 from training.metrics import METRICS_FILE, read_metrics
+from training.plots import plot_losses, plot_memory
 from training.run_status import COMPLETED, NONFINITE, OOM, STOPPED, RunStatus, clear_statuses, read_statuses, status_path
+
+GATE_LOG = "gates.jsonl"
 
 
 @dataclass(frozen=True)
-class Attempt:
+class TrainerRun:
+    """One launch of the trainer processes: from the run directory's latest checkpoint to cfg.stop_at_step."""
+
     cfg: TrainConfig
     run_dir: Path
     process: ProcessResult
     records: list[dict[str, Any]]
     statuses: list[RunStatus]
+    seconds: float = 0.0
 
     @property
     def kinds(self) -> set[str]:
@@ -84,7 +99,7 @@ def _wait_for_statuses(run_dir: Path, world_size: int, timeout_s: float) -> None
 @task(name="run-trainer", cache_policy=NO_CACHE)  # a training run is never served from cache
 def run_trainer(
     cfg: TrainConfig, spec: LaunchSpec, timeout_s: Optional[float] = None, peer_wait_s: float = 60.0
-) -> Attempt:
+) -> TrainerRun:
     """Start the trainer processes, forward every log line to this run's logger, collect metrics and statuses."""
     logger = get_run_logger()
     plan = check_launch(spec)
@@ -95,33 +110,159 @@ def run_trainer(
     _write_config(cfg, config_path)
     args = command(spec, config_path, rdzv_suffix=f"-{run_dir.name}")  # a retry never meets the last attempt
     logger.info("launching: %s", " ".join(args))
+    start = time.monotonic()
     result = run_streaming(args, lambda line: logger.info("%s", line), env=environment(), timeout_s=timeout_s)
     logger.info("trainer exited with code %d%s", result.returncode, " (timed out)" if result.timed_out else "")
     if plan.waits_for_peers:
         _wait_for_statuses(run_dir, plan.world_size, peer_wait_s)
-    return Attempt(cfg, run_dir, result, read_metrics(run_dir / METRICS_FILE), read_statuses(run_dir))
+    return TrainerRun(cfg, run_dir, result, read_metrics(run_dir / METRICS_FILE), read_statuses(run_dir),
+                      time.monotonic() - start)
 
 
-def _crash_state(attempt: Attempt) -> State:
-    errors = [f"rank {s.rank} at step {s.step + 1}: {s.error}" for s in attempt.statuses if s.error]
-    cause = "timed out" if attempt.process.timed_out else f"exited with code {attempt.process.returncode}"
-    tail = "\n".join(attempt.process.tail)
+def _crash_state(run: TrainerRun) -> State:
+    errors = [f"rank {s.rank} at step {s.step + 1}: {s.error}" for s in run.statuses if s.error]
+    cause = "timed out" if run.process.timed_out else f"exited with code {run.process.returncode}"
+    tail = "\n".join(run.process.tail)
     create_markdown_artifact(
         f"## Trainer {cause}\n\n" + "".join(f"- {e}\n" for e in errors) + f"\nLog tail:\n\n```\n{tail}\n```\n",
         key="trainer-crash",
         description=f"trainer {cause}",
     )
-    message = f"trainer {cause} in {attempt.run_dir}"
+    message = f"trainer {cause} in {run.run_dir}"
     if errors:
         message += "; " + "; ".join(errors)
     return Failed(name="TrainerCrashed", message=f"{message}\nlast log lines:\n{tail}")
 
 
-def _publish(verdict, attempt: Attempt, spec: LaunchSpec) -> State:
-    # one plot file per node: the flow runs of several nodes publish into the same shared run directory
-    name = f"gate-{verdict.gate}-node{spec.node_rank}.png" if spec.multi_node else f"gate-{verdict.gate}.png"
-    plot = plot_losses(attempt.records, attempt.run_dir / name, title=attempt.run_dir.name)
-    return publish_gate(verdict, image=plot, key_prefix="train-gate")
+@dataclass
+class GateBook:
+    """Publishes each verdict when it is made (artifacts + a plot + a line of gates.jsonl) and keeps them."""
+
+    base_dir: Path
+    spec: LaunchSpec
+    gate_cfg: TrainingGateConfig
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+
+    def _plot(self, verdict: GateVerdict, run_dir: Path, records: list[dict[str, Any]]) -> Path:
+        # one plot file per node: the flow runs of several nodes publish into the same shared run directory
+        name = f"gate-{verdict.gate}-node{self.spec.node_rank}.png" if self.spec.multi_node else f"gate-{verdict.gate}.png"
+        if verdict.gate == "memory":
+            return plot_memory(records, run_dir / name, self.gate_cfg.memory_budget_mb, title=f"{run_dir.name}: peak memory")
+        return plot_losses(records, run_dir / name, title=run_dir.name)
+
+    def publish(self, verdict: GateVerdict, run_dir: Path, records: list[dict[str, Any]], step: int) -> State:
+        state = publish_gate(verdict, image=self._plot(verdict, run_dir, records), key_prefix="train-gate")
+        entry = {"gate": verdict.gate, "verdict": verdict.head, "step": step, "summary": verdict.summary,
+                 "recommendation": verdict.recommendation, "run_dir": str(run_dir), "time": time.time()}
+        self.verdicts.append(entry)
+        log = self.base_dir / (f"gates-node{self.spec.node_rank}.jsonl" if self.spec.multi_node else GATE_LOG)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        return state
+
+
+@dataclass(frozen=True)
+class Retry:
+    """The next attempt's settings, and why (a fallback of the memory or stability gate)."""
+
+    cfg: TrainConfig
+    reason: str
+
+
+def _stability_retry(cfg: TrainConfig, run_dir: Path, records: list[dict[str, Any]], base: Path) -> Retry:
+    """Per-sample noise from the last good checkpoint of this attempt (its metrics up to there come along)."""
+    nxt = replace(cfg, noise_mode="per_sample")
+    good = checkpoint.latest_step(run_dir / "checkpoints")
+    if good == 0:
+        return Retry(replace(nxt, resume_from=None), "no checkpoint before the instability: per-sample noise from step 0")
+    new_dir = attempt_dir(base, nxt)
+    new_dir.mkdir(parents=True, exist_ok=True)
+    if checkpoint.latest_step(new_dir / "checkpoints") == 0:  # a re-run keeps the fallback's own progress
+        seeded = "".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= good)
+        (new_dir / METRICS_FILE).write_text(seeded)
+    return Retry(replace(nxt, resume_from=str(run_dir / "checkpoints")),
+                 f"per-sample noise resumed from the step-{good} checkpoint of {run_dir.name}")
+
+
+def _run_attempt(
+    cfg: TrainConfig, spec: LaunchSpec, gate_cfg: TrainingGateConfig, book: GateBook, base: Path,
+    timeout_s: Optional[float], peer_wait_s: float, retry_per_sample_noise: bool, review: dict[str, Any],
+) -> State | Retry:
+    """Train one setting from gate to gate; a State ends the flow, a Retry starts the next attempt."""
+    logger = get_run_logger()
+    run_dir = Path(cfg.out_dir)
+    fallback_window = contract.window_frames(gate_cfg.fallback_latent_frames - 1)
+    memory_judged = False
+    stop_index = 0
+    while True:
+        schedule = gate_steps(gate_cfg, cfg.total_steps)  # a review may change total_steps
+        due = gate_cfg.judged_at(cfg.total_steps)
+        if stop_index >= len(schedule):
+            break
+        stop = schedule[stop_index]
+        stop_index += 1
+        run = None
+        if checkpoint.latest_step(run_dir / "checkpoints") < stop:
+            logger.info("training %s to step %d (next gate step)", run_dir.name, stop)
+            run = run_trainer(replace(cfg, stop_at_step=stop if stop < cfg.total_steps else None), spec, timeout_s,
+                              peer_wait_s)
+        records = read_metrics(run_dir / METRICS_FILE)
+        statuses = run.statuses if run else []
+        kinds = run.kinds if run else set()
+
+        if OOM in kinds or (not memory_judged and stop >= due["memory"]):
+            memory = memory_gate(records, statuses, gate_cfg, cfg.micro_batch, cfg.effective_window)
+            state = book.publish(memory, run_dir, records, stop)
+            memory_judged = True
+            if OOM in kinds or not memory.go:
+                nxt = memory_fallback(cfg.micro_batch, cfg.effective_window, fallback_window)
+                if nxt is None:
+                    return state
+                window = nxt["window"] if nxt["window"] != cfg.effective_window else cfg.train_window
+                return Retry(replace(cfg, micro_batch=nxt["micro_batch"], train_window=window, resume_from=None),
+                             f"memory gate: {memory.summary} -> {memory.recommendation}")
+        if run is not None and NONFINITE not in kinds and (
+            run.process.returncode != 0 or not kinds or kinds - {COMPLETED, STOPPED}
+        ):
+            return _crash_state(run)
+        stability = stability_gate(records, statuses, gate_cfg, cfg.noise_mode)
+        if not stability.go:
+            state = book.publish(stability, run_dir, records, stop)
+            if retry_per_sample_noise and cfg.noise_mode == "per_frame":
+                return _stability_retry(cfg, run_dir, records, base)
+            return state
+        if stop == cfg.total_steps:
+            book.publish(stability, run_dir, records, stop)
+        for name, gate in (("convergence", convergence_gate), ("joint_progress", joint_progress_gate)):
+            if due.get(name) == stop:
+                verdict = gate(records, gate_cfg)
+                state = book.publish(verdict, run_dir, records, stop)
+                if not verdict.go:
+                    logger.warning("%s gate at step %d: %s; training stops here", name, stop, verdict.summary)
+                    return state
+        if due.get("review") == stop:
+            plot = plot_losses(records, run_dir / f"review-step{stop}.png", title=f"{run_dir.name} at step {stop}")
+            publish_review_request(stop, run_dir, plot, review["timeout_s"], review["on_timeout"])
+            answer, who = ask_reviewer(stop, review["auto_approve"], review["timeout_s"], review["on_timeout"])
+            verdict = review_verdict(stop, answer, who)
+            state = book.publish(verdict, run_dir, records, stop)
+            if not verdict.go:
+                return state
+            if answer.decision == "adjust":
+                options = dict(cfg.loss_options, **answer.loss_options)
+                cfg = replace(cfg, loss_options=options, total_steps=answer.total_steps or cfg.total_steps)
+                logger.info("review adjusted the run: loss_options %s, total_steps %d", options, cfg.total_steps)
+    last = records[-1] if records else {}
+    for gate, step in gate_cfg.unreachable(cfg.total_steps).items():
+        book.publish(not_evaluated(gate, cfg.total_steps, step), run_dir, records, cfg.total_steps)
+    skipped = gate_cfg.unreachable(cfg.total_steps)
+    message = (f"trained {last.get('step', 0)} steps in {run_dir} (final loss {last.get('loss')}); "
+               f"every gate judged GO")
+    if skipped:
+        message += "; not evaluated (their step is past the run's end): " + ", ".join(
+            f"{g} at {s}" for g, s in skipped.items())
+    return Completed(name="GO", message=message)
 
 
 @flow(name="train")
@@ -143,11 +284,16 @@ def train_flow(
     no_ssh: bool = False,
     ds_launcher: str = "pdsh",
     peer_wait_s: float = 60.0,
+    auto_approve: bool = False,
+    review_timeout_s: int = 3600,
+    review_on_timeout: str = "continue",
 ) -> State:
     """`config` is a training.config.TrainConfig as a dict; `gates` a training.gates.TrainingGateConfig.
 
     The launch parameters are training.launch.LaunchSpec's; multi-node runs need a shared out_dir.
     peer_wait_s: how long a node waits, after its launcher exits, for the other nodes' ranks' statuses.
+    auto_approve / review_timeout_s / review_on_timeout: how the review gate is answered when nobody does.
+    timeout_s bounds each launch of the trainer (one stretch between gates).
     """
     spec = LaunchSpec(
         nproc_per_node=nproc_per_node, launcher=launcher, nnodes=nnodes, node_rank=node_rank,
@@ -158,57 +304,31 @@ def train_flow(
     logger = get_run_logger()
     base_cfg = TrainConfig.from_dict(config)
     gate_cfg = TrainingGateConfig(**(gates or {}))
+    review = {"auto_approve": auto_approve, "timeout_s": int(review_timeout_s), "on_timeout": review_on_timeout}
     if spec.multi_node:
         logger.info("node %d of %d, %d trainer processes in all (%s)", spec.node_rank, spec.nnodes,
                     plan.world_size, spec.launcher)
     base_dir = Path(base_cfg.out_dir)
-    fallback_window = contract.window_frames(gate_cfg.fallback_latent_frames - 1)
+    book = GateBook(base_dir, spec, gate_cfg)
+    logger.info("gate steps: %s (of %d)", gate_cfg.judged_at(base_cfg.total_steps), base_cfg.total_steps)
     cfg = base_cfg
     tried: set[Path] = set()
+    notes: list[str] = []
     while True:
         cfg = replace(cfg, out_dir=str(attempt_dir(base_dir, cfg)))
         if Path(cfg.out_dir) in tried:  # a fallback that changes nothing would loop forever
             return Failed(name="NO-GO", message=f"no further fallback: {cfg.out_dir} was already tried")
         tried.add(Path(cfg.out_dir))
-        attempt = run_trainer(cfg, spec, timeout_s, peer_wait_s)
-        kinds = attempt.kinds
-
-        memory = memory_gate(attempt.records, attempt.statuses, gate_cfg, cfg.micro_batch, cfg.effective_window)
-        if OOM in kinds or not memory.go:
-            state = _publish(memory, attempt, spec)
-            nxt = memory_fallback(cfg.micro_batch, cfg.effective_window, fallback_window)
-            if nxt is None:
-                return state
-            logger.warning("memory gate: %s -> %s", memory.summary, memory.recommendation)
-            window = nxt["window"] if nxt["window"] != cfg.effective_window else cfg.train_window
-            cfg = replace(cfg, micro_batch=nxt["micro_batch"], train_window=window)
+        outcome = _run_attempt(cfg, spec, gate_cfg, book, base_dir, timeout_s, peer_wait_s, retry_per_sample_noise,
+                               review)
+        if isinstance(outcome, Retry):
+            logger.warning("%s", outcome.reason)
+            notes.append(outcome.reason)
+            cfg = outcome.cfg
             continue
-
-        stability = stability_gate(attempt.records, attempt.statuses, gate_cfg, cfg.noise_mode)
-        if NONFINITE not in kinds and (
-            attempt.process.returncode != 0 or not kinds or kinds - {COMPLETED, STOPPED}
-        ):
-            return _crash_state(attempt)
-        _publish(memory, attempt, spec)
-        if not stability.go:
-            state = _publish(stability, attempt, spec)
-            if retry_per_sample_noise and cfg.noise_mode == "per_frame":
-                logger.warning("stability gate: %s -> retrying with per-sample noise", stability.summary)
-                cfg = replace(cfg, noise_mode="per_sample")
-                continue
-            return state
-        _publish(stability, attempt, spec)
-        for gate in (convergence_gate, joint_progress_gate):
-            verdict = gate(attempt.records, gate_cfg)
-            state = _publish(verdict, attempt, spec)
-            if not verdict.go:
-                return state
-        last = attempt.records[-1] if attempt.records else {}
-        return Completed(
-            name="GO",
-            message=f"trained {last.get('step', 0)} steps in {attempt.run_dir} "
-            f"(final loss {last.get('loss')}); all training gates GO",
-        )
+        if notes and outcome.message:
+            outcome.message += " | fallbacks taken: " + "; ".join(notes)
+        return outcome
 
 
 def add_launch_arguments(parser) -> None:

@@ -37,6 +37,17 @@ META = "meta.json"
 BASE_MEMBERS = (VIDEO, AUDIO, META)
 FEATURE_MEMBERS = (VIDEO_LATENTS, REFERENCE_LATENT, STRUCT, AUDIO_FEATURES, KEEP_MASK)
 
+# Sample profiles (meta.json "profile"). A talking-head sample holds every member above. A video-only sample
+# (general video for the pretrain stage: Panda-70M, VoxCeleb2 through the general profile) is a centre crop
+# with no face, speech or motion: video.mp4, meta.json, video_latents.npy and reference_latent.npy only.
+TALKING_HEAD = "talking_head"
+VIDEO_ONLY = "video_only"
+PROFILES = (TALKING_HEAD, VIDEO_ONLY)
+PROFILE_MEMBERS = {
+    TALKING_HEAD: (BASE_MEMBERS, FEATURE_MEMBERS),
+    VIDEO_ONLY: ((VIDEO, META), (VIDEO_LATENTS, REFERENCE_LATENT)),
+}
+
 
 def window_frames(n: int) -> int:
     """Video frames in a window whose VAE latent has n+1 frames."""
@@ -147,6 +158,19 @@ class ContractSpec:
     struct_dim: int = STRUCT_DIM
     audio_dim: Optional[int] = None  # HuBERT width; None: take it from meta.json
     require_features: bool = True
+    profile: str = TALKING_HEAD  # which members a sample must hold (PROFILE_MEMBERS); extra known members are allowed
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile must be one of {PROFILES}, got {self.profile!r}")
+
+    @property
+    def base_members(self) -> tuple[str, ...]:
+        return PROFILE_MEMBERS[self.profile][0]
+
+    @property
+    def feature_members(self) -> tuple[str, ...]:
+        return PROFILE_MEMBERS[self.profile][1]
 
 
 # The header np.save writes (format 1.0) for a C-order array of a plain numeric dtype.
@@ -225,7 +249,7 @@ def validate_sample(sample: Mapping[str, Any], spec: ContractSpec) -> dict:
     Raises ContractError naming the first violation.
     """
     key = str(sample.get("__key__", "?"))
-    for member in BASE_MEMBERS:
+    for member in spec.base_members:
         _expect(member in sample, key, member, "missing")
     try:
         meta = load_meta(sample[META])
@@ -244,13 +268,15 @@ def validate_sample(sample: Mapping[str, Any], spec: ContractSpec) -> dict:
         _expect(isinstance(meta[field], str), key, META, f"{field} is not a string")
     if not spec.require_features:
         return meta
-    for member in FEATURE_MEMBERS:
+    for member in spec.feature_members:
         _expect(member in sample, key, member, "missing")
-    arrays = {m: sample[m] if isinstance(sample[m], np.ndarray) else load_npy(sample[m]) for m in FEATURE_MEMBERS}
+    arrays = {m: sample[m] if isinstance(sample[m], np.ndarray) else load_npy(sample[m]) for m in spec.feature_members}
     L = latent_frames(T)
     hw = spec.crop_size // VAE_SPACE_STRIDE
     _check_array(key, VIDEO_LATENTS, arrays[VIDEO_LATENTS], (LATENT_CHANNELS, L, hw, hw), np.float16)
     _check_array(key, REFERENCE_LATENT, arrays[REFERENCE_LATENT], (LATENT_CHANNELS, 1, hw, hw), np.float16)
+    if spec.profile == VIDEO_ONLY:
+        return meta
     _check_array(key, STRUCT, arrays[STRUCT], (T, spec.struct_dim), np.float32)
     audio_dim = spec.audio_dim or meta.get("audio_dim")
     _expect(type(audio_dim) is int and 0 < audio_dim <= MAX_AUDIO_DIM, key, META, f"audio_dim {audio_dim!r}")

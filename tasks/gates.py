@@ -13,7 +13,15 @@ class GateVerdict:
     numbers: dict[str, Any] = field(default_factory=dict)  # the measured values and thresholds
     recommendation: str = ""  # what to do on a no-go (from the gate table)
     rows: list[dict[str, Any]] = field(default_factory=list)  # optional per-item table (per clip, per step)
+    evaluated: bool = True  # False: the gate's step was never reached; it decided nothing (go is then True)
+
+    @property
+    def head(self) -> str:
+        """What a person reads first: GO, NO-GO or NOT EVALUATED (a gate that never ran never says GO)."""
+        if not self.evaluated:
+            return "NOT EVALUATED"
+        return "GO" if self.go else "NO-GO"
 
     @property
     def state_name(self) -> str:
-        return "GO" if self.go else f"NO-GO: {self.gate}"
+        return self.head if self.go else f"NO-GO: {self.gate}"

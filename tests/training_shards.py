@@ -17,7 +17,8 @@ WINDOW = 9  # video frames -> 3 latent frames
 
 
 def sample_members(
-    rng: np.random.Generator, clip_id: str, window: int = WINDOW, crop: int = CROP, audio_dim: int = AUDIO_DIM
+    rng: np.random.Generator, clip_id: str, window: int = WINDOW, crop: int = CROP, audio_dim: int = AUDIO_DIM,
+    profile: str = contract.TALKING_HEAD,
 ) -> dict[str, bytes]:
     hw = crop // contract.VAE_SPACE_STRIDE
     latents = contract.latent_frames(window)
@@ -30,8 +31,9 @@ def sample_members(
         "frames": window,
         "audio_dim": audio_dim,
         "steps": {"sharding": "test"},
+        "profile": profile,
     }
-    return {
+    members = {
         contract.VIDEO: b"\x00\x00\x00\x18ftypmp42",  # training ignores the media members
         contract.AUDIO: b"RIFF\x24\x00\x00\x00WAVE",
         contract.VIDEO_LATENTS: contract.npy_bytes(
@@ -45,6 +47,10 @@ def sample_members(
         contract.KEEP_MASK: contract.npy_bytes(rng.random(window) > 0.1),
         contract.META: json.dumps(meta).encode(),
     }
+    if profile == contract.VIDEO_ONLY:  # the general-video profile: video members only
+        keep = set(contract.PROFILE_MEMBERS[profile][0] + contract.PROFILE_MEMBERS[profile][1])
+        members = {k: v for k, v in members.items() if k in keep}
+    return members
 
 
 def write_shards(
@@ -56,6 +62,7 @@ def write_shards(
     crop: int = CROP,
     audio_dim: int = AUDIO_DIM,
     tamper: Optional[Callable[[str, dict[str, bytes]], dict[str, bytes]]] = None,
+    profile: str = contract.TALKING_HEAD,
 ) -> list[Path]:
     """Write shard-%06d.tar files; `tamper(key, members)` may alter a sample's members before writing."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -66,7 +73,7 @@ def write_shards(
         with tarfile.open(path, "w") as tar:
             for i in range(per_shard):
                 key = f"clip{s:03d}_w{i:06d}"  # the shard writer's key form (tasks.shard.sample_key)
-                members = sample_members(rng, key, window, crop, audio_dim)
+                members = sample_members(rng, key, window, crop, audio_dim, profile)
                 if tamper is not None:
                     members = tamper(key, members)
                 for name, data in members.items():

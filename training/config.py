@@ -51,6 +51,12 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_checkpoints: int = 2
     resume: bool = True
+    resume_from: Optional[str] = None  # another run's checkpoints/ to continue from while this one has none
+    # a video-only run's weights file (checkpoints/<tag>/weights.safetensors): a fresh run starts its video DiT
+    # from it (models/dualforce/pretrained.py); ignored once the run has a checkpoint of its own
+    init_from: Optional[str] = None
+    save_weights: bool = False  # beside every checkpoint, the module's fp32 weights as safetensors (rank 0)
+    video_only: bool = False  # the video DiT alone on video_latents + reference_latent (the pretrain stage)
     log_every: int = 1
     seed: int = 0
     num_workers: int = 2

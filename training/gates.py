@@ -2,7 +2,11 @@
 
 Input is the list of metrics.jsonl records ({"step", "loss", "video_loss", "struct_loss", "memory_mb", ...})
 and the per-rank run statuses; output is a tasks.gates.GateVerdict. A gate whose step has not been reached
-says so (go, numbers["evaluated"] = False) rather than guessing.
+says so (evaluated False: titled NOT EVALUATED, never GO) rather than guessing.
+
+gate_steps() is the schedule the training flow runs by: the trainer stops at each gate's step, the flow judges
+that gate there, and only then does training go on (or branch). A gate step of None means the stage has no
+such gate (a video-only pretraining run has no struct stream to judge joint progress on).
 """
 from __future__ import annotations
 
@@ -21,17 +25,44 @@ Records = Sequence[dict[str, Any]]
 @dataclass(frozen=True)
 class TrainingGateConfig:
     memory_budget_mb: Optional[float] = None  # per device (GPU: max allocated, CPU: peak RSS); None: OOM only
+    memory_step: int = 10  # the peak is judged after this many steps (an OOM is acted on whenever it happens)
     fallback_latent_frames: int = 16  # memory fallback after batch 1: clip length in latent frames
-    convergence_step: int = 1000  # N: judge the loss here ...
+    convergence_step: Optional[int] = 1000  # N: judge the loss here (None: this stage has no convergence gate) ...
     convergence_max_loss: float = 1.0  # ... X: it must be at most this
     convergence_window: int = 50  # steps averaged, ending at N
     stability_window: int = 200  # last steps searched for oscillation
     oscillation_chunks: int = 8  # the window is cut into this many chunk means
     oscillation_min_sign_changes: int = 5  # chunk-to-chunk direction flips needed to call it oscillating ...
     oscillation_min_amplitude: float = 0.25  # ... with mean |chunk change| / median chunk loss at least this
-    joint_step: int = 5000  # N for joint progress
+    joint_step: Optional[int] = 5000  # N for joint progress (None: no such gate, e.g. video-only pretraining)
     joint_window: int = 50  # steps averaged at the start and at N
     joint_min_rel_drop: float = 0.02  # each loss must fall at least this fraction
+    review_step: Optional[int] = None  # a person looks at the latest samples here (flows/review.py); None: no review
+
+    def __post_init__(self) -> None:
+        for name in ("memory_step", "convergence_step", "joint_step", "review_step"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or None for no such gate), got {value}")
+
+    def judged_at(self, total_steps: int) -> dict[str, int]:
+        """gate -> the step it is judged at in a run of total_steps (gates past the end are left out)."""
+        steps = {"memory": min(self.memory_step, total_steps)}
+        for gate, step in (("convergence", self.convergence_step), ("joint_progress", self.joint_step),
+                           ("review", self.review_step)):
+            if step is not None and step <= total_steps:
+                steps[gate] = step
+        return steps
+
+    def unreachable(self, total_steps: int) -> dict[str, int]:
+        """gate -> its step, for the gates this run never reaches (they end NOT EVALUATED)."""
+        steps = {"convergence": self.convergence_step, "joint_progress": self.joint_step, "review": self.review_step}
+        return {g: s for g, s in steps.items() if s is not None and s > total_steps}
+
+
+def gate_steps(cfg: TrainingGateConfig, total_steps: int) -> list[int]:
+    """The steps the trainer stops at: every gate's step within the run, and the last step."""
+    return sorted(set(cfg.judged_at(total_steps).values()) | {total_steps})
 
 
 def _losses(records: Records, key: str = "loss", upto: Optional[int] = None) -> list[tuple[int, float]]:
@@ -147,12 +178,20 @@ def _window_mean(points: list[tuple[int, float]], end: int, width: int) -> Optio
     return sum(vals) / len(vals) if vals else None
 
 
-def _not_reached(gate: str, last: int, step: int, numbers: dict[str, Any]) -> Optional[GateVerdict]:
-    """A gate judged at step N says GO (marked not evaluated) while the run has not reached N."""
-    if last >= step:
+def not_evaluated(gate: str, last: int, step: Optional[int], numbers: Optional[dict[str, Any]] = None) -> GateVerdict:
+    """The verdict of a gate whose step was never reached: it decided nothing, and says so."""
+    numbers = dict(numbers or {}, step=step, last_step=last, evaluated=False)
+    return GateVerdict(gate, True, f"not evaluated: the run ended at step {last}, before step {step}", numbers,
+                       evaluated=False)
+
+
+def _not_reached(gate: str, last: int, step: Optional[int], numbers: dict[str, Any]) -> Optional[GateVerdict]:
+    if step is not None and last >= step:
         return None
-    numbers["evaluated"] = False
-    return GateVerdict(gate, True, f"not evaluated: run ended at step {last} < {step}", numbers)
+    if step is None:
+        numbers["evaluated"] = False
+        return GateVerdict(gate, True, "not evaluated: this stage has no such gate", numbers, evaluated=False)
+    return not_evaluated(gate, last, step, numbers)
 
 
 def convergence_gate(records: Records, cfg: TrainingGateConfig) -> GateVerdict:

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tasks import contract
 from tasks.contract import ContractError, ContractSpec
 
-# Batch keys handed to the model (see models.dualforce.diffusion_forcing_loss).
+# Batch keys handed to the model (see models.dualforce.diffusion_forcing_loss), per sample profile.
 TENSOR_KEYS = ("video_latents", "reference_latent", "struct", "audio_features", "keep_mask")
 _MEMBER_OF_KEY = {
     "video_latents": contract.VIDEO_LATENTS,
@@ -46,6 +46,10 @@ _MEMBER_OF_KEY = {
     "struct": contract.STRUCT,
     "audio_features": contract.AUDIO_FEATURES,
     "keep_mask": contract.KEEP_MASK,
+}
+PROFILE_TENSOR_KEYS = {
+    profile: tuple(k for k in TENSOR_KEYS if _MEMBER_OF_KEY[k] in features)
+    for profile, (_, features) in contract.PROFILE_MEMBERS.items()
 }
 STATS_KEY = "__stats__"
 # A shard that fails to open or read part-way: counted under this reason, its earlier samples are kept.
@@ -69,6 +73,9 @@ class LoaderConfig:
     seed: int = 0
     rank: Optional[int] = None  # node split; None: from torch.distributed / RANK env
     world_size: Optional[int] = None
+    # contract.TALKING_HEAD, or contract.VIDEO_ONLY: batches of video_latents + reference_latent alone (any
+    # shard set qualifies: a talking-head sample's other members are then left undecoded)
+    profile: str = contract.TALKING_HEAD
 
 
 def _is_url(pattern: str) -> bool:
@@ -196,7 +203,8 @@ def crop_window(arrays: dict[str, np.ndarray], window: int) -> dict[str, np.ndar
     out = dict(arrays)
     out["video_latents"] = arrays["video_latents"][:, :latents]
     for key in ("struct", "audio_features", "keep_mask"):
-        out[key] = arrays[key][:window]
+        if key in arrays:  # absent from video-only samples
+            out[key] = arrays[key][:window]
     return out
 
 
@@ -214,7 +222,9 @@ class ShardDataset(IterableDataset):
         in_memory = [u for u in self.urls if "memory://" in u]
         if in_memory and cfg.num_workers > 0:  # each worker process has its own, empty, memory filesystem
             raise ValueError(f"memory:// shards ({in_memory[0]}, ...) are only readable with num_workers=0")
-        self.spec = ContractSpec(window=cfg.window, crop_size=cfg.crop_size, audio_dim=cfg.audio_dim)
+        self.spec = ContractSpec(window=cfg.window, crop_size=cfg.crop_size, audio_dim=cfg.audio_dim,
+                                 profile=cfg.profile)
+        self.tensor_keys = PROFILE_TENSOR_KEYS[cfg.profile]
         self.limits = contract.member_limits(self.spec)  # what a member may declare before it is read
         if cfg.train_window is not None:
             contract.latent_frames(cfg.train_window)  # 4m+1 check
@@ -274,7 +284,7 @@ class ShardDataset(IterableDataset):
             return self._reject("decode", f"sample {key[:80]!r}: {sample['__error__']}")
         try:
             decoded = dict(sample)
-            for member in contract.FEATURE_MEMBERS:
+            for member in self.spec.feature_members:
                 if member in sample:
                     try:
                         decoded[member] = contract.load_npy(sample[member], self.limits[member], member)
@@ -285,7 +295,7 @@ class ShardDataset(IterableDataset):
             return self._reject("contract", f"{exc}")
         except Exception as exc:  # a member no check above foresaw: counted, never raised into training
             return self._reject("decode", f"sample {key!r}: {type(exc).__name__}: {exc}"[:500])
-        arrays = {name: decoded[member] for name, member in _MEMBER_OF_KEY.items()}
+        arrays = {name: decoded[_MEMBER_OF_KEY[name]] for name in self.tensor_keys}
         if self.cfg.train_window is not None:
             arrays = crop_window(arrays, self.cfg.train_window)
         self.accepted += 1
@@ -308,7 +318,7 @@ class ShardDataset(IterableDataset):
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {}
-        for key in TENSOR_KEYS:  # stored dtypes (f16 latents/audio, f32 struct): half the copies and IPC
+        for key in self.tensor_keys:  # stored dtypes (f16 latents/audio, f32 struct): half the copies and IPC
             batch[key] = torch.from_numpy(np.stack([s[key] for s in samples]))
         batch["sample_keys"] = [s["__key__"] for s in samples]
         batch[STATS_KEY] = self.stats()

@@ -22,11 +22,13 @@ import torch
 import torch.distributed as dist
 
 from models.dualforce import DiffusionForcingConfig, build_model, diffusion_forcing_loss
+from models.dualforce.pretrained import load_video_dit
+from tasks import contract
 from tasks.contract import STRUCT_DIM
 from training import checkpoint, rng_state, safe_checkpoint
 from training.config import TrainConfig, load_ds_config
 from training.ema import EMA
-from training.loader import TENSOR_KEYS, LoaderConfig, ShardLoader
+from training.loader import PROFILE_TENSOR_KEYS, LoaderConfig, ShardLoader
 from training.metrics import MetricsWriter, peak_memory_mb
 from training.run_status import COMPLETED, ERROR, NONFINITE, OOM, STOPPED, RunStatus, write_status
 from training.schedule import WarmupDecay
@@ -72,7 +74,14 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model_variant, audio_dim=cfg.audio_dim, struct_dim=STRUCT_DIM, **cfg.model_overrides)
+        model = build_model(cfg.model_variant, audio_dim=cfg.audio_dim, struct_dim=STRUCT_DIM,
+                            **dict(cfg.model_overrides, video_only=cfg.video_only))
+        self.profile = contract.VIDEO_ONLY if cfg.video_only else contract.TALKING_HEAD
+        if cfg.init_from and not (cfg.resume and checkpoint.latest_tag(self.ckpt_dir)):
+            copied = load_video_dit(model, checkpoint.load_weights(Path(cfg.init_from)))
+            if self.rank == 0:
+                log.info("video DiT initialised from %s (%d tensors); the new modules keep their zero-gated init",
+                         cfg.init_from, len(copied))
         self.loss_cfg = DiffusionForcingConfig(noise_mode=cfg.noise_mode, **cfg.loss_options)
 
         rank_seed = cfg.seed * 10_007 + 1 + self.rank
@@ -97,9 +106,15 @@ class Trainer:
         self.ema = EMA(self.engine.module, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.step = 0
         data_position = {"epoch": 0, "batches_done": 0}
+        source = self.ckpt_dir
         tag = checkpoint.latest_tag(self.ckpt_dir) if cfg.resume else None
+        if tag is None and cfg.resume_from:  # a fallback attempt continues its parent's training state
+            source = Path(cfg.resume_from)
+            tag = checkpoint.latest_tag(source)
+            if tag is None:
+                raise FileNotFoundError(f"resume_from {source} holds no checkpoint")
         if tag is not None:
-            data_position = self._load(tag)
+            data_position = self._load(source, tag)
         self.loader = ShardLoader(
             LoaderConfig(
                 shards=cfg.shards,
@@ -115,6 +130,7 @@ class Trainer:
                 seed=cfg.seed,
                 rank=self.rank,
                 world_size=self.world,
+                profile=self.profile,
             ),
             **data_position,
         )
@@ -131,17 +147,19 @@ class Trainer:
         }
         checkpoint.save_trainer_state(self.ckpt_dir, tag, self.rank, state)
         dist.barrier()
+        if self.cfg.save_weights:  # before the engine's save: `latest` names the tag only once all of it is there
+            checkpoint.save_module_weights(self.engine, self.zero_stage, self.ckpt_dir, tag, self.rank)
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag)
         dist.barrier()
         if self.rank == 0:
             pruned = checkpoint.prune(self.ckpt_dir, self.cfg.keep_checkpoints)
             log.info("checkpoint %s saved%s", tag, f" (pruned {pruned})" if pruned else "")
 
-    def _load(self, tag: str) -> dict[str, int]:
-        path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+    def _load(self, ckpt_dir: Path, tag: str) -> dict[str, int]:
+        path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {self.ckpt_dir}")
-        state = checkpoint.load_trainer_state(self.ckpt_dir, tag, self.rank)
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir}")
+        state = checkpoint.load_trainer_state(ckpt_dir, tag, self.rank)
         self.step = int(state["step"])
         rng_state.restore(state["rng"], self.generator)
         if self.ema is not None:
@@ -149,7 +167,7 @@ class Trainer:
                 raise RuntimeError(f"checkpoint {tag} has no EMA but ema_decay={self.cfg.ema_decay}")
             self.ema.load_state_dict(state["ema"])
         if self.rank == 0:
-            log.info("resumed from %s at step %d, data position %s", tag, self.step, state["data"])
+            log.info("resumed from %s at step %d, data position %s", ckpt_dir / tag, self.step, state["data"])
         return {k: int(v) for k, v in state["data"].items()}
 
     # ---- one step ----------------------------------------------------------------------------------
@@ -169,7 +187,7 @@ class Trainer:
     def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Stored dtypes (f16 latents) -> float32 on the device; the model casts to its own (bf16) weights."""
         out = {}
-        for key in TENSOR_KEYS:
+        for key in PROFILE_TENSOR_KEYS[self.profile]:
             tensor = batch[key].to(self.device, non_blocking=True)
             out[key] = tensor.float() if tensor.is_floating_point() else tensor
         return out
@@ -205,7 +223,7 @@ class Trainer:
         return {
             "loss": reduced[0],
             "video_loss": reduced[1],
-            "struct_loss": reduced[2],
+            "struct_loss": None if self.cfg.video_only else reduced[2],
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "lr": lr,
             "samples": samples,
@@ -250,12 +268,12 @@ class Trainer:
             record["ema_norm"] = ema_norm
         self.metrics.write(record)
         log.info(
-            "step %d/%d loss %.4f video %.4f struct %.4f grad_norm %s lr %.2e %.1f samples/s mem %.0f MB",
+            "step %d/%d loss %.4f video %.4f struct %s grad_norm %s lr %.2e %.1f samples/s mem %.0f MB",
             self.step,
             self.cfg.total_steps,
             record["loss"],
             record["video_loss"],
-            record["struct_loss"],
+            "n/a" if record["struct_loss"] is None else f"{record['struct_loss']:.4f}",
             "n/a" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}",
             record["lr"],
             record["samples_per_s"],

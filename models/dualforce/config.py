@@ -47,6 +47,9 @@ class DualForceConfig:
     eps: float = 1e-6
     rope_theta: float = 10000.0
     grad_checkpointing: bool = False
+    # the video DiT alone (no struct stream, bridge or audio path): video-only Diffusion Forcing pretraining
+    # on general video; its weights are exactly the full model's video-DiT weights (models/dualforce/pretrained.py)
+    video_only: bool = False
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(self.patch_size)

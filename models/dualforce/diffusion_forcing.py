@@ -8,6 +8,9 @@ scaled into [0, sigma_struct_max] (inference starts the struct stream at that le
 Loss weights: per latent frame, w(sigma) (loss_weighting) times the keep weight from frames.keep_weights (a video
 latent frame counts only if all its video frames are kept; a struct row counts iff its frame is kept). Each stream's
 loss is the weighted mean squared error over its counted elements.
+
+A video-only batch (video_latents + reference_latent, no struct / audio / keep mask: general-video pretraining
+shards) trains the video stream alone; struct_loss is then reported as 0 and every latent frame counts.
 """
 from __future__ import annotations
 
@@ -79,6 +82,28 @@ def sigma_loss_weight(sigma: torch.Tensor, weighting: str) -> torch.Tensor:
 
 
 REQUIRED_KEYS = ("video_latents", "reference_latent", "struct", "audio_features", "keep_mask")
+VIDEO_ONLY_KEYS = ("video_latents", "reference_latent")
+
+
+def video_only_loss(model, batch: dict[str, torch.Tensor], cfg: DiffusionForcingConfig,
+                    generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
+    """Diffusion Forcing of the video stream alone (video_latents [B,16,L,h,w], reference_latent [B,16,1,h,w])."""
+    missing = [k for k in VIDEO_ONLY_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"batch is missing {', '.join(missing)}")
+    x0_video = batch["video_latents"].float()
+    B, _, L, _, _ = x0_video.shape
+    device = x0_video.device
+    sigma_v, _ = sample_sigmas(cfg, B, L, generator, device)
+    eps_v = torch.randn(x0_video.shape, generator=generator, device=device)
+    sv = sigma_v[:, None, :, None, None]
+    pred_v, _ = model((1 - sv) * x0_video + sv * eps_v, sigma_v, None, None, batch["reference_latent"].float(), None)
+    err_v = (pred_v.float() - (eps_v - x0_video)).pow(2).mean(dim=(1, 3, 4))  # [B, L]
+    video_loss = (sigma_loss_weight(sigma_v, cfg.loss_weighting) * err_v).mean()
+    zero = video_loss.new_zeros(())
+    return {"loss": cfg.video_loss_weight * video_loss, "video_loss": video_loss.detach(), "struct_loss": zero,
+            "sigma_video": sigma_v, "sigma_struct": None, "video_frames_counted": video_loss.new_tensor(B * L),
+            "struct_rows_counted": zero}
 
 
 def diffusion_forcing_loss(
@@ -87,8 +112,10 @@ def diffusion_forcing_loss(
     """One Diffusion Forcing step's losses: "loss" (to backprop), "video_loss", "struct_loss", and the sigmas drawn.
 
     batch: video_latents [B,16,L,h,w], reference_latent [B,16,1,h,w], struct [B,T,S], audio_features [B,T,A],
-    keep_mask [B,T] bool, with T = 4(L-1)+1.
+    keep_mask [B,T] bool, with T = 4(L-1)+1. A batch without struct goes to video_only_loss.
     """
+    if "struct" not in batch:
+        return video_only_loss(model, batch, cfg, generator)
     missing = [k for k in REQUIRED_KEYS if k not in batch]
     if missing:
         raise KeyError(f"batch is missing {', '.join(missing)}")

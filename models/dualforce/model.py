@@ -35,14 +35,20 @@ class DualForce(nn.Module):
         super().__init__()
         self.config = c = config
         G = c.frames_per_latent
+        audio_token_dim = None if c.video_only else c.video_dim
         # video stream
         self.video_embed = VideoPatchEmbed(c.in_channels, c.video_dim, c.patch_size)
         self.video_time = TimestepEmbedding(c.freq_dim, c.video_dim)
-        self.video_audio_mod = AudioModulation(c.video_dim, c.video_dim)
         self.video_blocks = nn.ModuleList(
-            DiTBlock(c.video_dim, c.video_heads, c.video_ffn_dim, c.video_dim, c.qk_norm, c.eps) for _ in range(c.video_blocks)
+            DiTBlock(c.video_dim, c.video_heads, c.video_ffn_dim, audio_token_dim, c.qk_norm, c.eps)
+            for _ in range(c.video_blocks)
         )
         self.video_head = VideoHead(c.video_dim, c.latent_channels, c.patch_size, c.eps)
+        self._struct_after: dict[int, list[int]] = {}
+        if c.video_only:  # the video DiT alone: nothing below exists
+            self._init_weights()
+            return
+        self.video_audio_mod = AudioModulation(c.video_dim, c.video_dim)
         # struct stream
         self.struct_embed = StructEmbed(G, c.struct_dim, c.struct_tokens_per_frame, c.struct_model_dim)
         self.struct_time = TimestepEmbedding(c.freq_dim, c.struct_model_dim)
@@ -57,7 +63,6 @@ class DualForce(nn.Module):
         self.bridges = nn.ModuleDict(
             {str(i): Bridge(c.video_dim, c.video_heads, c.struct_model_dim, c.struct_heads, c.qk_norm, c.eps) for i in c.bridge_blocks()}
         )
-        self._struct_after: dict[int, list[int]] = {}
         for j, i in enumerate(c.struct_schedule()):
             self._struct_after.setdefault(i, []).append(j)
         self._init_weights()
@@ -68,6 +73,8 @@ class DualForce(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.video_embed.proj.weight.flatten(1))
+        if self.config.video_only:
+            return
         for mod in (self.video_audio_mod, self.struct_audio_mod):  # AdaLN-Zero audio branch
             nn.init.zeros_(mod.proj[1].weight)
 
@@ -83,22 +90,28 @@ class DualForce(nn.Module):
 
     def audio_windows(self, audio_features: torch.Tensor) -> torch.Tensor:
         """[B, T, A] per video frame -> [B, L, W, A] causal windows (frames.audio_windows)."""
+        if self.config.video_only:
+            raise ValueError("a video-only DualForce has no audio path")
         return audio_windows(audio_features, self.config.audio_context_frames, self.config.frames_per_latent)
 
     def forward(
         self,
         noisy_video: torch.Tensor,  # [B, 16, n, h, w] latent frames offset..offset+n
         sigma_video: torch.Tensor,  # [B, n] per-frame noise level in [0, 1]
-        noisy_struct: torch.Tensor,  # [B, n, G, S] grouped struct rows
-        sigma_struct: torch.Tensor,  # [B, n]
+        noisy_struct: Optional[torch.Tensor],  # [B, n, G, S] grouped struct rows (None: video-only model)
+        sigma_struct: Optional[torch.Tensor],  # [B, n]
         reference_latent: torch.Tensor,  # [B, 16, 1, h, w]
-        audio_windows: torch.Tensor,  # [B, n, W, A] (self.audio_windows of the whole clip, sliced)
+        audio_windows: Optional[torch.Tensor],  # [B, n, W, A] (self.audio_windows of the whole clip, sliced)
         frame_offset: int = 0,
         cache: Optional[KVCache] = None,
         update_cache: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Velocity predictions (video [B, 16, n, h, w], struct [B, n, G, S]) for latent frames offset..offset+n."""
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Velocity predictions (video [B, 16, n, h, w], struct [B, n, G, S] or None for the video-only model)
+        for latent frames offset..offset+n."""
         c = self.config
+        if c.video_only:
+            return self._forward_video_only(noisy_video, sigma_video, noisy_struct, reference_latent, audio_windows,
+                                            frame_offset, cache, update_cache)
         B, C, n, h, w = noisy_video.shape
         self._check_inputs(noisy_video, sigma_video, noisy_struct, sigma_struct, reference_latent, audio_windows)
         if cache is not None and cache.num_frames != frame_offset:
@@ -158,19 +171,61 @@ class DualForce(nn.Module):
         struct_v = self.struct_head(xs, es)
         return video_v, struct_v
 
-    def _check_inputs(self, noisy_video, sigma_video, noisy_struct, sigma_struct, reference_latent, audio_windows) -> None:
+    def _forward_video_only(self, noisy_video, sigma_video, noisy_struct, reference_latent, audio_windows,
+                            frame_offset, cache, update_cache) -> tuple[torch.Tensor, None]:
+        """The video DiT alone: the same embedding, blocks (without their audio path) and head as the full model."""
+        c = self.config
+        if noisy_struct is not None or audio_windows is not None:
+            raise ValueError("a video-only DualForce takes no struct rows and no audio")
+        self._check_video(noisy_video, sigma_video, reference_latent)
+        if cache is not None and cache.num_frames != frame_offset:
+            raise ValueError(f"cache holds {cache.num_frames} frames but frame_offset is {frame_offset}")
+        B, C, n, h, w = noisy_video.shape
+        device = noisy_video.device
+        frames = torch.arange(frame_offset, frame_offset + n)
+        cond = reference_condition(reference_latent, n, frame_offset, c.mask_channels)
+        xv = self.video_embed(torch.cat([noisy_video, cond], dim=1).to(self.video_embed.proj.weight.dtype))  # [B, n, Nv, Dv]
+        ev, mod_v = self.video_time(sigma_video)  # [B, n, Dv], [B, n, 6, Dv]
+        hp, wp = h // c.patch_size[1], w // c.patch_size[2]
+        v_frames = frames.repeat_interleave(xv.shape[2])
+        rope = rope_angles(grid_positions(frames, hp, wp), c.video_dim // c.video_heads, c.rope_theta)
+        v_rope = (rope[0].to(device), rope[1].to(device))
+        if cache is not None:
+            cache.recording = update_cache
+        v_keys = cache.key_frames("video", v_frames) if cache is not None else v_frames
+        v_mask = frame_causal_mask(v_frames, v_keys, device)
+        use_ckpt = c.grad_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        for i, block in enumerate(self.video_blocks):
+            if use_ckpt:
+                xv = checkpoint(block, xv, mod_v, None, v_rope, v_mask, cache, f"video{i}", use_reentrant=False)
+            else:
+                xv = block(xv, mod_v, None, v_rope, v_mask, cache, f"video{i}")
+        if cache is not None:
+            cache.commit() if update_cache else cache.discard()
+        return self.video_head(xv, ev, (hp, wp)), None
+
+    def _check_video(self, noisy_video, sigma_video, reference_latent) -> None:
         c = self.config
         if noisy_video.ndim != 5 or noisy_video.shape[1] != c.latent_channels:
             raise ValueError(f"noisy_video must be [B, {c.latent_channels}, L, h, w], got {tuple(noisy_video.shape)}")
         B, _, n, h, w = noisy_video.shape
+        for name, t, shape in (("sigma_video", sigma_video, (B, n)),
+                               ("reference_latent", reference_latent, (B, c.latent_channels, 1, h, w))):
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+    def _check_inputs(self, noisy_video, sigma_video, noisy_struct, sigma_struct, reference_latent, audio_windows) -> None:
+        c = self.config
+        self._check_video(noisy_video, sigma_video, reference_latent)
+        B, _, n, h, w = noisy_video.shape
         expect = {
-            "sigma_video": (sigma_video, (B, n)),
             "sigma_struct": (sigma_struct, (B, n)),
             "noisy_struct": (noisy_struct, (B, n, c.frames_per_latent, c.struct_dim)),
-            "reference_latent": (reference_latent, (B, c.latent_channels, 1, h, w)),
             "audio_windows": (audio_windows, (B, n, c.audio_window, c.audio_dim)),
         }
         for name, (t, shape) in expect.items():
+            if t is None:
+                raise ValueError(f"{name} is required by the full DualForce model (video_only=False)")
             if tuple(t.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 

@@ -87,7 +87,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         processes=args.workers if args.runner == "processes" else None,
         cpus_per_batch=args.cpus_per_batch, gpus_per_batch=args.gpus_per_batch, shard_groups=args.shard_groups,
         work_root=args.work_root, scratch_root=args.scratch_root, progress=not args.no_progress,
-        retry_rejected=args.retry_rejected, audit_fraction=args.audit_fraction, return_state=True,
+        retry_rejected=args.retry_rejected, audit_fraction=args.audit_fraction, profile=args.profile,
+        return_state=True,
     )
     report = _finish(state, time.perf_counter() - t0)
     if report is None:
@@ -132,7 +133,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     _prefect_env()
     from flows.train import launch_kwargs, train_flow
 
-    state = train_flow(_json_arg(args.config), gates=_json_arg(args.gates), return_state=True, **launch_kwargs(args))
+    state = train_flow(_json_arg(args.config), gates=_json_arg(args.gates), return_state=True, **launch_kwargs(args),
+                       auto_approve=args.auto_approve, review_timeout_s=args.review_timeout,
+                       review_on_timeout=args.review_on_timeout)
     print(f"{state.name}: {state.message}", file=sys.stderr if not state.is_completed() else sys.stdout)
     return 0 if state.is_completed() else _failed_exit_code(state)
 
@@ -150,6 +153,22 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if result is None:
         return _failed_exit_code(state)
     return _done_exit_code(result.get("preprocess") if isinstance(result, dict) else None)
+
+
+def cmd_program(args: argparse.Namespace) -> int:
+    """Exit 0 when every stage went through, 3 when a gate stopped the program (NO-GO), else the state's code."""
+    _prefect_env()
+    from flows.program import training_program
+    from flows.summary import program_lines
+
+    t0 = time.perf_counter()
+    state = training_program(args.program, auto_approve=True if args.auto_approve else None,
+                             review_timeout_s=args.review_timeout, return_state=True)
+    if not state.is_completed():
+        print(f"\n{state.name}: {state.message}", file=sys.stderr)
+        return _failed_exit_code(state)
+    print("\n".join(program_lines(state.result(), time.perf_counter() - t0)))
+    return 0
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
@@ -189,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pp = sub.add_parser("preprocess", help="run the preprocess flow on a manifest")
     _add_dataset_arguments(pp)
+    pp.add_argument("--profile", choices=["talking_head", "general"], default="talking_head",
+                    help="talking_head: face crop and every feature; general: centre crop + VAE, video-only shards "
+                         "for the pretrain stage (Panda-70M, VoxCeleb2)")
     pp.add_argument("--steps", nargs="*")
     pp.add_argument("--limit", type=int)
     pp.add_argument("--batch-size", type=int, default=8)
@@ -245,13 +267,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     from datasets_manifest.plan import add_plan_parser
     from flows.server import add_server_parser
-    from flows.train import add_launch_arguments
+    from flows.train import add_launch_arguments, add_review_arguments
 
     t = sub.add_parser("train", help="the training stage flow (DeepSpeed launcher or torchrun, with gates)")
     t.add_argument("--config", required=True, help="TrainConfig as JSON (inline or a .json file)")
     t.add_argument("--gates", help="TrainingGateConfig as JSON (inline or a .json file)")
     add_launch_arguments(t)  # nodes, processes, rendezvous, hostfile (docs/multinode.md)
+    add_review_arguments(t)
     t.set_defaults(func=cmd_train)
+
+    pg = sub.add_parser("program", help="the staged training program (concept -> pretrain -> joint), gate by gate")
+    pg.add_argument("program", help="a program file (configs/program-lite.yaml; training/program.py documents it)")
+    pg.add_argument("--auto-approve", action="store_true", help="answer the sample review with continue (unattended)")
+    pg.add_argument("--review-timeout", type=int, help="seconds the sample review waits for a person")
+    pg.set_defaults(func=cmd_program)
 
     pl = sub.add_parser("pipeline", help="preprocess -> 3D-latent gate -> train, as one flow")
     _add_dataset_arguments(pl)

@@ -1,22 +1,36 @@
-"""The dry-run flow: the main job on the sample clips, locally: manifest -> preprocess -> a few training steps."""
+"""The dry-run flow: the main job on the sample clips, locally: manifest -> preprocess (both profiles) -> the
+training program at toy scale (concept -> pretrain -> joint, every gate judged live, the review auto-approved)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger
 
 from datasets_manifest import build_manifest
 from datasets_manifest.schema import write_manifest
-from flows.pipeline import pipeline
+from flows.pipeline import training_summary
 from flows.preprocess import with_workers
+from flows.program import training_program
 from flows.run_artifacts import publish_summary
+from flows.layout import DatasetLayout
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SAMPLES = REPO.parent / "shared" / "samples"
+DRYRUN_PROGRAM = REPO / "configs" / "program-dryrun.yaml"
 
-# A few ZeRO-2 steps of the tiny model on 2 CPU processes: proves the shards train, not that anything learns.
-DRYRUN_TRAIN = dict(model_variant="tiny", ds_config="zero2", total_steps=4, micro_batch=1, ckpt_every=2,
-                    warmup_steps=1, num_workers=0, shuffle_buffer=4)
+
+def dryrun_program(out_dir: Path, talking: Path, general: Path, joint_steps: int, processes: int) -> dict[str, Any]:
+    """configs/program-dryrun.yaml with this run's shard sets, output folder, joint length and process count."""
+    program = yaml.safe_load(DRYRUN_PROGRAM.read_text())
+    program["out_dir"] = str(out_dir / "program")
+    program["launch"]["nproc_per_node"] = processes
+    for stage in ("concept", "joint"):
+        program[stage]["shards"] = [str(talking)]
+    program["pretrain"]["shards"] = [str(general)]
+    program["joint"]["train"]["total_steps"] = joint_steps
+    return program
 
 
 @flow(name="dry-run")
@@ -31,11 +45,13 @@ def dry_run(
     train_processes: int = 2,
     progress: bool = False,
 ):
-    """Build the samples manifest, preprocess it with dry-run models, then train a few steps on the shards.
+    """Build the samples manifest, preprocess it twice (talking-head shards for concept and joint, video-only
+    shards of the same clips as pretrain's "general video"), then run the training program on them.
 
     Windows are 17 frames every 200 frames: on CPU the Wan VAE (even a tiny one) costs about 0.5 s per
-    512x512 frame, so the dry-run encodes a sparse sample of windows rather than every frame. Shards hold 2
-    samples each so that both training processes get shards of their own.
+    512x512 frame, so the dry-run encodes a sparse sample of windows rather than every frame (the general
+    profile: one window per clip). Shards hold 2 samples each so that both training processes get shards of their
+    own. `train_steps`: joint's steps (0: preprocess only, no training).
     """
     logger = get_run_logger()
     out_dir, samples_dir = Path(out).resolve(), Path(samples).resolve()
@@ -46,13 +62,27 @@ def dry_run(
     logger.info(f"dry-run: {len(built.rows)} sample clips from {samples_dir} -> {out_dir}")
     options = dict(batch_size=batch_size, window_n=window_n, window_stride=window_stride, shard_max_samples=2,
                    models="dryrun", progress=progress, audit_fraction=0.5)  # 2 of the 4 samples, every member
-    if train_steps <= 0:
-        report = with_workers(workers)(dataset="samples", manifest=str(manifest), output_root=str(out_dir), **options)
-        result = {"preprocess": report, "training": None}
-    else:
-        result = pipeline(dataset="samples", manifest=str(manifest), output_root=str(out_dir),
-                          preprocess_options=options, train=dict(DRYRUN_TRAIN, total_steps=train_steps),
-                          nproc_per_node=train_processes, workers=workers)
-    if isinstance(result, dict) and isinstance(result.get("preprocess"), dict):
-        publish_summary(result, "dry-run")  # the run a user opens in the UI carries the CLI's summary
+    pre = with_workers(workers)(dataset="samples", manifest=str(manifest), output_root=str(out_dir), **options,
+                                return_state=True)
+    if not pre.is_completed() or train_steps <= 0:
+        result = pre if not pre.is_completed() else {"preprocess": pre.result(), "training": None}
+        if isinstance(result, dict):
+            publish_summary(result, "dry-run")
+        return result
+    general_root = out_dir / "general"
+    general = with_workers(workers)(
+        dataset="samples", manifest=str(manifest), output_root=str(general_root), profile="general",
+        **dict(options, window_stride=10_000, shard_max_samples=1, audit_fraction=1.0), return_state=True)
+    if not general.is_completed():
+        return general
+    program = dryrun_program(out_dir, DatasetLayout(out_dir, "samples").shards,
+                             DatasetLayout(general_root, "samples").shards, train_steps, train_processes)
+    trained = training_program(program, return_state=True)
+    if not trained.is_completed():
+        return trained
+    program_result = trained.result()
+    joint = program_result["stages"][-1]  # the joint stage's row: its verdict and what it said
+    result = {"preprocess": pre.result(), "general": general.result(), "program": program_result,
+              "training": training_summary(Path(program_result["joint_dir"]), joint["verdict"], joint["detail"])}
+    publish_summary(result, "dry-run")  # the run a user opens in the UI carries the CLI's summary
     return result

@@ -18,26 +18,10 @@ from flows.preprocess import with_workers
 from flows.run_artifacts import publish_summary
 from flows.train import train_flow
 from training.launch import LaunchSpec, check_launch
-from tasks.shard import STATS_FILE, iter_samples, shard_files
+from tasks.shard import shard_files
 from tasks.shard import STATUS_FILE as SHARD_STATUS
 from training.metrics import METRICS_FILE, read_metrics
-
-
-def train_config_for_shards(shard_dir: Path, out_dir: Path, split: str = "train", **overrides: Any) -> dict:
-    """A TrainConfig dict whose data fields (shards, window, audio width) come from the shard set itself."""
-    stats = json.loads((shard_dir / STATS_FILE).read_text())
-    first = next(iter_samples(shard_dir, split=split), None)
-    if first is None:
-        raise ValueError(f"no {split} samples under {shard_dir}")
-    cfg = {
-        "shards": [str(shard_dir / split / "shard-*.tar")],
-        "out_dir": str(out_dir),
-        "window": int(stats["window_frames"]),
-        "crop_size": 512,
-        "audio_dim": int(first["meta"]["audio_dim"]),
-    }
-    cfg.update(overrides)
-    return cfg
+from training.shard_sets import train_data_fields
 
 
 @flow(name="pipeline")
@@ -83,25 +67,27 @@ def pipeline(
                 f"in {n_shards} train shards; starting training")
     # One training directory per shard set: a re-run on the same shards resumes, new shards start afresh.
     shard_key = json.loads((layout.shards / SHARD_STATUS).read_text())["key"][:12]
-    cfg = train_config_for_shards(layout.shards, layout.base / "train" / f"shards-{shard_key}", **(train or {}))
+    train = dict(train or {})
+    cfg = {**train_data_fields([layout.shards], video_only=bool(train.get("video_only"))), **train,
+           "out_dir": str(layout.base / "train" / f"shards-{shard_key}")}
     trained = train_flow(cfg, nproc_per_node=nproc_per_node, launcher=launcher, gates=gates, return_state=True,
                          **launch)
     if not trained.is_completed():
         return trained
-    result = {"preprocess": report, "training": training_summary(Path(cfg["out_dir"]), trained)}
+    result = {"preprocess": report, "training": training_summary(Path(cfg["out_dir"]), trained.name, trained.message)}
     if flow_run.get_parent_flow_run_id() is None:  # the top-level run: it carries the summary the CLI prints
         publish_summary(result, f"pipeline-{dataset}")
     return result
 
 
-def training_summary(train_dir: Path, state: State) -> dict:
+def training_summary(train_dir: Path, verdict: str, message: Optional[str]) -> dict:
     """What the last training attempt did, from its metrics.jsonl."""
     runs = sorted(train_dir.glob(f"run-*/{METRICS_FILE}"), key=lambda p: p.stat().st_mtime)
     records = read_metrics(runs[-1]) if runs else []
     steps = [r for r in records if "loss" in r]
     return {
-        "state": state.name,
-        "message": state.message,
+        "state": verdict,
+        "message": message,
         "run_dir": str(runs[-1].parent) if runs else None,
         "steps": steps[-1]["step"] if steps else 0,
         "first_loss": steps[0]["loss"] if steps else None,

@@ -1,5 +1,8 @@
 """The preprocess flow: manifest -> per-clip steps over batches -> 3D-latent gate -> shards.
 
+Two profiles (tasks/sample_features.py): `talking_head` (download, face crop, motion, pose check, HuBERT, VAE,
+shard) and `general` (download, centre crop, VAE, shard: video-only samples for the pretrain stage).
+
 Reads like the DAG in DESIGN.md: each clip step is one Prefect task per *batch* of clips (not per clip, so
 orchestration stays cheap at 30K+ clips); batch b's crop starts as soon as batch b's download is done. The
 dataset-level "3D latent quality" gate runs once every clip has been through the pose cross-check; a no-go
@@ -39,17 +42,17 @@ from tasks.feature_models import FeatureModels, dryrun_models
 from models.weights import WeightsError
 from tasks.ledger import LEDGER_DIR, step_counts, write_ledger_part
 from tasks.pose_check import PoseCheckConfig, latent_quality_gate
-from tasks.sample_features import FEATURE_STEPS, window_features
+from tasks.sample_features import TALKING_HEAD, PreprocessProfile, preprocess_profile
 from tasks import storage
 from tasks.shard import (DEFAULT_SHARD_GROUPS, GroupResult, ShardClip, ShardConfig, begin_shard_set, merge_shard_groups,
                          plan_groups, write_shard_group)
 from tasks.step_runner import ClipState, LedgerEntry, Step, run_step
 from tasks.step_store import StepStore, fingerprint
-from tasks.steps import (DOWNLOADED_VIDEO, SHARD_VERSION, AudioFeaturesStep, CropStep, DownloadStep, MotionStep, PoseCheckStep,
-                         VaeLatentsStep, crop_frames, crop_segments)
+from tasks.steps import (DOWNLOADED_VIDEO, SHARD_VERSION, AudioFeaturesStep, CenterCropStep, CropStep, DownloadStep,
+                         MotionStep, PoseCheckStep, VaeLatentsStep, crop_frames, crop_segments)
 
-CLIP_STEPS = ("download", "crop", *FEATURE_STEPS)
-ALL_STEPS = (*CLIP_STEPS, "shard")
+CLIP_STEPS = TALKING_HEAD.clip_steps  # the default profile's
+ALL_STEPS = TALKING_HEAD.steps
 
 
 @dataclass
@@ -59,17 +62,19 @@ class BatchResult:
 
 
 def build_steps(names: tuple[str, ...], layout: DatasetLayout, models: Optional[FeatureModels],
-                windows: ShardConfig, pose: PoseCheckConfig, flame_dir: Optional[str]) -> list[Step]:
+                windows: ShardConfig, pose: PoseCheckConfig, flame_dir: Optional[str],
+                profile: PreprocessProfile = TALKING_HEAD) -> list[Step]:
     available: dict[str, Step] = {
         "download": DownloadStep(DownloadConfig(cache_dir=layout.download_cache)),
         "crop": CropStep(),
+        "center_crop": CenterCropStep(),
     }
     if models is not None:
         available.update({
             "motion": MotionStep(models),
             "pose_check": PoseCheckStep(pose, flame_dir),
             "audio_features": AudioFeaturesStep(models),
-            "vae_latents": VaeLatentsStep(models, windows),
+            "vae_latents": VaeLatentsStep(models, windows, crop_step=profile.crop_step),
         })
     return [available[n] for n in names if n in available]
 
@@ -123,11 +128,16 @@ def run_step_batch(step: Step, batch: BatchResult, steps_root: str, run_id: str,
 
 
 @task(name="audit-shards", cache_policy=NO_CACHE)
-def audit_task(layout: DatasetLayout, models: Optional[FeatureModels], cfg: AuditConfig) -> AuditReport:
+def audit_task(layout: DatasetLayout, models: Optional[FeatureModels], cfg: AuditConfig,
+               profile: PreprocessProfile = TALKING_HEAD) -> AuditReport:
     """Re-derive a fraction of the new shard set's samples from the step outputs; publish what was compared."""
     from tasks import feature_models as loaded
 
-    extractors = AuditModels() if models is None else AuditModels(loaded.wan_vae(models), loaded.motion_extractor(models))
+    if models is None:
+        extractors = AuditModels()
+    else:  # the general profile has no motion step (and a real run of it names no LivePortrait weights)
+        extractors = AuditModels(loaded.wan_vae(models),
+                                 loaded.motion_extractor(models) if "motion" in profile.feature_steps else None)
     report = audit_shards(layout.base / "shards", layout.steps, extractors, cfg)
     publish_audit(report, key_prefix=f"preprocess-{layout.dataset}")
     (get_run_logger().info if report.ok else get_run_logger().error)(f"audit: {report.summary()}")
@@ -135,11 +145,12 @@ def audit_task(layout: DatasetLayout, models: Optional[FeatureModels], cfg: Audi
 
 
 @task(name="contact-sheet", cache_policy=NO_CACHE)
-def contact_sheet_task(states: list[ClipState], layout: DatasetLayout, run_name: str) -> Optional[Path]:
+def contact_sheet_task(states: list[ClipState], layout: DatasetLayout, run_name: str,
+                       crop_step: str = "crop") -> Optional[Path]:
     """The run's contact sheet beside its ledger part, and as an artifact."""
     steps = Path(layout.steps)
-    accepted = [AcceptedClip(s.row.clip_id, steps / "crop" / s.row.clip_id) for s in states
-                if s.alive and "crop" in s.records]
+    accepted = [AcceptedClip(s.row.clip_id, steps / crop_step / s.row.clip_id) for s in states
+                if s.alive and crop_step in s.records]
     rejected = []
     for s in states:
         if s.failure is None:
@@ -166,34 +177,46 @@ def latent_gate(states: list[ClipState], max_drop_ratio: float) -> GateVerdict:
     return verdict
 
 
-def _shard_clip(state: ClipState, store: StepStore, with_features: bool) -> ShardClip:
-    crop_dir = store.clip_dir("crop", state.row.clip_id)
+def _shard_clip(state: ClipState, store: StepStore, with_features: bool,
+                profile: PreprocessProfile = TALKING_HEAD) -> ShardClip:
+    crop_dir = store.clip_dir(profile.crop_step, state.row.clip_id)
     infos = {name: rec.info for name, rec in state.records.items()}
     dryrun = sorted(n for n, i in infos.items() if i.get("untrained_dryrun"))
     extra = {"untrained_dryrun_models": dryrun} if dryrun else {}
-    if with_features:
+    if with_features and profile == TALKING_HEAD:
         extra["audio_dim"] = int(infos["audio_features"]["audio_dim"])
         extra["pose_check"] = {k: infos["pose_check"][k] for k in ("source", "dropped", "total")}
+    features = [profile.feature_source({n: store.clip_dir(n, state.row.clip_id) for n in profile.feature_steps})
+                ] if with_features else []
     return ShardClip(
         row=state.row, crop_dir=crop_dir, frames=crop_frames(crop_dir), segments=crop_segments(crop_dir),
         step_versions={name: rec.version for name, rec in state.records.items()},
         lineage={name: rec.checksum for name, rec in state.records.items()},
-        feature_sources=[window_features({n: store.clip_dir(n, state.row.clip_id) for n in FEATURE_STEPS})] if with_features else [],
+        feature_sources=features,
         meta_extra=extra,
+        profile=profile.sample_profile,
     )
 
 
-def _group_key(group: str, states: list[ClipState], shard_cfg: ShardConfig, with_features: bool) -> str:
+def _profile_part(profile: PreprocessProfile) -> tuple:
+    """What a shard key adds for the profile: nothing for talking-head (its keys stay what they were)."""
+    return () if profile == TALKING_HEAD else (profile.name,)
+
+
+def _group_key(group: str, states: list[ClipState], shard_cfg: ShardConfig, with_features: bool,
+               profile: PreprocessProfile = TALKING_HEAD) -> str:
     return fingerprint("shard", SHARD_VERSION, group, shard_cfg, with_features, sorted(
-        (s.row.model_dump_json(), sorted((n, r.version, r.checksum) for n, r in s.records.items())) for s in states))
+        (s.row.model_dump_json(), sorted((n, r.version, r.checksum) for n, r in s.records.items())) for s in states),
+        *_profile_part(profile))
 
 
 @task(name="write-shard-group", cache_policy=NO_CACHE)
 def shard_group(group: str, states: list[ClipState], steps_root: str, shards_out: str, shard_cfg: ShardConfig,
-                with_features: bool, key: str, scratch_root: Optional[str] = None) -> GroupResult:
+                with_features: bool, key: str, scratch_root: Optional[str] = None,
+                profile: PreprocessProfile = TALKING_HEAD) -> GroupResult:
     """One shard group, on whichever worker: its clips' windows into `<split>/shard-<group>-*.tar`."""
     with StepStore(steps_root, scratch_root) as store:  # a remote store's local copies are freed on exit
-        clips = [_shard_clip(s, store, with_features) for s in states]
+        clips = [_shard_clip(s, store, with_features, profile) for s in states]
         result = write_shard_group(clips, shards_out, group, shard_cfg, key)
     get_run_logger().info(f"shard group {group}: {sum(s['samples'] for s in result.shards)} samples in "
                           f"{len(result.shards)} shards ({'cached' if result.skipped else f'{result.seconds:.1f}s'})")
@@ -201,24 +224,26 @@ def shard_group(group: str, states: list[ClipState], steps_root: str, shards_out
 
 
 def shard_clips(states: list[ClipState], layout: DatasetLayout, shard_cfg: ShardConfig, with_features: bool,
-                run_id: str, groups: int, submitter) -> tuple[dict, list[LedgerEntry]]:
+                run_id: str, groups: int, submitter,
+                profile: PreprocessProfile = TALKING_HEAD) -> tuple[dict, list[LedgerEntry]]:
     """Shard groups in parallel (one task each), then the one merge: index, stats, garbage collection."""
     logger = get_run_logger()
-    needed = ("crop", *FEATURE_STEPS) if with_features else ("crop",)
+    needed = (profile.crop_step, *profile.feature_steps) if with_features else (profile.crop_step,)
     ready = [s for s in states if s.alive and all(n in s.records for n in needed)]
     planned = plan_groups(ready, groups, clip_id=lambda s: s.row.clip_id)
-    keys = {g: _group_key(g, members, shard_cfg, with_features) for g, members in planned.items()}
-    set_key = fingerprint("shard-set", shard_cfg, with_features, groups, sorted(keys.items()))
+    keys = {g: _group_key(g, members, shard_cfg, with_features, profile) for g, members in planned.items()}
+    set_key = fingerprint("shard-set", shard_cfg, with_features, groups, sorted(keys.items()), *_profile_part(profile))
     t0 = time.perf_counter()
     done = begin_shard_set(layout.shards_url, set_key)
     futures = [submitter.submit(shard_group.with_options(task_run_name=f"shard-{g}"), "shard", group=g, states=members,
                                 steps_root=str(layout.steps), shards_out=layout.shards_url, shard_cfg=shard_cfg,
                                 with_features=with_features, key=keys[g],
-                                scratch_root=None if layout.scratch_root is None else str(layout.scratch_root))
+                                scratch_root=None if layout.scratch_root is None else str(layout.scratch_root),
+                                profile=profile)
                for g, members in planned.items()]
     results: list[GroupResult] = [f.result() for f in futures]
     if done is None:
-        merged = merge_shard_groups(layout.shards_url, results, shard_cfg, set_key, groups)
+        merged = merge_shard_groups(layout.shards_url, results, shard_cfg, set_key, groups, profile.sample_profile)
         if merged.removed:
             logger.info(f"shards: removed {len(merged.removed)} files no index lists (an interrupted or older run's)")
         stats = {"samples": merged.samples, "shards": merged.shards, "bytes": merged.bytes, "per_split": merged.per_split}
@@ -250,17 +275,26 @@ def _publish(dataset: str, counts: list[dict], rejected: list[dict], shard_stats
         create_markdown_artifact(markdown=md, key=f"preprocess-{slug}-shards", description="Shard set summary")
 
 
+# The weights a feature step loads (a real run names those of its profile's steps).
+STEP_WEIGHTS = {"motion": "liveportrait_root", "audio_features": "hubert", "vae_latents": "wan_vae"}
+
+
 def resolve_models(models: str, layout: DatasetLayout, liveportrait_root: Optional[str], hubert: Optional[str],
-                   wan_vae: Optional[str], wan_vae_subfolder: Optional[str], device: Optional[str]) -> FeatureModels:
-    """`dryrun`: write random models of the real architectures; `real`: check every weight path first."""
+                   wan_vae: Optional[str], wan_vae_subfolder: Optional[str], device: Optional[str],
+                   profile: PreprocessProfile = TALKING_HEAD) -> FeatureModels:
+    """`dryrun`: write random models of the real architectures; `real`: check every weight path the profile
+    needs first (the general profile needs the Wan VAE alone)."""
     if models == "dryrun":
         return dryrun_models()
     if models != "real":
         raise ValueError(f"models must be 'real' or 'dryrun', got {models!r}")
-    missing = [n for n, v in (("liveportrait_root", liveportrait_root), ("hubert", hubert), ("wan_vae", wan_vae)) if not v]
+    given = {"liveportrait_root": liveportrait_root, "hubert": hubert, "wan_vae": wan_vae}
+    needed = [STEP_WEIGHTS[s] for s in profile.feature_steps if s in STEP_WEIGHTS]
+    missing = [n for n in needed if not given[n]]
     if missing:
         raise ValueError(f"a real run needs {', '.join(missing)} (weights are never downloaded; models='dryrun' for random ones)")
-    chosen = FeatureModels(liveportrait_root, hubert, wan_vae, wan_vae_subfolder, device=device)
+    used = {n: v if n in needed else "" for n, v in given.items()}  # "": a model this profile does not load
+    chosen = FeatureModels(used["liveportrait_root"], used["hubert"], used["wan_vae"], wan_vae_subfolder, device=device)
     chosen.validate()
     return chosen
 
@@ -298,10 +332,14 @@ def preprocess(
     processes: Optional[int] = None,
     audit_fraction: float = 0.02,
     retry_rejected: bool = False,
+    profile: str = "talking_head",
 ) -> dict:
     """Preprocess one dataset's manifest into shards under `output_root/<dataset>/`.
 
-    `shard_features`: shards carry steps 3-6's members; None decides by whether those results exist.
+    `profile`: "talking_head" (face crop, motion, pose check, HuBERT, VAE: every member) or "general" (centre
+    crop and VAE: video-only samples, video.mp4 + meta.json + the two latents, for the pretrain stage; real
+    runs name only the Wan VAE). `steps` chooses among the profile's steps (default: all of them).
+    `shard_features`: shards carry the feature steps' members; None decides by whether those results exist.
     `runner`: "local" (this flow's thread pool), "processes" (a pool of `processes` worker processes, default
     one per CPU: the CPU steps' Python work then runs in parallel) or "ray" (one Ray task per batch; `ray_address` "auto", a
     cluster address or None for a local instance of `ray_num_cpus` CPUs; see flows/runners.py for resources
@@ -315,10 +353,11 @@ def preprocess(
     """
     logger = get_run_logger()
     run_id = str(flow_run.get_id() or uuid.uuid4())
-    wanted = tuple(steps) if steps else ALL_STEPS
-    unknown = set(wanted) - set(ALL_STEPS)
+    chosen = preprocess_profile(profile)
+    wanted = tuple(steps) if steps else chosen.steps
+    unknown = set(wanted) - set(chosen.steps)
     if unknown:
-        raise ValueError(f"unknown steps {sorted(unknown)}; choose from {ALL_STEPS}")
+        raise ValueError(f"unknown steps {sorted(unknown)} for the {profile} profile; choose from {chosen.steps}")
     if runner not in RUNNERS:
         raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
     validate_dataset_name(dataset)  # it names a folder under output_root
@@ -326,16 +365,18 @@ def preprocess(
     ray_cfg = RayConfig(address=ray_address, num_cpus=ray_num_cpus, cpus_per_batch=cpus_per_batch,
                         gpus_per_batch=gpus_per_batch)
     windows = ShardConfig(n=window_n, stride=window_stride, max_samples_per_shard=shard_max_samples)
-    needs_models = any(s in wanted for s in FEATURE_STEPS)
+    needs_models = any(s in wanted for s in chosen.feature_steps)
     feature_models = None
     if needs_models:  # fail fast, before any clip is touched
         try:
-            feature_models = resolve_models(models, layout, liveportrait_root, hubert, wan_vae, wan_vae_subfolder, device)
+            feature_models = resolve_models(models, layout, liveportrait_root, hubert, wan_vae, wan_vae_subfolder, device,
+                                            chosen)
         except WeightsError as exc:
             logger.error(str(exc))
             return Failed(name=BAD_WEIGHTS, message=str(exc))
         if feature_models.dryrun:
-            logger.warning("DRY RUN: steps 3-6 use small randomly initialised models; their outputs are marked untrained_dryrun")
+            logger.warning(f"DRY RUN: {', '.join(chosen.feature_steps)} use small randomly initialised models; their "
+                           "outputs are marked untrained_dryrun")
     store = StepStore(layout.steps, scratch_root)
     cleaned = store.clean_staging()
     if cleaned:
@@ -351,15 +392,16 @@ def preprocess(
         write_ledger_part(layout.ledger, manifest_errors, _run_name(run_id))
         logger.error(message)
         return Failed(name=UNUSABLE_INPUT, message=message)
-    run_names = tuple(s for s in CLIP_STEPS if s in wanted)
-    hydrate(states, store, tuple(s for s in CLIP_STEPS if s not in run_names))
+    run_names = tuple(s for s in chosen.clip_steps if s in wanted)
+    hydrate(states, store, tuple(s for s in chosen.clip_steps if s not in run_names))
     if shard_features is None:  # features when this run makes them, or an earlier one made them for every clip
-        with_features = needs_models or bool(states) and all(all(n in s.records for n in FEATURE_STEPS) for s in states)
+        with_features = needs_models or bool(states) and all(all(n in s.records for n in chosen.feature_steps)
+                                                             for s in states)
     else:
         with_features = shard_features
     clip_steps = build_steps(run_names, layout, feature_models, windows,
-                             PoseCheckConfig(threshold_deg=pose_threshold_deg), flame_dir)
-    logger.info(f"{dataset}: {len(states)} clips, steps {list(wanted)}, batches of {batch_size}")
+                             PoseCheckConfig(threshold_deg=pose_threshold_deg), flame_dir, chosen)
+    logger.info(f"{dataset}: {len(states)} clips, profile {profile}, steps {list(wanted)}, batches of {batch_size}")
     bar = Progress(total=len(states) * len(clip_steps), desc=dataset) if progress and runner == "local" else None
 
     with batch_submitter(runner, ray_cfg, processes) as submitter:
@@ -389,17 +431,19 @@ def preprocess(
             gate_state = publish_gate(latent_gate(all_states, max_frame_drop_ratio), key_prefix=f"preprocess-{dataset}")
         shard_stats = None
         if "shard" in wanted and (gate_state is None or not gate_state.is_failed()):
-            shard_stats, shard_entries = shard_clips(all_states, layout, windows, with_features, run_id, shard_groups, submitter)
+            shard_stats, shard_entries = shard_clips(all_states, layout, windows, with_features, run_id, shard_groups,
+                                                     submitter, chosen)
             entries += shard_entries
     audit = None
     if shard_stats and shard_stats["samples"] and audit_fraction > 0:
         if layout.is_local and storage.local_path(layout.steps) is not None:
-            audit = audit_task(layout, feature_models, AuditConfig(fraction=audit_fraction))
+            audit = audit_task(layout, feature_models, AuditConfig(fraction=audit_fraction), chosen)
         else:
             logger.info("audit: skipped (it reads shards and step outputs from local folders)")
     run_name = _run_name(run_id)
     write_ledger_part(layout.ledger, entries, run_name)
-    sheet = contact_sheet_task(all_states, layout, run_name) if layout.is_local and not store.remote else None
+    sheet = (contact_sheet_task(all_states, layout, run_name, chosen.crop_step)
+             if layout.is_local and not store.remote else None)
 
     counts = step_counts(entries)
     rejected = [
@@ -409,6 +453,7 @@ def preprocess(
     _publish(dataset, counts, rejected, shard_stats)
     report = {
         "dataset": dataset,
+        "profile": profile,
         "clips_in": len(states) + len(manifest_errors),
         "clips_out": sum(1 for s in all_states if s.alive),
         "clips_retryable": sum(1 for s in all_states if s.failure and s.failure.status == "retryable"),

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 
 def preprocess_lines(report: dict, seconds: float | None = None) -> list[str]:
-    lines = [f"== {report['dataset']}: {report['clips_out']}/{report['clips_in']} clips made it through"]
+    profile = report.get("profile", "talking_head")
+    lines = [f"== {report['dataset']}: {report['clips_out']}/{report['clips_in']} clips made it through"
+             + ("" if profile == "talking_head" else f" ({profile} profile)")]
     lines += [f"   - {r['clip_id']}: {r['status']} at {r['step']} [{r['reason']}] {r['detail']}" for r in report["rejected"]]
     lines.append(f"{'step':<16}{'ok':>5}{'rej':>5}{'retry':>6}{'fail':>6}{'cached':>8}{'seconds':>10}")
     lines += [f"{c['step']:<16}{c['ok']:>5}{c['rejected']:>5}{c.get('retryable', 0):>6}{c['failed']:>6}{c['skipped']:>8}"
@@ -33,8 +35,25 @@ def training_lines(t: dict) -> list[str]:
 
 
 def run_lines(result: dict, seconds: float | None = None) -> list[str]:
-    """A preprocess report, or a pipeline/dry-run result {"preprocess": ..., "training": ...}."""
-    lines = preprocess_lines(result.get("preprocess", result), seconds)
+    """A preprocess report, or a pipeline/dry-run result {"preprocess": ..., "general": ..., "program": ...,
+    "training": ...} (the dry-run's general-video preprocess and its training program, when it ran them)."""
+    lines = preprocess_lines(result.get("preprocess", result), seconds if not result.get("program") else None)
+    if result.get("general"):
+        lines += preprocess_lines(result["general"])
+    if result.get("program"):
+        lines += program_lines(result["program"], seconds)
     if result.get("training"):
         lines += training_lines(result["training"])
+    return lines
+
+
+def program_lines(result: dict, seconds: float | None = None) -> list[str]:
+    """The training program's stage table: one line per stage run, then the decisions taken between stages."""
+    lines = [f"== training program {result['program']}",
+             f"{'stage':<10}{'run':<18}{'verdict':<15}{'steps':>6}  gates judged"]
+    lines += [f"{r['stage']:<10}{r['run']:<18}{r['verdict']:<15}{r['steps']:>6}  {r['gates']}" for r in result["stages"]]
+    lines += [f"after {d['stage']}: {d['decision']} ({d['why'][:160]})" for d in result["decisions"]]
+    if seconds is not None:
+        lines.append(f"wall time: {seconds:.1f}s")
+    lines.append(f"record: {result['record']}")
     return lines

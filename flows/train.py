@@ -42,6 +42,7 @@ from tasks.gates import GateVerdict
 from training import checkpoint
 from training.config import TrainConfig
 from training.gates import (
+    GATE_LOG,
     TrainingGateConfig,
     convergence_gate,
     gate_steps,
@@ -56,7 +57,6 @@ from training.metrics import METRICS_FILE, read_metrics
 from training.plots import plot_losses, plot_memory
 from training.run_status import COMPLETED, NONFINITE, OOM, STOPPED, RunStatus, clear_statuses, read_statuses, status_path
 
-GATE_LOG = "gates.jsonl"
 
 
 @dataclass(frozen=True)
@@ -153,12 +153,13 @@ class GateBook:
     def publish(self, verdict: GateVerdict, run_dir: Path, records: list[dict[str, Any]], step: int) -> State:
         state = publish_gate(verdict, image=self._plot(verdict, run_dir, records), key_prefix="train-gate")
         entry = {"gate": verdict.gate, "verdict": verdict.head, "step": step, "summary": verdict.summary,
-                 "recommendation": verdict.recommendation, "run_dir": str(run_dir), "time": time.time()}
+                 "recommendation": verdict.recommendation, "run_dir": str(run_dir), "time": time.time(),
+                 "numbers": verdict.numbers}
         self.verdicts.append(entry)
         log = self.base_dir / (f"gates-node{self.spec.node_rank}.jsonl" if self.spec.multi_node else GATE_LOG)
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+            f.write(json.dumps(entry, default=str) + "\n")
         return state
 
 
@@ -345,6 +346,13 @@ def add_launch_arguments(parser) -> None:
     parser.add_argument("--rdzv-timeout", type=int, dest="rdzv_timeout_s", help="torchrun c10d: seconds to wait for all nodes")
     parser.add_argument("--no-ssh", action="store_true", help="deepspeed: one launcher per node, no pdsh/ssh")
     parser.add_argument("--ds-launcher", default="pdsh", help="deepspeed over ssh: pdsh | openmpi | mvapich | slurm | mpich | impi")
+
+
+def add_review_arguments(parser) -> None:
+    """How the sample-review gate (gates' review_step) is answered when no person does."""
+    parser.add_argument("--auto-approve", action="store_true", help="answer the sample review with continue")
+    parser.add_argument("--review-timeout", type=int, default=3600, help="seconds the review waits for a person")
+    parser.add_argument("--review-on-timeout", choices=["continue", "stop"], default="continue")
 
 
 def launch_kwargs(ns) -> dict[str, Any]:

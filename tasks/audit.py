@@ -15,6 +15,9 @@ what its label says, member by member:
 
 Everything is recomputed from the crop video, not read back from the feature files alone, so an error in how
 windows are cut (the kind the shape checks cannot see) shows up as a mismatch. Sample choice is seeded.
+
+A video-only sample (meta.json `profile` "video_only", the general preprocess profile) is checked against its
+centre crop: lineage, video, latent and reference; it has no audio, struct or features to check.
 """
 from __future__ import annotations
 
@@ -117,13 +120,20 @@ def _npy(sample: dict, name: str) -> np.ndarray:
 class _ClipSource:
     """One clip's step outputs, read once per clip however many of its samples are audited."""
 
-    def __init__(self, store: StepStore, clip_id: str):
+    def __init__(self, store: StepStore, clip_id: str, crop_step: str = "crop"):
         self.store, self.clip_id = store, clip_id
-        self.crop = store.clip_dir("crop", clip_id)
-        self.audio, _ = sf.read(self.crop / CROP_AUDIO, dtype="int16")
+        self.crop = store.clip_dir(crop_step, clip_id)
+        self._audio: Optional[np.ndarray] = None
         self._arrays: dict[str, np.ndarray] = {}
         self.frame0: Optional[np.ndarray] = None
         self.reference: Optional[np.ndarray] = None
+
+    @property
+    def audio(self) -> np.ndarray:
+        """The crop's wav, int16 (read on first use: a centre crop has none, and its samples need none)."""
+        if self._audio is None:
+            self._audio, _ = sf.read(self.crop / CROP_AUDIO, dtype="int16")
+        return self._audio
 
     def windows(self, starts: list[int], window: int):
         """(start, frames) of each window, ascending, from one decode of the crop (one window held at a time)."""
@@ -149,6 +159,7 @@ def _check_sample(sample: dict, crop_frames: np.ndarray, src: _ClipSource, model
     meta = json.loads(sample[contract.META])
     start, end = meta["window"]
     window = end - start
+    video_only = meta.get("profile", contract.TALKING_HEAD) == contract.VIDEO_ONLY
     stale = [s for s, checksum in meta.get("lineage", {}).items()
              if (rec := src.store.load(s, src.clip_id)) is None or rec.checksum != checksum]
     record("lineage", f"step outputs changed since sharding: {stale}" if stale else None)
@@ -162,12 +173,13 @@ def _check_sample(sample: dict, crop_frames: np.ndarray, src: _ClipSource, model
         record("video", None if psnr[worst] >= cfg.min_psnr_db else
                f"frame {start + worst}: PSNR {psnr[worst]:.1f} dB against the crop (< {cfg.min_psnr_db})")
 
-    wav, _ = sf.read(io.BytesIO(sample[contract.AUDIO]), dtype="int16")
-    a = contract.AUDIO_SAMPLES_PER_FRAME
-    want = src.audio[start * a: end * a]
-    record("audio", None if np.array_equal(wav, want) else
-           f"wav differs from the crop's audio at [{start * a}, {end * a}) "
-           f"(max |diff| {np.abs(wav.astype(np.int32)[:len(want)] - want[:len(wav)]).max() if len(wav) else 'n/a'})")
+    if not video_only:
+        wav, _ = sf.read(io.BytesIO(sample[contract.AUDIO]), dtype="int16")
+        a = contract.AUDIO_SAMPLES_PER_FRAME
+        want = src.audio[start * a: end * a]
+        record("audio", None if np.array_equal(wav, want) else
+               f"wav differs from the crop's audio at [{start * a}, {end * a}) "
+               f"(max |diff| {np.abs(wav.astype(np.int32)[:len(want)] - want[:len(wav)]).max() if len(wav) else 'n/a'})")
 
     if contract.VIDEO_LATENTS not in sample:
         return  # a crop-only set: no feature members
@@ -184,6 +196,8 @@ def _check_sample(sample: dict, crop_frames: np.ndarray, src: _ClipSource, model
         err = float(np.abs(_npy(sample, contract.REFERENCE_LATENT).astype(np.float32) - src.reference).max())
         record("reference", None if err <= cfg.latent_atol else
                f"reference latent differs from the VAE encode of frame 0 by {err:.3g}")
+    if video_only:
+        return  # no struct, audio features or keep mask
 
     struct = _npy(sample, contract.STRUCT)
     if models.motion_extractor is not None:
@@ -244,9 +258,13 @@ def audit_shards(shard_dir: str | Path, steps_root: str | Path, models: AuditMod
         return record
 
     def audit_clip(clip_id: str, samples: list[dict]) -> None:
-        """The samples of one clip, against one decode of its crop."""
-        src = _ClipSource(store, clip_id)
+        """The samples of one clip, against one decode of its crop (the face crop or the centre crop: the
+        samples' profile says which step made it)."""
+        from tasks.sample_features import profile_of_samples
+
         metas = {s["__key__"]: json.loads(s[contract.META]) for s in samples}
+        sample_profile = metas[samples[0]["__key__"]].get("profile", contract.TALKING_HEAD)
+        src = _ClipSource(store, clip_id, profile_of_samples(sample_profile).crop_step)
         by_start = sorted(samples, key=lambda s: metas[s["__key__"]]["window"][0])
         starts = sorted({metas[s["__key__"]]["window"][0] for s in samples})
         window = metas[by_start[0]["__key__"]]["frames"]

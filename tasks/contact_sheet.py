@@ -1,7 +1,8 @@
 """A contact sheet of one preprocess run: what the crops look like, and what was turned away and why.
 
-One row per accepted clip: a few crop frames spread over the clip, the 68 landmarks drawn (so a drifting
-track or a crop that cuts the chin shows at a glance), the segment count. Then the rejected clips: their first
+One row per accepted clip: a few crop frames spread over the clip, the 68 landmarks drawn when the crop has
+them (so a drifting track or a crop that cuts the chin shows at a glance; a centre crop has none), the
+segment count. Then the rejected clips: their first
 frame (of the downloaded clip, else the local source) with the reason. A PNG, written atomically; a run of
 30K clips shows the first `max_clips` of each kind (by clip id), which is what a person can look at anyway.
 """
@@ -60,12 +61,13 @@ def accepted_row(clip: AcceptedClip, per_clip: int) -> np.ndarray:
     info = json.loads((clip.crop_dir / CROP_INFO).read_text())
     frames = int(info["frames"])
     picks = sorted({round(k * (frames - 1) / max(1, per_clip - 1)) for k in range(per_clip)})
-    landmarks = np.load(clip.crop_dir / CROP_LANDMARKS, allow_pickle=False)  # [T, 68, 2] in crop pixels
+    marks = clip.crop_dir / CROP_LANDMARKS
+    landmarks = np.load(marks, allow_pickle=False) if marks.is_file() else None  # [T, 68, 2] in crop pixels
     scale = TILE / float(info.get("crop_size", 512))
     tiles = []
     for k, frame in zip(picks, _frames_at(clip.crop_dir / CROP_VIDEO, picks, (TILE, TILE))):
         tile = np.ascontiguousarray(frame)
-        for x, y in landmarks[k] * scale:
+        for x, y in (landmarks[k] * scale if landmarks is not None else ()):
             cv2.circle(tile, (int(round(x)), int(round(y))), 1, (0, 255, 0), -1, cv2.LINE_AA)
         cv2.putText(tile, str(k), (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 0), 1, cv2.LINE_AA)
         tiles.append(tile)

@@ -29,8 +29,8 @@ from tasks.crop_geometry import CropParams, StreamingRectSmoother, crop_matrix, 
 from tasks.errors import ClipRejected
 from tasks.face_landmarks import FaceBox, get_landmarker
 from tasks.crop_segments import Segment, SegmentConfig, cut_score, kept_spans, plan_segments
-from tasks.media import (CorruptStream, MediaError, MediaInfo, VideoWriter, decode_errors, iter_frames,
-                         locate_decode_error, probe, read_audio, run_ffmpeg, write_wav, x264_args, yuv420_planes)
+from tasks.media import (CorruptStream, MediaError, MediaInfo, VideoWriter, encode_filtered, iter_frames, probe,
+                         read_audio, square_scale, write_wav, yuv420_planes)
 
 CROP_VIDEO = "crop.mp4"
 CROP_AUDIO = "audio.wav"
@@ -293,8 +293,9 @@ def _fill_missing(landmarks: np.ndarray) -> np.ndarray:
     return out
 
 
-def _unreadable(exc: MediaError) -> ClipRejected:
-    """`corrupt_stream` (decodes, but damaged data was concealed; the message says where) or `corrupt`."""
+def unreadable(exc: MediaError) -> ClipRejected:
+    """The rejection for a source that cannot be read: `corrupt_stream` (it decodes, but damaged data was
+    concealed; the message says where) or `corrupt`. Every crop step rejects unreadable media this way."""
     return ClipRejected("corrupt_stream" if isinstance(exc, CorruptStream) else "corrupt", str(exc),
                         info={"position_s": exc.position_s} if isinstance(exc, CorruptStream) else None)
 
@@ -315,7 +316,7 @@ def _open_source(source: Path, cfg: CropConfig) -> _Source:
     try:
         info = probe(source)
     except MediaError as exc:
-        raise _unreadable(exc) from exc
+        raise unreadable(exc) from exc
     if not info.has_video:
         raise ClipRejected("no_video", f"{source.name} has no video stream")
     if not info.has_audio and cfg.require_audio:
@@ -323,7 +324,7 @@ def _open_source(source: Path, cfg: CropConfig) -> _Source:
     try:
         audio = read_audio(source, SAMPLE_RATE, info=info) if info.has_audio else np.zeros(0, np.float32)
     except MediaError as exc:
-        raise _unreadable(exc) from exc
+        raise unreadable(exc) from exc
     if info.has_audio and len(audio):
         rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
         if rms < cfg.silence_rms:
@@ -386,7 +387,7 @@ def _track_static(src: _Source, cfg: CropConfig,
             scores.append(cut_score(previous, small))
             previous = small
     except MediaError as exc:
-        raise _unreadable(exc) from exc
+        raise unreadable(exc) from exc
     return tracker.track, n_video, np.asarray(scores)
 
 
@@ -401,24 +402,10 @@ def encode_static_crop(source: Path, out: Path, segments: list[Segment], frames:
     graph = [f"[0:v]{head},split={k}" + "".join(f"[in{i}]" for i in range(k))]
     for i, g in enumerate(segments):
         x, y, side = g.box
-        flags = "area" if side >= dsize else "bicubic"
         graph.append(f"[in{i}]trim=start_frame={g.start}:end_frame={g.end},setpts=PTS-STARTPTS,"
-                     f"crop={side}:{side}:{x + pad}:{y + pad},scale={dsize}:{dsize}:flags={flags},setsar=1[seg{i}]")
+                     f"crop={side}:{side}:{x + pad}:{y + pad},{square_scale(side, dsize)},setsar=1[seg{i}]")
     graph.append("".join(f"[seg{i}]" for i in range(k)) + f"concat=n={k}:v=1:a=0,format=yuv420p[out]")
-    tmp = out.with_name(out.name + ".tmp.mp4")
-    try:
-        log = run_ffmpeg(["-y", "-i", f"file:{source.resolve()}", "-filter_complex", ";".join(graph), "-map", "[out]",
-                          "-frames:v", str(frames), "-r", str(FPS), *x264_args(crf), "-an", "-f", "mp4",
-                          f"file:{tmp.resolve()}"], "static crop")
-        errors = decode_errors(log)
-        if errors:
-            raise CorruptStream(source, "video", errors, locate_decode_error(source, "video"))
-        got = probe(tmp)
-        if abs(got.duration_s * FPS - frames) > 1.5:
-            raise MediaError(f"static crop wrote {got.duration_s * FPS:.0f} frames, expected {frames}")
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    encode_filtered(source, out, ";".join(graph), FPS, crf, "static crop", frames=frames)
 
 
 def _even_up(v: float) -> int:
@@ -437,7 +424,7 @@ def _crop_static(src: _Source, out_dir: Path, cfg: CropConfig, face_box: Optiona
     try:
         encode_static_crop(src.path, out_dir / CROP_VIDEO, segments, frames, src.info, cfg.params.dsize, cfg.crf)
     except MediaError as exc:
-        raise _unreadable(exc) from exc
+        raise unreadable(exc) from exc
     rects = np.stack([g.rect() for g in segments for _ in range(g.frames)])
     return n_video, frames, median_face, landmarks, rects, segments
 
@@ -475,7 +462,7 @@ def _crop_follow(src: _Source, out_dir: Path, cfg: CropConfig, face_box: Optiona
                     writer, written = None, 0
                     pending.clear()
         except MediaError as exc:
-            raise _unreadable(exc) from exc
+            raise unreadable(exc) from exc
         track = tracker.track
         end = min(tracker.frames, limit)
         if writer is not None and pending and smoother.ready(written, end):
@@ -494,7 +481,7 @@ def _crop_follow(src: _Source, out_dir: Path, cfg: CropConfig, face_box: Optiona
                     if written >= frames:
                         break
             except MediaError as exc:
-                raise _unreadable(exc) from exc
+                raise unreadable(exc) from exc
         if written != frames:
             raise ClipRejected("corrupt", f"warped {written} frames, tracked {len(track.landmarks)} ({frames} kept)")
         writer.close()
@@ -555,7 +542,13 @@ def crop_clip(source: str | Path, out_dir: str | Path, cfg: CropConfig = CropCon
     meta["crop_size"] = CROP_SIZE
     if segments:
         meta["segment_boxes"] = [g.as_json() for g in segments]
-    tmpj = out_dir / (CROP_INFO + ".tmp")
-    tmpj.write_text(json.dumps(meta, indent=1))
-    tmpj.replace(out_dir / CROP_INFO)
+    write_crop_info(out_dir, meta)
     return result
+
+
+def write_crop_info(out_dir: Path, info: dict) -> None:
+    """crop.json (temp file + rename): what the VAE and shard steps read of any crop (`frames`, `segments`).
+    Only facts that depend on the input: the directory's checksum keys the steps downstream."""
+    tmp = out_dir / (CROP_INFO + ".tmp")
+    tmp.write_text(json.dumps(info, indent=1))
+    tmp.replace(out_dir / CROP_INFO)

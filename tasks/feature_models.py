@@ -30,10 +30,12 @@ class FeatureModels:
     dryrun: bool = False
 
     def check(self) -> None:
-        """Raise WeightsError listing every missing weight path, before any clip is touched."""
+        """Raise WeightsError listing every missing weight path, before any clip is touched. An empty path is a
+        model the run does not use (the general profile names the Wan VAE alone)."""
         from models.weights import check_real_weights
 
-        check_real_weights(self.liveportrait_root, self.hubert, self.wan_vae, self.wan_vae_subfolder)
+        check_real_weights(self.liveportrait_root or None, self.hubert or None, self.wan_vae or None,
+                           self.wan_vae_subfolder)
 
     def validate(self) -> None:
         """check(), then load every extractor strictly on the CPU (keys, shapes, dtypes against the
@@ -46,9 +48,12 @@ class FeatureModels:
 
         self.check()
         problems = []
-        for what, load in (("LivePortrait motion extractor", lambda: load_motion_extractor(self.liveportrait_root)),
-                           ("HuBERT", lambda: load_hubert(self.hubert, device="cpu")),
-                           ("Wan VAE", lambda: load_wan_vae(self.wan_vae, self.wan_vae_subfolder, device="cpu"))):
+        for what, named, load in (
+                ("LivePortrait motion extractor", self.liveportrait_root, lambda: load_motion_extractor(self.liveportrait_root)),
+                ("HuBERT", self.hubert, lambda: load_hubert(self.hubert, device="cpu")),
+                ("Wan VAE", self.wan_vae, lambda: load_wan_vae(self.wan_vae, self.wan_vae_subfolder, device="cpu"))):
+            if not named:
+                continue
             try:
                 with _load_lock:
                     load()

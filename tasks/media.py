@@ -163,6 +163,52 @@ def run_ffmpeg(args: list[str], what: str) -> str:
     return log
 
 
+def square_scale(side: int, dsize: int) -> str:
+    """The filter that scales a `side` x `side` square to `dsize` x `dsize`: area averaging when shrinking
+    (no aliasing), bicubic when enlarging."""
+    return f"scale={dsize}:{dsize}:flags={'area' if side >= dsize else 'bicubic'}"
+
+
+def encode_filtered(source: Path, out: Path, graph: str, fps: int, crf: int, what: str,
+                    frames: Optional[int] = None) -> int:
+    """`source`'s video through the filter graph `graph` (its output labelled [out]) into H.264 at `fps`, no
+    audio, in one ffmpeg run; returns the frames written (ffmpeg's own count, from its progress report).
+
+    The file appears under `out` only when clean: damage in the source that the decoder concealed (ffmpeg still
+    exits 0) raises CorruptStream with where it is. `frames`: at most that many, and fewer by more than one
+    is a MediaError (the caller counted them in an earlier decode).
+    """
+    tmp = out.with_name(out.name + ".tmp.mp4")
+    progress = out.with_name(out.name + ".progress.tmp")
+    try:
+        log = run_ffmpeg(["-y", "-i", f"file:{source.resolve()}", "-filter_complex", graph, "-map", "[out]",
+                          *(["-frames:v", str(frames)] if frames is not None else []), "-r", str(fps),
+                          *x264_args(crf), "-an", "-progress", f"file:{progress.resolve()}", "-f", "mp4",
+                          f"file:{tmp.resolve()}"], what)
+        errors = decode_errors(log)
+        if errors:
+            raise CorruptStream(source, "video", errors, locate_decode_error(source, "video"))
+        written = _progress_frames(progress.read_text())
+        if frames is not None and abs(written - frames) > 1:
+            raise MediaError(f"{what} wrote {written} frames, expected {frames}")
+        tmp.replace(out)
+        return written
+    finally:
+        tmp.unlink(missing_ok=True)
+        progress.unlink(missing_ok=True)
+
+
+_PROGRESS_FRAME = re.compile(r"^frame=\s*(\d+)\s*$", re.M)
+
+
+def _progress_frames(report: str) -> int:
+    """Frames written, from an ffmpeg `-progress` report (its last `frame=` line is the final count)."""
+    counts = _PROGRESS_FRAME.findall(report)
+    if "progress=end" not in report or not counts:
+        raise MediaError("ffmpeg ended without its final progress report")
+    return int(counts[-1])
+
+
 def yuv420_bytes(width: int, height: int) -> int:
     return width * height + 2 * ((width + 1) // 2) * ((height + 1) // 2)
 

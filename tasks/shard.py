@@ -4,9 +4,11 @@ Clips fall into shard groups by a stable hash of their id (`shard_group_of`), so
 batch handled a clip never changes where its samples go. Each group is written on its own (one task, any
 worker) as `<out>/<split>/shard-<group>-%06d.tar`, bounded by sample count and bytes, and recorded in
 `_groups/<group>.json` after its last shard; then one merge step writes the parquet index (sample key, shard,
-clip id, window, split), `stats.json` and, last, `_status.json`, and removes every file the index does not
-list. Shards are finished under temp names and published atomically, tar headers carry a fixed mtime, so
-the same inputs give the same names and bytes whether or not an earlier run was killed. `<out>` may be any
+clip id, window, split), `stats.json` (counts, window, config, the samples' profile) and, last, `_status.json`,
+and removes every file the index does not list. Shards are finished under temp names and published atomically,
+tar headers carry a fixed mtime, so the same inputs give the same names and bytes whether or not an earlier run
+was killed. A set holds one sample profile (tasks/contract.py): talking-head samples carry the crop's audio.wav,
+video-only ones (a centre crop: no wav) do not; each meta.json says which. `<out>` may be any
 fsspec URL (local, file://, s3://, memory://); the inputs (crop dirs, feature files) are local paths.
 """
 from __future__ import annotations
@@ -70,6 +72,11 @@ class ShardClip:
     feature_sources: list[FeatureSource] = field(default_factory=list)
     meta_extra: dict = field(default_factory=dict)
     segments: Optional[list[tuple[int, int]]] = None  # [start, end) spans windows stay inside; None = whole clip
+    profile: str = contract.TALKING_HEAD  # contract.VIDEO_ONLY: no audio.wav (a centre crop has no wav)
+
+    def __post_init__(self) -> None:
+        if self.profile not in contract.PROFILES:
+            raise ValueError(f"profile must be one of {contract.PROFILES}, got {self.profile!r}")
 
 
 def window_starts(frames: int, cfg: ShardConfig, segments: Optional[list[tuple[int, int]]] = None) -> list[int]:
@@ -100,7 +107,8 @@ def _iter_windows(clip: ShardClip, cfg: ShardConfig, chunk: int = 32) -> Iterato
     yield from windows.iter_windows(iter_frames(clip.crop_dir / CROP_VIDEO, chunk=chunk), starts, cfg.window)
 
 
-def _sample(clip: ShardClip, start: int, frames: np.ndarray, audio: np.ndarray, cfg: ShardConfig) -> dict:
+def _sample(clip: ShardClip, start: int, frames: np.ndarray, audio: Optional[np.ndarray], cfg: ShardConfig) -> dict:
+    """One window's members; `audio`: the crop's wav samples, None for a video-only clip (no audio member)."""
     end = start + cfg.window
     row = clip.row
     meta = {
@@ -116,6 +124,7 @@ def _sample(clip: ShardClip, start: int, frames: np.ndarray, audio: np.ndarray, 
         "frames": cfg.window,
         "fps": contract.FPS,
         "sample_rate": contract.SAMPLE_RATE,
+        "profile": clip.profile,
         "steps": clip.step_versions,
         "lineage": clip.lineage,
         **clip.meta_extra,
@@ -124,8 +133,9 @@ def _sample(clip: ShardClip, start: int, frames: np.ndarray, audio: np.ndarray, 
     sample = {
         "__key__": sample_key(row.clip_id, start),
         contract.VIDEO: _encode_window(frames, cfg.video_crf),
-        contract.AUDIO: wav_bytes(audio[start * a : end * a]),
     }
+    if audio is not None:
+        sample[contract.AUDIO] = wav_bytes(audio[start * a : end * a])
     for source in clip.feature_sources:
         sample.update(source(clip, start, end))
     sample[contract.META] = json.dumps(meta, sort_keys=True).encode()
@@ -278,9 +288,7 @@ def write_shard_group(
     with tempfile.TemporaryDirectory(prefix="dualforce-shard-") as scratch:
         try:
             for clip in sorted(clips, key=lambda c: c.row.clip_id):
-                audio, sr = sf.read(clip.crop_dir / CROP_AUDIO, dtype="float32")
-                if sr != contract.SAMPLE_RATE:
-                    raise ValueError(f"{clip.row.clip_id}: wav at {sr} Hz, expected {contract.SAMPLE_RATE}")
+                audio = _crop_audio(clip) if clip.profile == contract.TALKING_HEAD else None
                 split = clip.row.split
                 writer = writers.setdefault(split, _SplitWriter(fs, root, split, group, cfg, Path(scratch)))
                 n = 0
@@ -306,6 +314,15 @@ def write_shard_group(
     record = {k: v for k, v in asdict(result).items() if k not in ("skipped", "seconds")}
     storage.write_bytes(fs, _group_record(root, group), json.dumps(record, sort_keys=True).encode())
     return result
+
+
+def _crop_audio(clip: ShardClip) -> np.ndarray:
+    audio, sr = sf.read(clip.crop_dir / CROP_AUDIO, dtype="float32")
+    if sr != contract.SAMPLE_RATE:
+        raise ValueError(f"{clip.row.clip_id}: wav at {sr} Hz, expected {contract.SAMPLE_RATE}")
+    return audio
+
+
 INDEX_SCHEMA = pa.schema(
     [("key", pa.string()), ("shard", pa.string()), ("clip_id", pa.string()),
      ("window_start", pa.int64()), ("window_end", pa.int64()), ("split", pa.string())]
@@ -357,9 +374,13 @@ def begin_shard_set(out_dir: str | Path, key: str) -> Optional[dict]:
 
 
 def merge_shard_groups(
-    out_dir: str | Path, groups: list[GroupResult], cfg: ShardConfig, key: str, group_count: int
+    out_dir: str | Path, groups: list[GroupResult], cfg: ShardConfig, key: str, group_count: int,
+    profile: str = contract.TALKING_HEAD,
 ) -> ShardSetStats:
     """The one merge step: index + stats over every group, then remove whatever the index does not list.
+
+    `profile`: what the set's samples hold (contract.TALKING_HEAD or VIDEO_ONLY), recorded in stats.json so a
+    trainer knows which model the set can train without opening a shard.
 
     Garbage: temp files of killed writers, shards of groups that were rewritten smaller or no longer exist,
     stale group records. `_status.json` is written last; its presence with the run's key means "complete".
@@ -396,6 +417,7 @@ def merge_shard_groups(
         "config": asdict(cfg),
         "shard_groups": group_count,
         "shard_files": shards,
+        "profile": profile,
     }
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(index_rows, schema=INDEX_SCHEMA), buf)
@@ -432,6 +454,7 @@ def write_shards(
     groups: int = DEFAULT_SHARD_GROUPS,
 ) -> ShardSetStats:
     """Every group in turn, then the merge: the whole shard set for `clips` in one call; skip when `key` matches."""
+    profile = set_profile(clips)
     done = begin_shard_set(out_dir, key)
     if done is not None:
         return _stats_from(out_dir, done, True, [])
@@ -439,7 +462,15 @@ def write_shards(
     for name, members in plan_groups(clips, groups).items():
         gkey = group_key(key, name, [c.row.clip_id for c in members]) if key else ""
         results.append(write_shard_group(members, out_dir, name, cfg, gkey, on_clip))
-    return merge_shard_groups(out_dir, results, cfg, key, groups)
+    return merge_shard_groups(out_dir, results, cfg, key, groups, profile)
+
+
+def set_profile(clips: list[ShardClip]) -> str:
+    """The one sample profile of a shard set's clips (talking-head when it has none): a set is one or the other."""
+    profiles = {c.profile for c in clips} or {contract.TALKING_HEAD}
+    if len(profiles) > 1:
+        raise ValueError(f"a shard set holds one sample profile, these clips have {sorted(profiles)}")
+    return profiles.pop()
 
 
 def group_key(*parts) -> str:

@@ -12,6 +12,7 @@ from typing import Optional
 from datasets_manifest.schema import ClipRow
 from tasks import feature_models
 from tasks.audio_features import AudioFeatureConfig
+from tasks.center_crop import CenterCropConfig, center_crop_clip
 from tasks.crop import CROP_AUDIO, CROP_INFO, CROP_LANDMARKS, CROP_VIDEO, CropConfig, crop_clip
 from tasks.download import DownloadConfig, download_clip
 from tasks.errors import ClipRejected
@@ -66,13 +67,36 @@ class CropStep:
         return {"face_box": row.face_box}  # the crop follows the manifest face box
 
     def run(self, row: ClipRow, inputs: dict[str, Path], out_dir: Path) -> dict:
-        src = inputs["download"] / DOWNLOADED_VIDEO
-        if not src.exists():
-            raise ClipRejected("missing_input", f"{src} is missing")
-        r = crop_clip(src, out_dir, self.config, face_box=row.face_box)
+        r = crop_clip(_downloaded(inputs), out_dir, self.config, face_box=row.face_box)
         return {"frames": r.frames, "audio_samples": r.audio_samples, "trimmed_s": round(r.trimmed_s, 3),
                 "median_face_px": round(r.median_face_px, 1), "landmarker": r.landmarker, "mode": r.mode,
                 "segments": len(r.segments), "dropped_segments": len(r.dropped_segments)}
+
+
+@dataclass
+class CenterCropStep:
+    """Step 2 of the general profile: the frame's centre, no face, no audio (tasks/center_crop.py). Same file
+    names as CropStep's output, so VaeLatentsStep(crop_step="center_crop") and the shard writer read it."""
+
+    config: CenterCropConfig = field(default_factory=CenterCropConfig)
+    name: str = "center_crop"
+    version: str = "1"
+    requires: tuple[str, ...] = ("download",)
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.config)
+
+    def run(self, row: ClipRow, inputs: dict[str, Path], out_dir: Path) -> dict:
+        r = center_crop_clip(_downloaded(inputs), out_dir, self.config)
+        return {"frames": r.frames, "source_size": list(r.source_size), "box": list(r.box)}
+
+
+def _downloaded(inputs: dict[str, Path]) -> Path:
+    """The download step's clip, which every crop step reads."""
+    src = inputs["download"] / DOWNLOADED_VIDEO
+    if not src.exists():
+        raise ClipRejected("missing_input", f"{src} is missing")
+    return src
 
 
 def crop_frames(crop_dir: Path) -> int:
@@ -196,9 +220,15 @@ class VaeLatentsStep:
 
     models: FeatureModels
     windows: ShardConfig = field(default_factory=ShardConfig)
+    crop_step: str = "crop"  # whose crop.mp4 it encodes: "crop" (the face crop) or "center_crop" (general profile)
     name: str = "vae_latents"
     version: str = "2"  # 2: windows inside the crop's stable segments
-    requires: tuple[str, ...] = ("crop",)
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        # The upstream step's name is part of the cache key (step_runner.step_key), so the fingerprint need not
+        # name it: a talking-head run's key is what it was before crop_step existed.
+        return (self.crop_step,)
 
     def fingerprint(self) -> str:
         return fingerprint(self.models.wan_vae, self.models.wan_vae_subfolder, self.windows.window, self.windows.step)
@@ -207,9 +237,10 @@ class VaeLatentsStep:
         from tasks.media import iter_frames
         from tasks.vae_latents import VaeLatentConfig, encode_clip, save_vae_latents
 
+        crop = inputs[self.crop_step]
         cfg = VaeLatentConfig(window_frames=self.windows.window, stride=self.windows.step)
-        latents = encode_clip(iter_frames(inputs["crop"] / CROP_VIDEO, chunk=self.windows.window),
-                              feature_models.wan_vae(self.models), cfg, segments=crop_segments(inputs["crop"]))
+        latents = encode_clip(iter_frames(crop / CROP_VIDEO, chunk=self.windows.window),
+                              feature_models.wan_vae(self.models), cfg, segments=crop_segments(crop))
         save_vae_latents(out_dir / VAE_FILE, latents)
         return {"windows": int(len(latents.window_starts)), "untrained_dryrun": bool(latents.meta.get("untrained_dryrun"))}
 

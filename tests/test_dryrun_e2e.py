@@ -92,6 +92,28 @@ def test_dry_run_trains_a_few_steps_on_its_shards(dry_run):
     assert "training: GO after 4 steps" in stdout
 
 
+def test_dry_run_runs_the_training_program_stage_by_stage(dry_run):
+    """concept (3 ceilings) -> pretrain on the video-only shards -> joint from pretrain's video DiT, every gate judged
+    live at its step, the review auto-approved; the summary prints the stage table."""
+    out, _, stdout = dry_run
+    record = json.loads((out / "program" / "program.json").read_text())
+    assert [(r["stage"], r["run"], r["verdict"]) for r in record["runs"]] == [
+        ("concept", "sigma_s max 0.5", "GO"), ("concept", "sigma_s max 0.7", "GO"), ("concept", "sigma_s max 1", "GO"),
+        ("pretrain", "video-only", "GO"), ("joint", "from pretrain", "GO")]
+    joint = record["runs"][-1]
+    assert [(g["gate"], g["step"], g["verdict"]) for g in joint["gates"]] == [
+        ("memory", 1, "GO"), ("joint_progress", 2, "GO"), ("review", 3, "GO"), ("stability", 4, "GO")]
+    assert joint["gates"][2]["numbers"]["answered_by"] == "auto-approve"
+    # joint started from the weights pretrain saved at its gate step; pretrain trained on video-only samples
+    joint_cfg = json.loads(next((out / "program" / "joint" / "from-pretrain").glob("run-*/train_config.json")).read_text())
+    assert joint_cfg["init_from"].endswith("pretrain/run-b1-w17-per_frame/checkpoints/step00000002/weights.safetensors")
+    general = out / "general" / "samples" / "shards"
+    samples = list(iter_samples(general, contract.ContractSpec(window=17, profile=contract.VIDEO_ONLY)))
+    assert len(samples) == 2 and all(s["meta"]["profile"] == "video_only" for s in samples)
+    assert all(contract.STRUCT not in s and contract.AUDIO not in s for s in samples)
+    assert "pretrain  video-only        GO" in stdout and "after pretrain: joint starts from pretrain's video DiT" in stdout
+
+
 def test_dry_run_shards_pass_the_audit(dry_run):
     out, _, _ = dry_run
     audit = json.loads((out / "dryrun-report.json").read_text())["preprocess"]["audit"]

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from tasks.contract import STRUCT_DIM
+
 DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
 
 
@@ -31,6 +33,7 @@ class TrainConfig:
     train_window: Optional[int] = None  # shorter window cut from each sample (memory fallback)
     crop_size: int = 512
     audio_dim: int = 768
+    struct_dim: int = STRUCT_DIM  # per-frame struct width of the shards: LivePortrait's 133, or a FLAME layout's (stats.json)
     model_variant: str = "tiny"  # models.dualforce preset: "tiny" (CPU tests) or "lite" (~1.5B)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # DualForceConfig fields
     noise_mode: str = "per_frame"

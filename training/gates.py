@@ -10,8 +10,10 @@ such gate (a video-only pretraining run has no struct stream to judge joint prog
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from statistics import median
 from typing import Any, Optional, Sequence
 
@@ -20,6 +22,15 @@ from tasks.gates import GateVerdict
 from training.run_status import NONFINITE, OOM, RunStatus
 
 Records = Sequence[dict[str, Any]]
+
+
+GATE_LOG = "gates.jsonl"  # one line per verdict, in the training directory, as each is made (flows/train.py)
+
+
+def read_gate_log(train_dir: Path) -> list[dict[str, Any]]:
+    """The verdicts a training flow recorded in `train_dir`, oldest first ([] before the first)."""
+    log = Path(train_dir) / GATE_LOG
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,7 @@ class LoaderConfig:
     # contract.TALKING_HEAD, or contract.VIDEO_ONLY: batches of video_latents + reference_latent alone (any
     # shard set qualifies: a talking-head sample's other members are then left undecoded)
     profile: str = contract.TALKING_HEAD
+    struct_dim: int = contract.STRUCT_DIM  # LivePortrait's 133, or the FLAME layout's width (models/flame_struct.py)
 
 
 def _is_url(pattern: str) -> bool:
@@ -223,7 +224,7 @@ class ShardDataset(IterableDataset):
         if in_memory and cfg.num_workers > 0:  # each worker process has its own, empty, memory filesystem
             raise ValueError(f"memory:// shards ({in_memory[0]}, ...) are only readable with num_workers=0")
         self.spec = ContractSpec(window=cfg.window, crop_size=cfg.crop_size, audio_dim=cfg.audio_dim,
-                                 profile=cfg.profile)
+                                 profile=cfg.profile, struct_dim=cfg.struct_dim)
         self.tensor_keys = PROFILE_TENSOR_KEYS[cfg.profile]
         self.limits = contract.member_limits(self.spec)  # what a member may declare before it is read
         if cfg.train_window is not None:

@@ -24,7 +24,6 @@ import torch.distributed as dist
 from models.dualforce import DiffusionForcingConfig, build_model, diffusion_forcing_loss
 from models.dualforce.pretrained import load_video_dit
 from tasks import contract
-from tasks.contract import STRUCT_DIM
 from training import checkpoint, rng_state, safe_checkpoint
 from training.config import TrainConfig, load_ds_config
 from training.ema import EMA
@@ -74,7 +73,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model_variant, audio_dim=cfg.audio_dim, struct_dim=STRUCT_DIM,
+        model = build_model(cfg.model_variant, audio_dim=cfg.audio_dim, struct_dim=cfg.struct_dim,
                             **dict(cfg.model_overrides, video_only=cfg.video_only))
         self.profile = contract.VIDEO_ONLY if cfg.video_only else contract.TALKING_HEAD
         if cfg.init_from and not (cfg.resume and checkpoint.latest_tag(self.ckpt_dir)):
@@ -131,6 +130,7 @@ class Trainer:
                 rank=self.rank,
                 world_size=self.world,
                 profile=self.profile,
+                struct_dim=cfg.struct_dim,
             ),
             **data_position,
         )

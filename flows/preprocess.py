@@ -42,14 +42,14 @@ from tasks.feature_models import FeatureModels, dryrun_models
 from models.weights import WeightsError
 from tasks.ledger import LEDGER_DIR, step_counts, write_ledger_part
 from tasks.pose_check import PoseCheckConfig, latent_quality_gate
-from tasks.sample_features import TALKING_HEAD, PreprocessProfile, preprocess_profile
-from tasks import storage
+from tasks.sample_features import TALKING_HEAD, TALKING_HEAD_FLAME, PreprocessProfile, preprocess_profile
+from tasks import contract, storage
 from tasks.shard import (DEFAULT_SHARD_GROUPS, GroupResult, ShardClip, ShardConfig, begin_shard_set, merge_shard_groups,
                          plan_groups, write_shard_group)
 from tasks.step_runner import ClipState, LedgerEntry, Step, run_step
 from tasks.step_store import StepStore, fingerprint
 from tasks.steps import (DOWNLOADED_VIDEO, SHARD_VERSION, AudioFeaturesStep, CenterCropStep, CropStep, DownloadStep,
-                         MotionStep, PoseCheckStep, VaeLatentsStep, crop_frames, crop_segments)
+                         FlameStructStep, MotionStep, PoseCheckStep, VaeLatentsStep, crop_frames, crop_segments)
 
 CLIP_STEPS = TALKING_HEAD.clip_steps  # the default profile's
 ALL_STEPS = TALKING_HEAD.steps
@@ -127,6 +127,40 @@ def run_step_batch(step: Step, batch: BatchResult, steps_root: str, run_id: str,
     return BatchResult(batch.states, batch.entries + new)
 
 
+def run_clip_steps(clip_steps: list[Step], states: list[ClipState], submitter, layout: DatasetLayout, run_id: str,
+                   scratch_root: Optional[str], retry_rejected: bool, batch_size: int, dataset: str,
+                   progress: Optional[Progress] = None) -> list[BatchResult]:
+    """The steps over batches of clips: batch b's next step starts as soon as its previous one is done."""
+    futures: list = [BatchResult(states[i : i + batch_size]) for i in range(0, len(states), batch_size)]
+    batch_task = run_step_batch.with_options(task_run_name="{step.name}-batch")
+    submitted: list = []
+    for step in clip_steps:
+        futures = [submitter.submit(batch_task, step.name, step=step, batch=f, steps_root=str(layout.steps),
+                                    run_id=run_id, progress=progress, scratch_root=scratch_root,
+                                    retry_rejected=retry_rejected) for f in futures]
+        submitted += futures
+    if submitted:  # the UI's progress bar moves as each batch-step finishes, in whatever order
+        moving = ProgressArtifact(len(states) * len(clip_steps), f"preprocess-{dataset}",
+                                  f"clip-steps ({len(states)} clips x {len(clip_steps)} steps)")
+        for done in as_completed(submitted):
+            moving.advance(len(done.result().states))
+    return [f.result() if hasattr(f, "result") else f for f in futures]
+
+
+def flame_candidates(states: list[ClipState]) -> list[ClipState]:
+    """Every clip the crop accepted, with only its download and crop results: the FLAME struct source does not
+    need LivePortrait's motion, so clips the pose check rejected for disagreeing with it come back."""
+    keep = ("download", "crop")
+    return [ClipState(s.row, {k: r for k, r in s.records.items() if k in keep}) for s in states
+            if all(k in s.records and s.records[k].status == "ok" for k in keep)]
+
+
+def struct_source(profile: PreprocessProfile) -> Optional[str]:
+    if profile.sample_profile != contract.TALKING_HEAD:
+        return None
+    return "flame" if "flame_struct" in profile.feature_steps else "liveportrait"
+
+
 @task(name="audit-shards", cache_policy=NO_CACHE)
 def audit_task(layout: DatasetLayout, models: Optional[FeatureModels], cfg: AuditConfig,
                profile: PreprocessProfile = TALKING_HEAD) -> AuditReport:
@@ -183,9 +217,13 @@ def _shard_clip(state: ClipState, store: StepStore, with_features: bool,
     infos = {name: rec.info for name, rec in state.records.items()}
     dryrun = sorted(n for n, i in infos.items() if i.get("untrained_dryrun"))
     extra = {"untrained_dryrun_models": dryrun} if dryrun else {}
-    if with_features and profile == TALKING_HEAD:
+    if with_features and profile.sample_profile == contract.TALKING_HEAD:
         extra["audio_dim"] = int(infos["audio_features"]["audio_dim"])
-        extra["pose_check"] = {k: infos["pose_check"][k] for k in ("source", "dropped", "total")}
+        if "pose_check" in infos:
+            extra["pose_check"] = {k: infos["pose_check"][k] for k in ("source", "dropped", "total")}
+        if "flame_struct" in infos:  # the identity (FLAME shape) is once per clip, not a per-frame row
+            extra.update(struct_source="flame", struct_dim=int(infos["flame_struct"]["struct_dim"]),
+                         flame_shape=infos["flame_struct"]["shape"])
     features = [profile.feature_source({n: store.clip_dir(n, state.row.clip_id) for n in profile.feature_steps})
                 ] if with_features else []
     return ShardClip(
@@ -196,6 +234,17 @@ def _shard_clip(state: ClipState, store: StepStore, with_features: bool,
         meta_extra=extra,
         profile=profile.sample_profile,
     )
+
+
+def struct_stats(states: list[ClipState], profile: PreprocessProfile) -> Optional[dict]:
+    """stats.json's struct source and width, which a trainer builds its struct stream with."""
+    source = struct_source(profile)
+    if source is None:
+        return None
+    widths = {int(s.records["flame_struct"].info["struct_dim"]) for s in states} if source == "flame" else {contract.STRUCT_DIM}
+    if len(widths) > 1:
+        raise ValueError(f"clips of one shard set have FLAME struct widths {sorted(widths)}")
+    return {"struct_source": source, "struct_dim": widths.pop() if widths else contract.STRUCT_DIM}
 
 
 def _profile_part(profile: PreprocessProfile) -> tuple:
@@ -243,7 +292,8 @@ def shard_clips(states: list[ClipState], layout: DatasetLayout, shard_cfg: Shard
                for g, members in planned.items()]
     results: list[GroupResult] = [f.result() for f in futures]
     if done is None:
-        merged = merge_shard_groups(layout.shards_url, results, shard_cfg, set_key, groups, profile.sample_profile)
+        merged = merge_shard_groups(layout.shards_url, results, shard_cfg, set_key, groups, profile.sample_profile,
+                                    struct_stats(ready, profile) if with_features else None)
         if merged.removed:
             logger.info(f"shards: removed {len(merged.removed)} files no index lists (an interrupted or older run's)")
         stats = {"samples": merged.samples, "shards": merged.shards, "bytes": merged.bytes, "per_split": merged.per_split}
@@ -404,22 +454,11 @@ def preprocess(
     logger.info(f"{dataset}: {len(states)} clips, profile {profile}, steps {list(wanted)}, batches of {batch_size}")
     bar = Progress(total=len(states) * len(clip_steps), desc=dataset) if progress and runner == "local" else None
 
+    run_batches = dict(layout=layout, run_id=run_id, scratch_root=scratch_root, retry_rejected=retry_rejected,
+                       batch_size=batch_size, dataset=dataset)
     with batch_submitter(runner, ray_cfg, processes) as submitter:
-        futures: list = [BatchResult(states[i : i + batch_size]) for i in range(0, len(states), batch_size)]
-        batch_task = run_step_batch.with_options(task_run_name="{step.name}-batch")
-        submitted: list = []
         try:
-            for step in clip_steps:
-                futures = [submitter.submit(batch_task, step.name, step=step, batch=f, steps_root=str(layout.steps),
-                                            run_id=run_id, progress=bar, scratch_root=scratch_root,
-                                            retry_rejected=retry_rejected) for f in futures]
-                submitted += futures
-            if submitted:  # the UI's progress bar moves as each batch-step finishes, in whatever order
-                moving = ProgressArtifact(len(states) * len(clip_steps), f"preprocess-{dataset}",
-                                          f"clip-steps ({len(states)} clips x {len(clip_steps)} steps)")
-                for done in as_completed(submitted):
-                    moving.advance(len(done.result().states))
-            results: list[BatchResult] = [f.result() if hasattr(f, "result") else f for f in futures]
+            results = run_clip_steps(clip_steps, states, submitter, progress=bar, **run_batches)
         finally:
             if bar:
                 bar.close()
@@ -429,8 +468,23 @@ def preprocess(
         gate_state = None
         if "pose_check" in run_names:
             gate_state = publish_gate(latent_gate(all_states, max_frame_drop_ratio), key_prefix=f"preprocess-{dataset}")
+        fallback = None
+        if gate_state is not None and gate_state.is_failed() and flame_dir and "shard" in wanted:
+            # the gate's own remedy: the struct step again, from the FLAME tracker's files, for every cropped clip
+            revived = flame_candidates(all_states)
+            fallback = (f"struct source switched to FLAME: {len(revived)} clips re-run from the tracker files in "
+                        f"{flame_dir}")
+            logger.warning(f"3D-latent gate NO-GO: {fallback}")
+            flame_steps = [FlameStructStep(flame_dir),
+                           *build_steps(("audio_features", "vae_latents"), layout, feature_models, windows,
+                                        PoseCheckConfig(threshold_deg=pose_threshold_deg), flame_dir, chosen)]
+            flame_results = run_clip_steps(flame_steps, revived, submitter, **run_batches)
+            entries += [e for r in flame_results for e in r.entries]
+            by_id = {s.row.clip_id: s for r in flame_results for s in r.states}
+            all_states = [by_id.get(s.row.clip_id, s) for s in all_states]
+            chosen = TALKING_HEAD_FLAME
         shard_stats = None
-        if "shard" in wanted and (gate_state is None or not gate_state.is_failed()):
+        if "shard" in wanted and (gate_state is None or not gate_state.is_failed() or fallback):
             shard_stats, shard_entries = shard_clips(all_states, layout, windows, with_features, run_id, shard_groups,
                                                      submitter, chosen)
             entries += shard_entries
@@ -460,7 +514,9 @@ def preprocess(
         "rejected": rejected,
         "step_counts": counts,
         "shards": shard_stats,
-        "gate": None if gate_state is None else {"name": gate_state.name, "message": gate_state.message},
+        "gate": None if gate_state is None else {"name": gate_state.name, "message": gate_state.message,
+                                                 "action": fallback},
+        "struct_source": struct_source(chosen),
         "audit": None if audit is None else {"ok": audit.ok, "summary": audit.summary(), "checks": audit.table()},
         "contact_sheet": None if sheet is None else str(sheet),
         "untrained_dryrun_models": bool(feature_models and feature_models.dryrun),
@@ -470,7 +526,7 @@ def preprocess(
     }
     if flow_run.get_parent_flow_run_id() is None:  # run on its own: this run is the one a user opens
         publish_summary(report, f"preprocess-{dataset}")
-    if gate_state is not None and gate_state.is_failed():
+    if gate_state is not None and gate_state.is_failed() and not fallback:
         logger.error(gate_state.message)
         fs, base = storage.filesystem(layout.output)
         storage.write_bytes(fs, storage.join(base, "gate-no-go.json"), json.dumps(report, indent=1, default=str).encode())

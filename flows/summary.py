@@ -19,6 +19,8 @@ def preprocess_lines(report: dict, seconds: float | None = None) -> list[str]:
                      f"per split {sh['per_split']}")
     if report.get("gate"):
         lines.append(f"gate 3d_latent_quality: {report['gate']['name']} - {report['gate']['message']}")
+        if report["gate"].get("action"):
+            lines.append(f"   -> {report['gate']['action']}")
     if report.get("audit"):
         lines.append(f"audit: {report['audit']['summary']}")
     if report.get("contact_sheet"):

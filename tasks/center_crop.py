@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.contract import CROP_SIZE, FPS
-from tasks.crop import CROP_VIDEO, unreadable, write_crop_info
+from tasks.crop import CROP_VIDEO, probe_video, unreadable, write_crop_info
 from tasks.errors import ClipRejected
-from tasks.media import MediaError, encode_filtered, probe, square_scale
+from tasks.media import MediaError, encode_filtered, square_scale
 
 PROFILE = "general"  # crop.json's `profile`: which preprocess profile made this crop
 MODE = "center"  # crop.json's `mode` (the face crop's are "static" and "follow")
@@ -59,12 +59,7 @@ def center_crop_clip(source: str | Path, out_dir: str | Path,
     `no_video`, `too_short` (fewer than `cfg.min_frames` frames at 25 fps)."""
     t0 = time.perf_counter()
     source, out_dir = Path(source), Path(out_dir)
-    try:
-        info = probe(source)
-    except MediaError as exc:
-        raise unreadable(exc) from exc
-    if not info.has_video:
-        raise ClipRejected("no_video", f"{source.name} has no video stream")
+    info = probe_video(source)
     x, y, side = center_box(info.width, info.height)
     graph = f"[0:v]fps={FPS},crop={side}:{side}:{x}:{y},{square_scale(side, cfg.dsize)},setsar=1,format=yuv420p[out]"
     out_dir.mkdir(parents=True, exist_ok=True)

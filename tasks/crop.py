@@ -311,14 +311,20 @@ class _Source:
     det_scale: float
 
 
-def _open_source(source: Path, cfg: CropConfig) -> _Source:
-    """Probe and read the audio; the rejections that need no frame (no video, no audio, silence, damage)."""
+def probe_video(source: Path) -> MediaInfo:
+    """Probe a source every crop needs frames of: unreadable -> `corrupt`, no video stream -> `no_video`."""
     try:
         info = probe(source)
     except MediaError as exc:
         raise unreadable(exc) from exc
     if not info.has_video:
         raise ClipRejected("no_video", f"{source.name} has no video stream")
+    return info
+
+
+def _open_source(source: Path, cfg: CropConfig) -> _Source:
+    """Probe and read the audio; the rejections that need no frame (no video, no audio, silence, damage)."""
+    info = probe_video(source)
     if not info.has_audio and cfg.require_audio:
         raise ClipRejected("no_audio", f"{source.name} has no audio stream")
     try:

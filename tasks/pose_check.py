@@ -272,4 +272,5 @@ def latent_quality_gate(per_clip_drop: dict[str, tuple[int, int]], max_drop_rati
     return GateVerdict("3d_latent_quality", go, summary,
                        {"dropped_frames": dropped, "total_frames": total, "drop_ratio": ratio,
                         "max_drop_ratio": max_drop_ratio, "clips": len(rows)},
-                       "" if go else "use the FLAME-only representation", rows)
+                       "" if go else "use the FLAME-only representation: re-run with --flame-dir holding a FLAME tracker's file "
+                       "per clip (<clip_id>.npz); the struct step then switches to them", rows)

@@ -46,6 +46,10 @@ class PreprocessProfile:
 TALKING_HEAD = PreprocessProfile("talking_head", "crop", FEATURE_STEPS, contract.TALKING_HEAD)
 GENERAL = PreprocessProfile("general", "center_crop", VIDEO_FEATURE_STEPS, contract.VIDEO_ONLY)
 PREPROCESS_PROFILES = {p.name: p for p in (TALKING_HEAD, GENERAL)}
+# talking_head after the 3D-latent gate's NO-GO with FLAME files at hand: struct rows and keep mask from the
+# FLAME struct step (tasks/flame_struct.py) instead of LivePortrait's motion and the pose check
+FLAME_FEATURE_STEPS = ("flame_struct", "audio_features", "vae_latents")
+TALKING_HEAD_FLAME = PreprocessProfile("talking_head", "crop", FLAME_FEATURE_STEPS, contract.TALKING_HEAD)
 
 
 def preprocess_profile(name: str) -> PreprocessProfile:
@@ -80,9 +84,11 @@ def vae_window_features(vae_dir: Path) -> FeatureSource:
 
 
 def window_features(step_dirs: dict[str, Path]) -> FeatureSource:
-    """A FeatureSource over one clip's step outputs (steps 3-6); arrays are loaded once, windows sliced from them."""
-    struct = np.load(step_dirs["motion"] / STRUCT_FILE, allow_pickle=False)  # [T, 133] float32
-    keep = np.load(step_dirs["pose_check"] / KEEP_MASK_FILE, allow_pickle=False)  # [T] bool
+    """A FeatureSource over one clip's step outputs (steps 3-6); arrays are loaded once, windows sliced from them.
+    Struct rows and keep mask come from the FLAME struct step when it is among them, else from motion + pose check."""
+    flame = step_dirs.get("flame_struct")
+    struct = np.load((flame or step_dirs["motion"]) / STRUCT_FILE, allow_pickle=False)  # [T, S] float32
+    keep = np.load((flame or step_dirs["pose_check"]) / KEEP_MASK_FILE, allow_pickle=False)  # [T] bool
     audio = np.load(step_dirs["audio_features"] / AUDIO_FEATURES_FILE, allow_pickle=False)  # [T, D] float16
     latents = vae_window_features(step_dirs["vae_latents"])
     if not (len(struct) == len(keep) == len(audio)):

@@ -375,9 +375,10 @@ def begin_shard_set(out_dir: str | Path, key: str) -> Optional[dict]:
 
 def merge_shard_groups(
     out_dir: str | Path, groups: list[GroupResult], cfg: ShardConfig, key: str, group_count: int,
-    profile: str = contract.TALKING_HEAD,
+    profile: str = contract.TALKING_HEAD, extra_stats: Optional[dict] = None,
 ) -> ShardSetStats:
     """The one merge step: index + stats over every group, then remove whatever the index does not list.
+    `extra_stats`: more facts of the set for stats.json (the struct source and width of a talking-head set).
 
     `profile`: what the set's samples hold (contract.TALKING_HEAD or VIDEO_ONLY), recorded in stats.json so a
     trainer knows which model the set can train without opening a shard.
@@ -418,6 +419,7 @@ def merge_shard_groups(
         "shard_groups": group_count,
         "shard_files": shards,
         "profile": profile,
+        **(extra_stats or {}),
     }
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(index_rows, schema=INDEX_SCHEMA), buf)

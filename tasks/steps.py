@@ -245,4 +245,40 @@ class VaeLatentsStep:
         return {"windows": int(len(latents.window_starts)), "untrained_dryrun": bool(latents.meta.get("untrained_dryrun"))}
 
 
+@dataclass
+class FlameStructStep:
+    """Step 3 with the FLAME source (the 3D-latent gate's fallback): struct rows and keep mask from a FLAME
+    tracker's file per clip (tasks/flame_struct.py), instead of LivePortrait's motion and the pose check."""
+
+    flame_dir: str
+    n_exp: int = 50  # tasks.flame_struct.DEFAULT_FLAME_EXPRESSION
+    name: str = "flame_struct"
+    version: str = "1"
+    requires: tuple[str, ...] = ("crop",)
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.n_exp)
+
+    def row_fields(self, row: ClipRow) -> dict:
+        # the tracker file is this step's input besides the crop: a re-fitted file is a different result
+        from tasks.flame_struct import flame_file
+        from tasks.fetchers.cache import sha256_file
+
+        path = flame_file(self.flame_dir, row.clip_id)
+        return {"flame_file": sha256_file(path) if path.is_file() else None}
+
+    def run(self, row: ClipRow, inputs: dict[str, Path], out_dir: Path) -> dict:
+        import json
+
+        from tasks.flame_struct import flame_file, flame_struct_for_clip, keep_ratio
+
+        result = flame_struct_for_clip(flame_file(self.flame_dir, row.clip_id), crop_frames(inputs["crop"]), self.n_exp)
+        _save_npy(out_dir / STRUCT_FILE, result.struct)
+        _save_npy(out_dir / KEEP_MASK_FILE, result.valid)
+        info = {"struct_dim": result.layout.dim, "n_exp": result.layout.n_exp, "keep_ratio": round(keep_ratio(result), 4),
+                "shape": None if result.shape is None else [round(float(v), 6) for v in result.shape]}
+        (out_dir / "flame.json").write_text(json.dumps(info, sort_keys=True))
+        return info
+
+
 SHARD_VERSION = "3"  # 3: windows hold their own frames (stride > decode chunk), inside the crop's segments

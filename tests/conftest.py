@@ -5,6 +5,7 @@ Slow tests run with `--runslow` or DUALFORCE_SLOW=1; GPU tests run only where CU
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,30 @@ def make_video(path: Path, *, seconds: float, size: str = "320x240", source: str
     args += ["-c:v", "libx264", "-pix_fmt", "yuv420p"] + (["-c:a", "aac", "-shortest"] if audio else []) + [str(path)]
     run_ffmpeg(args, "making a test clip")
     return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def single_process_env(monkeypatch, tmp_path):
+    """world size 1 inside the test process (what a launcher would set)."""
+    from training.launch import environment
+
+    for key, value in environment().items():
+        if key in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 does for launched trainers
+    yield
+    torch.set_num_threads(threads)

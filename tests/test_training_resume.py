@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 from pathlib import Path
 
@@ -16,29 +15,6 @@ from training.run_status import COMPLETED, STOPPED, read_statuses
 from tests.training_shards import train_config, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture()
-def single_process_env(monkeypatch, tmp_path):
-    """world size 1 inside the test process (what a launcher would set)."""
-    for key, value in environment().items():
-        if key in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR"):
-            monkeypatch.setenv(key, value)
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 does for launched trainers
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(shards: Path, out_dir: Path, **kw) -> dict:

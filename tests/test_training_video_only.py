@@ -12,7 +12,6 @@ from training.config import TrainConfig
 from training.loader import LoaderConfig, ShardLoader
 from training.metrics import read_metrics
 from training.run_status import COMPLETED
-from tests.test_training_resume import single_process_env  # noqa: F401  (fixture)
 from tests.training_shards import AUDIO_DIM, CROP, WINDOW, train_config, write_shards
 
 

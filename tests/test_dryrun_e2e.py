@@ -100,6 +100,9 @@ def test_dry_run_runs_the_training_program_stage_by_stage(dry_run):
     assert [(r["stage"], r["run"], r["verdict"]) for r in record["runs"]] == [
         ("concept", "sigma_s max 0.5", "GO"), ("concept", "sigma_s max 0.7", "GO"), ("concept", "sigma_s max 1", "GO"),
         ("pretrain", "video-only", "GO"), ("joint", "from pretrain", "GO")]
+    for ceiling in ("0.5", "0.7", "1"):  # each concept run trained with its own struct-noise ceiling
+        cfg = json.loads(next((out / "program" / "concept" / f"sigma-{ceiling}").glob("run-*/train_config.json")).read_text())
+        assert cfg["loss_options"]["sigma_struct_max"] == float(ceiling)
     joint = record["runs"][-1]
     assert [(g["gate"], g["step"], g["verdict"]) for g in joint["gates"]] == [
         ("memory", 1, "GO"), ("joint_progress", 2, "GO"), ("review", 3, "GO"), ("stability", 4, "GO")]

@@ -66,7 +66,7 @@ def ask_reviewer(step: int, auto_approve: bool, timeout_s: int, on_timeout: str)
     logger = get_run_logger()
     logger.info("review at step %d: paused for an answer (up to %d s)", step, timeout_s)
     try:
-        answer = pause_flow_run(wait_for_input=ReviewAnswer, timeout=timeout_s, poll_interval=min(10, max(1, timeout_s // 4)),
+        answer = pause_flow_run(wait_for_input=ReviewAnswer, timeout=timeout_s, poll_interval=min(10, max(1, timeout_s // 30)),
                                 key=f"review-step{step}")
     except FlowPauseTimeout:
         _back_to_running()

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from models.motion_extractor import DRYRUN_MARKER, MOTION_EXTRACTOR_RELPATH, MotionExtractor, MotionExtractorConfig
+from models.motion_extractor import MotionExtractor, MotionExtractorConfig
+from models.weights import HF_DRYRUN_MARKER, MOTION_DRYRUN_MARKER, MOTION_EXTRACTOR_RELPATH
 
 log = logging.getLogger(__name__)
 
-HF_DRYRUN_MARKER = "dualforce_dryrun.json"  # inside a save_pretrained directory
 HUBERT_SUBDIR = "hubert-dryrun"
 WAN_VAE_SUBDIR = "wan-vae-dryrun"
 
@@ -55,7 +55,7 @@ def write_dryrun_motion_extractor(root: Path, seed: int = 0, cfg: MotionExtracto
     tmp = path.with_name(path.name + ".tmp")
     torch.save(model.state_dict(), tmp)
     tmp.replace(path)
-    _atomic_write_text(path.with_name(DRYRUN_MARKER),
+    _atomic_write_text(path.with_name(MOTION_DRYRUN_MARKER),
                        _marker(depths=list(cfg.depths), dims=list(cfg.dims), num_kp=cfg.num_kp, seed=seed))
     return path
 

@@ -14,8 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from models.dryrun_models import HF_DRYRUN_MARKER
-from models.weights import WeightsError, check_loading_info
+from models.weights import HF_DRYRUN_MARKER, WeightsError, check_loading_info
 
 # HubertForCTC checkpoints (hubert-large-ls960-ft) carry a CTC head the base model does not use.
 CTC_HEAD_PREFIXES = ("lm_head.",)

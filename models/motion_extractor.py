@@ -16,10 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.weights import WeightsError, check_state_dict
+from models.weights import MOTION_DRYRUN_MARKER, MOTION_EXTRACTOR_RELPATH, WeightsError, check_state_dict
 
-MOTION_EXTRACTOR_RELPATH = Path("pretrained_weights/liveportrait/base_models/motion_extractor.pth")
-DRYRUN_MARKER = "motion_extractor.dryrun.json"  # beside the .pth only for dry-run models
 INPUT_SIZE = 256  # LivePortrait feeds the motion extractor 256x256 RGB in [0, 1]
 NUM_BINS = 66
 BIN_DEGREES = 3.0
@@ -174,7 +172,7 @@ def load_motion_extractor(
             f"LivePortrait motion extractor weights not found: expected {path} "
             f"(give the directory that holds {MOTION_EXTRACTOR_RELPATH})"
         )
-    marker = path.with_name(DRYRUN_MARKER)
+    marker = path.with_name(MOTION_DRYRUN_MARKER)
     if marker.is_file():  # a dry-run file written by models/dryrun_models.py: its reduced config and flag
         info = json.loads(marker.read_text())
         untrained_dryrun = bool(info.get("untrained_dryrun", True))

@@ -23,9 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks.contract import STRUCT_DIM
-
 NUM_KP = 21
+STRUCT_DIM = 133  # the flat vector's width (tasks/contract.py checks shard members against it)
 POSE_SCALE = 1.0 / 128.0
 
 EXP = slice(0, 63)

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.dryrun_models import HF_DRYRUN_MARKER
-from models.weights import WeightsError, check_loading_info
+from models.weights import HF_DRYRUN_MARKER, WeightsError, check_loading_info
 
 TIME_STRIDE = 4
 

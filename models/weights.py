@@ -6,6 +6,13 @@ from pathlib import Path
 import torch.nn as nn
 
 
+# Where the weights live (LivePortrait's release layout) and the marker files a dry run writes beside its random
+# weights: facts of the weights folders, read by the real loaders and written by models/dryrun_models.py.
+MOTION_EXTRACTOR_RELPATH = Path("pretrained_weights/liveportrait/base_models/motion_extractor.pth")
+MOTION_DRYRUN_MARKER = "motion_extractor.dryrun.json"  # beside the .pth only for dry-run models
+HF_DRYRUN_MARKER = "dualforce_dryrun.json"  # inside a save_pretrained directory
+
+
 class WeightsError(RuntimeError):
     """Model weights are missing or do not fit the architecture; the message says which file and why."""
 
@@ -87,8 +94,6 @@ def check_real_weights(
 ) -> None:
     """Fail fast, before any work, with every missing weight path at once (only the models asked for)."""
     from pathlib import Path as _P
-
-    from models.motion_extractor import MOTION_EXTRACTOR_RELPATH
 
     problems = []
     if liveportrait_root is not None:

@@ -14,15 +14,15 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+# The model's facts the contract checks samples against live with the models (the VAE's channels and strides, the
+# width of LivePortrait's flat struct vector); they are part of this module's names for its readers.
+from models.latent_geometry import LATENT_CHANNELS, VAE_SPACE_STRIDE, VAE_TIME_STRIDE  # noqa: F401
+from models.struct_layout import STRUCT_DIM  # noqa: F401
+
 FPS = 25
 SAMPLE_RATE = 16_000
 AUDIO_SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
 CROP_SIZE = 512
-LATENT_CHANNELS = 16
-VAE_TIME_STRIDE = 4
-VAE_SPACE_STRIDE = 8
-# Flat per-frame struct vector from LivePortrait motion (layout: models/struct_layout.py).
-STRUCT_DIM = 133
 
 # Shard member names (webdataset extensions). A sample holds the ones its pipeline produced.
 VIDEO = "video.mp4"

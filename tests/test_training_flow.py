@@ -180,7 +180,7 @@ def test_the_review_gate_pauses_and_resumes_on_the_answer(shards, tmp_path):
     answer = {"decision": "adjust", "note": "struct looks noisy", "loss_options": {"struct_loss_weight": 0.5}}
     resumer = threading.Thread(target=_resume_when_paused, args=(answer,))
     resumer.start()
-    state = train_flow(cfg, nproc_per_node=1, gates=dict(GATES, review_step=1), review_timeout_s=300,
+    state = train_flow(cfg, nproc_per_node=1, gates=dict(GATES, review_step=1), review_timeout_s=60,
                        return_state=True)
     resumer.join()
     assert state.is_completed(), state.message

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from tasks.contract import LATENT_CHANNELS, STRUCT_DIM, VAE_TIME_STRIDE
+from models.latent_geometry import LATENT_CHANNELS, VAE_TIME_STRIDE
+from models.struct_layout import STRUCT_DIM
 
 BRIDGE_STRATEGIES = ("full", "shallow_focus", "none")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from tasks.contract import VAE_TIME_STRIDE
+from models.latent_geometry import VAE_TIME_STRIDE
 
 
 def num_latent_frames(video_frames: int, stride: int = VAE_TIME_STRIDE) -> int:

@@ -106,7 +106,3 @@ def write_dryrun_models(root: str | Path, seed: int = 0) -> DryrunPaths:
     write_dryrun_hubert(paths.hubert_dir, seed)
     write_dryrun_wan_vae(paths.wan_vae_dir, seed)
     return paths
-
-
-def is_dryrun_dir(path: str | Path) -> bool:
-    return (Path(path) / HF_DRYRUN_MARKER).is_file()

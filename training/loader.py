@@ -333,10 +333,9 @@ class ShardDataset(IterableDataset):
         decoded = (d for d in map(self.decode, self.samples()) if d is not None)
         if self.cfg.shuffle_buffer > 0:
             rng = random.Random(_seed(self.cfg.seed, self.epoch, rank, worker, 1))
-            decoded = wds.filters._shuffle(decoded, self.cfg.shuffle_buffer, self.cfg.shuffle_buffer, rng=rng)
-        yield from wds.filters._batched(
-            decoded, self.cfg.batch_size, collation_fn=self.collate, partial=self.cfg.partial_batches
-        )
+            decoded = wds.filters.shuffle(self.cfg.shuffle_buffer, self.cfg.shuffle_buffer, rng=rng)(decoded)
+        yield from wds.filters.batched(self.cfg.batch_size, collation_fn=self.collate,
+                                       partial=self.cfg.partial_batches)(decoded)
         yield {STATS_KEY: self.stats(), "end_of_epoch": True}  # counts for samples after the last batch
 
 

@@ -19,12 +19,6 @@ def num_latent_frames(video_frames: int, stride: int = VAE_TIME_STRIDE) -> int:
     return (video_frames - 1) // stride + 1
 
 
-def num_video_frames(latent_frames: int, stride: int = VAE_TIME_STRIDE) -> int:
-    if latent_frames < 1:
-        raise ValueError(f"latent frame count must be >= 1, got {latent_frames}")
-    return stride * (latent_frames - 1) + 1
-
-
 def video_frames_of(latent_index: int, stride: int = VAE_TIME_STRIDE) -> range:
     """Video frames packed into one latent frame."""
     return range(0, 1) if latent_index == 0 else range(stride * latent_index - stride + 1, stride * latent_index + 1)

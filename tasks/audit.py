@@ -17,7 +17,9 @@ Everything is recomputed from the crop video, not read back from the feature fil
 windows are cut (the kind the shape checks cannot see) shows up as a mismatch. Sample choice is seeded.
 
 A video-only sample (meta.json `profile` "video_only", the general preprocess profile) is checked against its
-centre crop: lineage, video, latent and reference; it has no audio, struct or features to check.
+centre crop: lineage, video, latent and reference; it has no audio, struct or features to check. A sample whose
+struct rows come from FLAME tracker files (meta.json `struct_source` "flame") has its struct rows and keep mask
+checked against the FLAME struct step's outputs; the motion extractor has no say over them.
 """
 from __future__ import annotations
 
@@ -200,7 +202,10 @@ def _check_sample(sample: dict, crop_frames: np.ndarray, src: _ClipSource, model
         return  # no struct, audio features or keep mask
 
     struct = _npy(sample, contract.STRUCT)
-    if models.motion_extractor is not None:
+    # struct rows from the FLAME fallback (tasks/flame_struct.py) are the tracker's, not the motion extractor's:
+    # they and their keep mask are compared with the FLAME struct step's outputs
+    flame = meta.get("struct_source") == "flame"
+    if models.motion_extractor is not None and not flame:
         from models.struct_layout import to_struct
         from tasks.motion import extract_motion
 
@@ -211,9 +216,10 @@ def _check_sample(sample: dict, crop_frames: np.ndarray, src: _ClipSource, model
         record("struct", None if err <= cfg.struct_atol else
                f"struct rows {[start + p for p in picks]} differ from the motion extractor by {err:.3g}")
     problems = []
-    for name, member, step, file in (("struct", contract.STRUCT, "motion", STRUCT_FILE),
+    struct_step, keep_step = ("flame_struct", "flame_struct") if flame else ("motion", "pose_check")
+    for name, member, step, file in (("struct", contract.STRUCT, struct_step, STRUCT_FILE),
                                      ("audio_features", contract.AUDIO_FEATURES, "audio_features", AUDIO_FEATURES_FILE),
-                                     ("keep_mask", contract.KEEP_MASK, "pose_check", KEEP_MASK_FILE)):
+                                     ("keep_mask", contract.KEEP_MASK, keep_step, KEEP_MASK_FILE)):
         stored = _npy(sample, member)
         if not np.array_equal(stored, src.array(step, file)[start:end].astype(stored.dtype)):
             problems.append(name)

@@ -41,7 +41,7 @@ def flame_run(prefect_test_server, samples_dir, tmp_path_factory):
     without = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp / "nofallback"), return_state=True,
                          **OPTIONS)
     report = preprocess(dataset="t", manifest=str(manifest), output_root=str(out), flame_dir=str(tmp / "flame"),
-                        **OPTIONS)
+                        **dict(OPTIONS, audit_fraction=1.0))
     return out / "t", files, report, without
 
 
@@ -55,6 +55,10 @@ def test_the_gate_no_go_switches_the_struct_source_to_flame_and_says_so(flame_ru
     base, files, report, _ = flame_run
     assert report["gate"]["name"] == "NO-GO" and "FLAME" in report["gate"]["action"]
     assert report["struct_source"] == "flame" and report["clips_out"] == 2  # clips the pose check rejected are back
+    # every sample re-derived: its struct rows and keep mask against the FLAME step, not the motion extractor
+    assert report["audit"]["ok"], report["audit"]
+    checks = {c["check"]: c for c in report["audit"]["checks"]}
+    assert checks["features"]["checked"] == 2 and checks["features"]["mismatched"] == 0
     pose = {r["clip_id"]: r["reason"] for r in read_ledger(base).to_pylist() if r["step"] == "pose_check"}
     assert "pose_disagreement" in pose.values(), pose
     flame_rows = [r for r in read_ledger(base).to_pylist() if r["step"] == "flame_struct"]

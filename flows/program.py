@@ -38,18 +38,14 @@ def stage_config(spec: StageSpec, out_dir: Path, video_only: bool = False, **fie
     return cfg
 
 
-def _run_dir(train_dir: Path) -> Optional[Path]:
-    """The attempt the train flow ended in (its last verdict names it)."""
-    log = read_gate_log(train_dir)
-    return Path(log[-1]["run_dir"]) if log else None
-
-
 def _stage_run(stage: str, run: str, state: State, train_dir: Path, seconds: float) -> StageRun:
-    run_dir = _run_dir(train_dir)
+    gates = read_gate_log(train_dir)
+    run_dir = Path(gates[-1]["run_dir"]) if gates else None  # the attempt the train flow ended in
     records = read_metrics(run_dir / METRICS_FILE) if run_dir else []
     steps = max((r["step"] for r in records if "loss" in r), default=0)
     verdict = "GO" if state.is_completed() else state.name
-    return StageRun(stage, run, verdict, state.message or "", str(train_dir), steps, seconds, read_gate_log(train_dir))
+    return StageRun(stage, run, verdict, state.message or "", str(train_dir), str(run_dir) if run_dir else None, steps,
+                    seconds, gates)
 
 
 def _train(stage: str, run: str, cfg: dict[str, Any], spec: StageSpec, program: ProgramConfig,
@@ -104,8 +100,7 @@ def run_pretrain(spec: StageSpec, program: ProgramConfig, record: ProgramRecord)
     cfg = stage_config(spec, Path(program.out_dir) / "pretrain", video_only=True, save_weights=True)
     state, entry = _train("pretrain", "video-only", cfg, spec, program, record)
     if state.is_completed():
-        run_dir = _run_dir(Path(cfg["out_dir"]))
-        ckpt = run_dir / "checkpoints"
+        ckpt = Path(entry.run_dir) / "checkpoints"
         weights = checkpoint.weights_path(ckpt, checkpoint.latest_tag(ckpt))
         record.decide("pretrain", f"joint starts from pretrain's video DiT (step {entry.steps})",
                       f"convergence gate GO: {entry.message[:200]}")

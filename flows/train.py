@@ -26,7 +26,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -68,7 +68,6 @@ class TrainerRun:
     process: ProcessResult
     records: list[dict[str, Any]]
     statuses: list[RunStatus]
-    seconds: float = 0.0
 
     @property
     def kinds(self) -> set[str]:
@@ -110,13 +109,11 @@ def run_trainer(
     _write_config(cfg, config_path)
     args = command(spec, config_path, rdzv_suffix=f"-{run_dir.name}")  # a retry never meets the last attempt
     logger.info("launching: %s", " ".join(args))
-    start = time.monotonic()
     result = run_streaming(args, lambda line: logger.info("%s", line), env=environment(), timeout_s=timeout_s)
     logger.info("trainer exited with code %d%s", result.returncode, " (timed out)" if result.timed_out else "")
     if plan.waits_for_peers:
         _wait_for_statuses(run_dir, plan.world_size, peer_wait_s)
-    return TrainerRun(cfg, run_dir, result, read_metrics(run_dir / METRICS_FILE), read_statuses(run_dir),
-                      time.monotonic() - start)
+    return TrainerRun(cfg, run_dir, result, read_metrics(run_dir / METRICS_FILE), read_statuses(run_dir))
 
 
 def _crash_state(run: TrainerRun) -> State:
@@ -136,12 +133,11 @@ def _crash_state(run: TrainerRun) -> State:
 
 @dataclass
 class GateBook:
-    """Publishes each verdict when it is made (artifacts + a plot + a line of gates.jsonl) and keeps them."""
+    """Publishes each verdict when it is made: artifacts, a plot, a line of gates.jsonl."""
 
     base_dir: Path
     spec: LaunchSpec
     gate_cfg: TrainingGateConfig
-    verdicts: list[dict[str, Any]] = field(default_factory=list)
 
     def _plot(self, verdict: GateVerdict, run_dir: Path, records: list[dict[str, Any]]) -> Path:
         # one plot file per node: the flow runs of several nodes publish into the same shared run directory
@@ -155,7 +151,6 @@ class GateBook:
         entry = {"gate": verdict.gate, "verdict": verdict.head, "step": step, "summary": verdict.summary,
                  "recommendation": verdict.recommendation, "run_dir": str(run_dir), "time": time.time(),
                  "numbers": verdict.numbers}
-        self.verdicts.append(entry)
         log = self.base_dir / (f"gates-node{self.spec.node_rank}.jsonl" if self.spec.multi_node else GATE_LOG)
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("a") as f:
@@ -255,9 +250,9 @@ def _run_attempt(
                 cfg = replace(cfg, loss_options=options, total_steps=answer.total_steps or cfg.total_steps)
                 logger.info("review adjusted the run: loss_options %s, total_steps %d", options, cfg.total_steps)
     last = records[-1] if records else {}
-    for gate, step in gate_cfg.unreachable(cfg.total_steps).items():
-        book.publish(not_evaluated(gate, cfg.total_steps, step), run_dir, records, cfg.total_steps)
     skipped = gate_cfg.unreachable(cfg.total_steps)
+    for gate, step in skipped.items():
+        book.publish(not_evaluated(gate, cfg.total_steps, step), run_dir, records, cfg.total_steps)
     message = (f"trained {last.get('step', 0)} steps in {run_dir} (final loss {last.get('loss')}); "
                f"every gate judged GO")
     if skipped:

@@ -22,6 +22,7 @@ class StageRun:
     verdict: str  # GO | NO-GO | the failed state's name | SKIPPED
     message: str
     train_dir: str
+    run_dir: Optional[str] = None  # the attempt the stage's train flow ended in (its last verdict names it)
     steps: int = 0
     seconds: float = 0.0
     gates: list[dict[str, Any]] = field(default_factory=list)  # that run's gates.jsonl

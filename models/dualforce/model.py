@@ -112,29 +112,21 @@ class DualForce(nn.Module):
         if c.video_only:
             return self._forward_video_only(noisy_video, sigma_video, noisy_struct, reference_latent, audio_windows,
                                             frame_offset, cache, update_cache)
-        B, C, n, h, w = noisy_video.shape
         self._check_inputs(noisy_video, sigma_video, noisy_struct, sigma_struct, reference_latent, audio_windows)
-        if cache is not None and cache.num_frames != frame_offset:
-            raise ValueError(f"cache holds {cache.num_frames} frames but frame_offset is {frame_offset}")
-        dtype = self.video_embed.proj.weight.dtype
+        self._check_cache(cache, frame_offset)
         device = noisy_video.device
-        # frame ids, RoPE angles and masks are built on the CPU (small; no device sync) then moved
-        frames = torch.arange(frame_offset, frame_offset + n)
-        cond = reference_condition(reference_latent, n, frame_offset, c.mask_channels)
-        xv = self.video_embed(torch.cat([noisy_video, cond], dim=1).to(dtype))  # [B, n, Nv, Dv]
-        xs = self.struct_embed(noisy_struct.to(dtype))  # [B, n, Ns, Ds]
+        xv, ev, mod_v, frames, (hp, wp) = self._embed_video(noisy_video, sigma_video, reference_latent, frame_offset)
+        xs = self.struct_embed(noisy_struct.to(xv.dtype))  # [B, n, Ns, Ds]
         audio_tokens, audio_vec = self.audio(audio_windows)  # [B, n, Na, Dv], [B, n, Dv]
-        ev, mod_v = self.video_time(sigma_video)
         mod_v = mod_v + self.video_audio_mod(audio_vec)
         es, mod_s = self.struct_time(sigma_struct)
         mod_s = mod_s + self.struct_audio_mod(audio_vec)
 
-        hp, wp = h // c.patch_size[1], w // c.patch_size[2]
         Nv, Ns = xv.shape[2], xs.shape[2]
         v_frames, s_frames = frames.repeat_interleave(Nv), frames.repeat_interleave(Ns)
         dv_head, ds_head = c.video_dim // c.video_heads, c.struct_model_dim // c.struct_heads
         to_dev = lambda r: (r[0].to(device), r[1].to(device))  # noqa: E731
-        v_rope = to_dev(rope_angles(grid_positions(frames, hp, wp), dv_head, c.rope_theta))
+        v_rope = self._video_rope(frames, hp, wp, device)
         s_rope = to_dev(rope_angles(grid_positions(frames, Ns, 1), ds_head, c.rope_theta))
         t_only = lambda fr, d: to_dev(rope_angles(torch.stack([fr, 0 * fr, 0 * fr], -1), d, c.rope_theta))  # noqa: E731
         bridge_ropes = {
@@ -151,8 +143,7 @@ class DualForce(nn.Module):
             "s2v": frame_causal_mask(v_frames, s_keys, device), "v2s": frame_causal_mask(s_frames, v_keys, device)
         }
 
-        use_ckpt = c.grad_checkpointing and self.training and cache is None and torch.is_grad_enabled()
-        run = (lambda f, *a: checkpoint(f, *a, use_reentrant=False)) if use_ckpt else (lambda f, *a: f(*a))
+        run = self._block_runner(cache)
         for i, vblock in enumerate(self.video_blocks):
             xv = run(lambda x, blk=vblock, i=i: blk(x, mod_v, audio_tokens, v_rope, v_mask, cache, f"video{i}"), xv)
             for j in self._struct_after.get(i, ()):
@@ -163,10 +154,7 @@ class DualForce(nn.Module):
                 xv, xs = run(
                     lambda a, b, br=bridge, i=i: br(a, b, bridge_ropes, bridge_masks, cache, f"bridge{i}"), xv, xs
                 )
-        if cache is not None and update_cache:
-            cache.commit()
-        elif cache is not None:
-            cache.discard()
+        _close(cache, update_cache)
         video_v = self.video_head(xv, ev, (hp, wp))
         struct_v = self.struct_head(xs, es)
         return video_v, struct_v
@@ -174,35 +162,53 @@ class DualForce(nn.Module):
     def _forward_video_only(self, noisy_video, sigma_video, noisy_struct, reference_latent, audio_windows,
                             frame_offset, cache, update_cache) -> tuple[torch.Tensor, None]:
         """The video DiT alone: the same embedding, blocks (without their audio path) and head as the full model."""
-        c = self.config
         if noisy_struct is not None or audio_windows is not None:
             raise ValueError("a video-only DualForce takes no struct rows and no audio")
         self._check_video(noisy_video, sigma_video, reference_latent)
-        if cache is not None and cache.num_frames != frame_offset:
-            raise ValueError(f"cache holds {cache.num_frames} frames but frame_offset is {frame_offset}")
-        B, C, n, h, w = noisy_video.shape
+        self._check_cache(cache, frame_offset)
         device = noisy_video.device
-        frames = torch.arange(frame_offset, frame_offset + n)
-        cond = reference_condition(reference_latent, n, frame_offset, c.mask_channels)
-        xv = self.video_embed(torch.cat([noisy_video, cond], dim=1).to(self.video_embed.proj.weight.dtype))  # [B, n, Nv, Dv]
-        ev, mod_v = self.video_time(sigma_video)  # [B, n, Dv], [B, n, 6, Dv]
-        hp, wp = h // c.patch_size[1], w // c.patch_size[2]
+        xv, ev, mod_v, frames, (hp, wp) = self._embed_video(noisy_video, sigma_video, reference_latent, frame_offset)
         v_frames = frames.repeat_interleave(xv.shape[2])
-        rope = rope_angles(grid_positions(frames, hp, wp), c.video_dim // c.video_heads, c.rope_theta)
-        v_rope = (rope[0].to(device), rope[1].to(device))
+        v_rope = self._video_rope(frames, hp, wp, device)
         if cache is not None:
             cache.recording = update_cache
         v_keys = cache.key_frames("video", v_frames) if cache is not None else v_frames
         v_mask = frame_causal_mask(v_frames, v_keys, device)
-        use_ckpt = c.grad_checkpointing and self.training and cache is None and torch.is_grad_enabled()
-        for i, block in enumerate(self.video_blocks):
-            if use_ckpt:
-                xv = checkpoint(block, xv, mod_v, None, v_rope, v_mask, cache, f"video{i}", use_reentrant=False)
-            else:
-                xv = block(xv, mod_v, None, v_rope, v_mask, cache, f"video{i}")
-        if cache is not None:
-            cache.commit() if update_cache else cache.discard()
+        run = self._block_runner(cache)
+        for i, vblock in enumerate(self.video_blocks):
+            xv = run(lambda x, blk=vblock, i=i: blk(x, mod_v, None, v_rope, v_mask, cache, f"video{i}"), xv)
+        _close(cache, update_cache)
         return self.video_head(xv, ev, (hp, wp)), None
+
+    def _embed_video(self, noisy_video, sigma_video, reference_latent, frame_offset: int):
+        """The video stream's input side, the same for the full and the video-only model: tokens [B, n, Nv, Dv]
+        (noisy latent + reference condition, patched), frame embedding [B, n, Dv], timestep modulation
+        [B, n, 6, Dv], the absolute frame ids and the patch grid (hp, wp). Frame ids are built on the CPU."""
+        c = self.config
+        _, _, n, h, w = noisy_video.shape
+        frames = torch.arange(frame_offset, frame_offset + n)
+        cond = reference_condition(reference_latent, n, frame_offset, c.mask_channels)
+        xv = self.video_embed(torch.cat([noisy_video, cond], dim=1).to(self.video_embed.proj.weight.dtype))
+        ev, mod_v = self.video_time(sigma_video)
+        return xv, ev, mod_v, frames, (h // c.patch_size[1], w // c.patch_size[2])
+
+    def _video_rope(self, frames: torch.Tensor, hp: int, wp: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """3D RoPE angles of the video tokens (built on the CPU, then moved: small, no device sync)."""
+        c = self.config
+        cos, sin = rope_angles(grid_positions(frames, hp, wp), c.video_dim // c.video_heads, c.rope_theta)
+        return cos.to(device), sin.to(device)
+
+    def _block_runner(self, cache: Optional[KVCache]):
+        """Blocks through activation checkpointing when training with grad_checkpointing, else called plainly."""
+        c = self.config
+        if c.grad_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+            return lambda f, *a: checkpoint(f, *a, use_reentrant=False)
+        return lambda f, *a: f(*a)
+
+    @staticmethod
+    def _check_cache(cache: Optional[KVCache], frame_offset: int) -> None:
+        if cache is not None and cache.num_frames != frame_offset:
+            raise ValueError(f"cache holds {cache.num_frames} frames but frame_offset is {frame_offset}")
 
     def _check_video(self, noisy_video, sigma_video, reference_latent) -> None:
         c = self.config
@@ -228,6 +234,12 @@ class DualForce(nn.Module):
                 raise ValueError(f"{name} is required by the full DualForce model (video_only=False)")
             if tuple(t.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _close(cache: Optional[KVCache], update_cache: bool) -> None:
+    """After a pass: the clean frames it staged join the cache, or the staged keys/values are dropped."""
+    if cache is not None:
+        cache.commit() if update_cache else cache.discard()
 
 
 def build_model(name_or_config: Union[str, DualForceConfig], **overrides) -> DualForce:

@@ -185,6 +185,19 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from training.export import ExportError, export_run
+
+    try:
+        result = export_run(args.run_dir, args.out, tag=args.tag, weights=args.weights)
+    except (ExportError, FileNotFoundError) as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported step {result.step} ({result.weights} weights from {result.source}, {result.parameters:,} "
+          f"parameters) to {result.out_dir}; load it with DualForce.from_pretrained({str(result.out_dir)!r})")
+    return 0
+
+
 def _add_dataset_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset")
     p.add_argument("--manifest", required=True)
@@ -298,6 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     mi = sub.add_parser("model-info", help="parameter counts per module and FLOPs per training step of a DualForce config")
     mi.add_argument("config", help="tiny | lite")
     mi.set_defaults(func=cmd_model_info)
+
+    ex = sub.add_parser("export", help="a training run's checkpoint -> config.json + model.safetensors "
+                                       "(DualForce.from_pretrained)")
+    ex.add_argument("run_dir", help="a training run folder (holds train_config.json and checkpoints/)")
+    ex.add_argument("-o", "--out", required=True, help="the exported model folder (replaced if it exists)")
+    ex.add_argument("--tag", help="checkpoint tag (default: the latest)")
+    ex.add_argument("--weights", choices=("auto", "ema", "module"), default="auto",
+                    help="auto: the EMA when the run kept one, else the module")
+    ex.set_defaults(func=cmd_export)
     return p
 
 

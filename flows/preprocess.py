@@ -211,6 +211,16 @@ def latent_gate(states: list[ClipState], max_drop_ratio: float) -> GateVerdict:
     return verdict
 
 
+def extractor_record(infos: dict[str, dict]) -> dict:
+    """Which models made a sample's features (an exported model carries it, so generation uses the same)."""
+    record = {"crop_step": "crop"}
+    if "audio_features" in infos:
+        record.update(hubert=infos["audio_features"].get("hubert"), hubert_layers=infos["audio_features"].get("layers"))
+    if "vae_latents" in infos:
+        record["wan_vae"] = infos["vae_latents"].get("vae")
+    return record
+
+
 def _shard_clip(state: ClipState, store: StepStore, with_features: bool,
                 profile: PreprocessProfile = TALKING_HEAD) -> ShardClip:
     crop_dir = store.clip_dir(profile.crop_step, state.row.clip_id)
@@ -219,6 +229,7 @@ def _shard_clip(state: ClipState, store: StepStore, with_features: bool,
     extra = {"untrained_dryrun_models": dryrun} if dryrun else {}
     if with_features and profile.sample_profile == contract.TALKING_HEAD:
         extra["audio_dim"] = int(infos["audio_features"]["audio_dim"])
+        extra["extractors"] = extractor_record(infos)
         if "pose_check" in infos:
             extra["pose_check"] = {k: infos["pose_check"][k] for k in ("source", "dropped", "total")}
         if "flame_struct" in infos:  # the identity (FLAME shape) is once per clip, not a per-frame row

@@ -209,7 +209,8 @@ class AudioFeaturesStep:
         features = require_usable(result, self.config)
         _save_npy(out_dir / AUDIO_FEATURES_FILE, features)
         info = {"status": result.status, "audio_dim": int(features.shape[1]), "rms": round(result.rms, 6),
-                "pad_samples": result.pad_samples, "untrained_dryrun": bool(result.meta.get("untrained_dryrun"))}
+                "pad_samples": result.pad_samples, "untrained_dryrun": bool(result.meta.get("untrained_dryrun")),
+                "hubert": result.meta.get("hubert"), "layers": result.meta.get("layers")}
         (out_dir / "audio_features.json").write_text(json.dumps(info, sort_keys=True))
         return info
 
@@ -242,7 +243,8 @@ class VaeLatentsStep:
         latents = encode_clip(iter_frames(crop / CROP_VIDEO, chunk=self.windows.window),
                               feature_models.wan_vae(self.models), cfg, segments=crop_segments(crop))
         save_vae_latents(out_dir / VAE_FILE, latents)
-        return {"windows": int(len(latents.window_starts)), "untrained_dryrun": bool(latents.meta.get("untrained_dryrun"))}
+        return {"windows": int(len(latents.window_starts)), "untrained_dryrun": bool(latents.meta.get("untrained_dryrun")),
+                "vae": latents.meta.get("vae")}
 
 
 @dataclass

@@ -22,8 +22,10 @@ def make_batch(B=2, L=3, hw=4, seed=0, audio_dim=32):
 
 
 def test_per_frame_sigmas_are_independent_and_capped():
-    cfg = DiffusionForcingConfig(noise_mode="per_frame", shift=3.0, sigma_struct_max=0.7)
-    sv, ss = sample_sigmas(cfg, 20000, 6, torch.Generator().manual_seed(0))
+    cfg = DiffusionForcingConfig.independent(noise_mode="per_frame", shift=3.0, sigma_struct_max=0.7)
+    draw = sample_sigmas(cfg, 20000, 6, torch.Generator().manual_seed(0))
+    sv, ss = draw.video, draw.struct
+    assert not draw.context.any() and not draw.given.any()
     assert sv.shape == ss.shape == (20000, 6)
     assert 0 <= sv.min() and sv.max() <= 1 and 0 <= ss.min() and ss.max() <= 0.7 and ss.max() > 0.69
     # distribution of sigma: P(sigma <= x) = P(u <= x / (s - (s-1) x)) for u uniform
@@ -41,8 +43,9 @@ def test_per_frame_sigmas_are_independent_and_capped():
 
 
 def test_per_sample_mode_gives_one_sigma_per_sample_per_stream():
-    cfg = DiffusionForcingConfig(noise_mode="per_sample")
-    sv, ss = sample_sigmas(cfg, 5000, 6, torch.Generator().manual_seed(1))
+    cfg = DiffusionForcingConfig.independent(noise_mode="per_sample")
+    draw = sample_sigmas(cfg, 5000, 6, torch.Generator().manual_seed(1))
+    sv, ss = draw.video, draw.struct
     assert torch.equal(sv, sv[:, :1].expand_as(sv)) and torch.equal(ss, ss[:, :1].expand_as(ss))
     assert abs(torch.corrcoef(torch.stack([sv[:, 0], ss[:, 0]]))[0, 1]) < 0.05  # streams still independent
     assert ss.max() <= 0.7
@@ -76,7 +79,7 @@ class _Oracle(torch.nn.Module):
     def audio_windows(self, a):
         return self.inner.audio_windows(a)
 
-    def forward(self, xv, sv, xs, ss, ref, aw):
+    def forward(self, xv, sv, xs, ss, ref, aw, given=None):
         from models.dualforce.frames import group_rows
 
         x0v = self.batch["video_latents"]
@@ -93,7 +96,7 @@ def test_dropped_frames_do_not_count():
     batch = make_batch(B=1, L=3)
     batch["keep_mask"][0, 6] = False  # video frame 6 -> latent frame 2, row 1
     model = _Oracle(build_model("tiny"), batch, bad_video_frame=2, bad_struct_row=(2, 1))
-    cfg = DiffusionForcingConfig(shift=1.0)
+    cfg = DiffusionForcingConfig.independent(shift=1.0)
     out = diffusion_forcing_loss(model, batch, cfg, torch.Generator().manual_seed(0))
     assert out["video_loss"].item() < 1e-6 and out["struct_loss"].item() < 1e-6
     assert out["video_frames_counted"].item() == 2 and out["struct_rows_counted"].item() == 8

@@ -47,8 +47,9 @@ def test_joint_from_pretrain_has_the_pretrained_weights_and_zero_bridge_and_audi
     assert copied == sorted(state)
     own = joint.state_dict()
     assert all(torch.equal(own[k], state[k]) for k in state)  # exactly, not approximately
-    gates = joint.zero_init_parameters()
-    assert gates and all(torch.count_nonzero(p) == 0 for p in gates.values())
+    gates = {n: p for n, p in joint.zero_init_parameters().items() if n not in state}  # the new modules' zero inits
+    assert any(n.endswith("audio_gate") for n in gates) and any(n.startswith("bridges.") for n in gates)
+    assert all(torch.count_nonzero(p) == 0 for p in gates.values())
     # the struct stream, the bridge and the audio change nothing of the video velocity at step 0
     inp = make_inputs(joint, seed=5)
     with torch.no_grad():
@@ -93,7 +94,8 @@ def test_video_only_forward_is_frame_causal_and_cache_equals_no_cache():
         cache = KVCache()
         first = model(inp["noisy_video"][:, :, :2], inp["sigma_video"][:, :2], None, None, inp["reference_latent"],
                       None, frame_offset=0, cache=cache, update_cache=True)[0]
-        rest = model(inp["noisy_video"][:, :, 2:], inp["sigma_video"][:, 2:], None, None, inp["reference_latent"],
+        assert cache.has_reference  # the first pass cached the reference with its frames
+        rest = model(inp["noisy_video"][:, :, 2:], inp["sigma_video"][:, 2:], None, None, None,
                      None, frame_offset=2, cache=cache)[0]
     torch.testing.assert_close(torch.cat([first, rest], dim=2), full, rtol=0, atol=2e-5)
 
@@ -121,17 +123,22 @@ def test_the_video_only_loss_trains_the_video_dit_alone():
     cfg = DiffusionForcingConfig()
     out = diffusion_forcing_loss(model, batch, cfg, torch.Generator().manual_seed(2))
     out["loss"].backward()
-    assert out["struct_loss"].item() == 0.0 and out["video_frames_counted"].item() == B * L
+    assert out["struct_loss"].item() == 0.0 and out["video_frames_counted"].item() == (~out["context"]).sum()
     assert all(p.grad is not None for p in model.parameters())
-    # the same sigmas and noise: the loss equals the hand-computed flow-matching error of the model's prediction
+    # the same draws: the loss equals the hand-computed flow-matching error over the non-context frames, with the
+    # reference zeroed where it was dropped and the given frames marked
     g = torch.Generator().manual_seed(2)
-    from models.dualforce import sample_sigmas
-    sigma, _ = sample_sigmas(cfg, B, L, g)
+    from models.dualforce.diffusion_forcing import condition_dropout, sample_sigmas
+    draw = sample_sigmas(cfg, B, L, g)
+    _, drop_reference = condition_dropout(cfg, B, g)
     eps = torch.randn(batch["video_latents"].shape, generator=g)
-    s = sigma[:, None, :, None, None]
+    s = draw.video[:, None, :, None, None]
+    reference = batch["reference_latent"] * (~drop_reference).float()[:, None, None, None, None]
     with torch.no_grad():
-        pred = model((1 - s) * batch["video_latents"] + s * eps, sigma, None, None, batch["reference_latent"], None)[0]
-    torch.testing.assert_close(out["video_loss"], (pred - (eps - batch["video_latents"])).pow(2).mean())
+        pred = model((1 - s) * batch["video_latents"] + s * eps, draw.video, None, None, reference, None,
+                     given=draw.given)[0]
+    err = (pred - (eps - batch["video_latents"])).pow(2).mean(dim=(1, 3, 4))  # [B, L]
+    torch.testing.assert_close(out["video_loss"], err[~draw.context].mean())
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for step in range(30):

@@ -58,7 +58,8 @@ def test_a_video_only_shard_set_trains_and_joint_starts_from_its_weights(video_s
     assert all(r["struct_loss"] is None and r["video_loss"] == r["loss"] > 0 for r in records)
     weights_file = checkpoint.weights_path(pre_dir / "checkpoints", checkpoint.latest_tag(pre_dir / "checkpoints"))
     pretrained = checkpoint.load_weights(weights_file)
-    assert all(k.startswith(("video_embed.", "video_time.", "video_blocks.", "video_head.")) for k in pretrained)
+    assert all(k.startswith(("video_embed.", "reference_embed.", "video_time.", "video_blocks.", "video_head."))
+               for k in pretrained)
 
     heads = tmp_path / "heads"
     write_shards(heads, n_shards=1, per_shard=2, seed=6)
@@ -68,8 +69,8 @@ def test_a_video_only_shard_set_trains_and_joint_starts_from_its_weights(video_s
     try:
         own = trainer.engine.module.state_dict()
         assert all(torch.equal(own[k], v) for k, v in pretrained.items())  # step 0: exactly the pretrained DiT
-        gates = trainer.engine.module.zero_init_parameters()
-        assert gates and all(torch.count_nonzero(p) == 0 for p in gates.values())
+        gates = {n: p for n, p in trainer.engine.module.zero_init_parameters().items() if n not in pretrained}
+        assert gates and all(torch.count_nonzero(p) == 0 for p in gates.values())  # the new modules start closed
         assert trainer.run().status == COMPLETED
     finally:
         trainer.close()

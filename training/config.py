@@ -79,6 +79,13 @@ class TrainConfig:
         if self.ckpt_every < 1 or self.total_steps < 1 or self.micro_batch < 1:
             raise ValueError("ckpt_every, total_steps and micro_batch must be >= 1")
 
+    def model_config(self):
+        """The DualForceConfig this run trains (preset + the shards' widths + overrides)."""
+        from models.dualforce.config import get_config
+
+        return get_config(self.model_variant, audio_dim=self.audio_dim, struct_dim=self.struct_dim,
+                          **dict(self.model_overrides, video_only=self.video_only))
+
     @property
     def effective_window(self) -> int:
         return self.train_window or self.window

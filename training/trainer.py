@@ -73,8 +73,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model_variant, audio_dim=cfg.audio_dim, struct_dim=cfg.struct_dim,
-                            **dict(cfg.model_overrides, video_only=cfg.video_only))
+        model = build_model(cfg.model_config())
         self.profile = contract.VIDEO_ONLY if cfg.video_only else contract.TALKING_HEAD
         if cfg.init_from and not (cfg.resume and checkpoint.latest_tag(self.ckpt_dir)):
             copied = load_video_dit(model, checkpoint.load_weights(Path(cfg.init_from)))

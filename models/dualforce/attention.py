@@ -1,7 +1,8 @@
 """Multi-head attention with frame-causal masks and a KV cache of clean context frames.
 
 Every token carries the index of the latent frame it belongs to. A query of frame t may attend a key of frame s iff
-s <= t (`frame_causal_mask`); with all keys visible the mask is dropped so SDPA can pick the flash kernel.
+s <= t (`frame_causal_mask`); with all keys visible the mask is dropped so SDPA can pick the flash kernel. The
+reference's tokens carry frame REFERENCE_FRAME = -1: visible to every frame, seeing only themselves.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from .rope import apply_rope
 
 Rope = tuple[torch.Tensor, torch.Tensor]
+REFERENCE_FRAME = -1
 
 
 def frame_causal_mask(q_frames: torch.Tensor, k_frames: torch.Tensor, device=None) -> Optional[torch.Tensor]:
@@ -38,8 +40,14 @@ class KVCache:
 
     @property
     def num_frames(self) -> int:
+        """Latent frames held (the reference, at frame -1, is not one of them)."""
         frames = self._frames.get("video")
         return 0 if frames is None else int(frames.max()) + 1
+
+    @property
+    def has_reference(self) -> bool:
+        frames = self._frames.get("video")
+        return frames is not None and bool((frames == REFERENCE_FRAME).any())
 
     def key_frames(self, stream: str, current: torch.Tensor) -> torch.Tensor:
         """Frame ids of the keys a layer over `stream` sees: cached tokens then the current ones."""

@@ -2,8 +2,13 @@
 
 x [B, L, N, D] -> self-attention (3D RoPE, block-causal over frames, KV cache) -> gated cross-attention to the
 frame's own audio tokens (zero-initialised gate) -> FFN. Shift/scale/gate come per frame from the dual AdaLN.
+The residual stream x, the modulation and the gated residual adds are float32; the attention and FFN matmuls run
+in the weights' dtype (bf16 in training), see modulation.py. The per-block modulation table starts at zero
+(AdaLN-Zero), so a fresh block is the identity.
+
 A block built with audio_token_dim=None has no audio path at all (the video-only pretraining model): its
-parameters are exactly the ones the full model's block shares with it.
+parameters are exactly the ones the full model's block shares with it. When the audio tokens cover fewer frames
+than x (the video stream's leading reference frame has no audio), the audio path updates the last frames only.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .attention import Attention, KVCache, Rope
-from .modulation import modulate
+from .modulation import modulate, norm_fp32, to_weight_dtype
 
 
 class DiTBlock(nn.Module):
@@ -29,26 +34,29 @@ class DiTBlock(nn.Module):
             self.audio_gate = nn.Parameter(torch.zeros(dim))  # zero-init gated residual: audio path is a no-op at init
         self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
-        self.modulation = nn.Parameter(torch.randn(6, dim) / dim**0.5)  # per-block table added to the frame mods
+        self.modulation = nn.Parameter(torch.zeros(6, dim))  # per-block table added to the frame mods (AdaLN-Zero)
 
     def forward(
         self,
-        x: torch.Tensor,  # [B, L, N, D]
-        mods: torch.Tensor,  # [B, L, 6, D] timestep + audio modulation per frame
-        audio_tokens: Optional[torch.Tensor],  # [B, L, Na, Da]; None for a block without an audio path
+        x: torch.Tensor,  # [B, L, N, D] float32 residual stream
+        mods: torch.Tensor,  # [B, L, 6, D] float32 timestep + audio modulation per frame
+        audio_tokens: Optional[torch.Tensor],  # [B, La, Na, Da], La <= L (the last La frames); None: no audio path
         rope: Rope,
         mask: Optional[torch.Tensor],
         cache: Optional[KVCache] = None,
         cache_name: str = "",
     ) -> torch.Tensor:
         B, L, N, D = x.shape
-        shift1, scale1, gate1, shift2, scale2, gate2 = (mods + self.modulation).unbind(2)  # each [B, L, D]
-        h = modulate(self.norm1(x), shift1, scale1).flatten(1, 2)
+        shift1, scale1, gate1, shift2, scale2, gate2 = (mods.float() + self.modulation.float()).unbind(2)  # [B, L, D]
+        h = to_weight_dtype(modulate(self.norm1(x), shift1, scale1).flatten(1, 2), self.self_attn.q)
         h = self.self_attn(h, q_rope=rope, k_rope=rope, mask=mask, cache=cache, cache_name=cache_name)
-        x = x + gate1.unsqueeze(2) * h.view(B, L, N, D)
-        if self.has_audio:  # each frame's tokens attend to that frame's own audio tokens only
-            q = self.norm_audio(x).flatten(0, 1)  # [B*L, N, D]
-            a = self.audio_attn(q, context=audio_tokens.flatten(0, 1)).view(B, L, N, D)
-            x = x + self.audio_gate * a
-        h = self.ffn(modulate(self.norm2(x), shift2, scale2))
-        return x + gate2.unsqueeze(2) * h
+        x = x + gate1.unsqueeze(2) * h.float().view(B, L, N, D)
+        if self.has_audio and audio_tokens is not None:  # each frame's tokens attend to that frame's own audio tokens
+            La = audio_tokens.shape[1]
+            tail = x[:, L - La:]
+            q = to_weight_dtype(norm_fp32(self.norm_audio, tail).flatten(0, 1), self.audio_attn.q)  # [B*La, N, D]
+            a = self.audio_attn(q, context=to_weight_dtype(audio_tokens.flatten(0, 1), self.audio_attn.k))
+            tail = tail + self.audio_gate.float() * a.float().view(B, La, N, D)
+            x = tail if La == L else torch.cat([x[:, : L - La], tail], dim=1)
+        h = self.ffn(to_weight_dtype(modulate(self.norm2(x), shift2, scale2), self.ffn[0]))
+        return x + gate2.unsqueeze(2) * h.float()

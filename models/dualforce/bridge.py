@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .attention import Attention, KVCache, Rope
+from .modulation import norm_fp32, to_weight_dtype
 
 
 class Bridge(nn.Module):
@@ -33,8 +34,8 @@ class Bridge(nn.Module):
         cache: Optional[KVCache] = None,
         cache_name: str = "",
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        hv = self.norm_video(xv).flatten(1, 2)
-        hs = self.norm_struct(xs).flatten(1, 2)
+        hv = to_weight_dtype(norm_fp32(self.norm_video, xv).flatten(1, 2), self.struct_to_video.q)
+        hs = to_weight_dtype(norm_fp32(self.norm_struct, xs).flatten(1, 2), self.video_to_struct.q)
         dv = self.struct_to_video(
             hv, hs, q_rope=ropes["v_in_v"], k_rope=ropes["s_in_v"], mask=masks["s2v"],
             cache=cache, cache_name=f"{cache_name}.s2v",
@@ -43,4 +44,6 @@ class Bridge(nn.Module):
             hs, hv, q_rope=ropes["s_in_s"], k_rope=ropes["v_in_s"], mask=masks["v2s"],
             cache=cache, cache_name=f"{cache_name}.v2s",
         )
-        return xv + self.video_gate * dv.view_as(xv), xs + self.struct_gate * ds.view_as(xs)
+        # gated residual adds in float32 (modulation.py)
+        return (xv + self.video_gate.float() * dv.float().view_as(xv),
+                xs + self.struct_gate.float() * ds.float().view_as(xs))

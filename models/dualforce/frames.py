@@ -3,7 +3,9 @@
 The causal Wan VAE turns T = 4(L-1)+1 video frames into L latent frames: latent frame 0 holds video frame 0 alone,
 latent frame j >= 1 holds video frames 4j-3 .. 4j. Per-video-frame rows are regrouped into G = 4 rows per latent
 frame. Latent frame 0 has a single real row; it is front-padded to G rows by repeating row 0, and the pad rows are
-marked invalid so no loss falls on them (`struct_row_valid`). Rows never move across a latent-frame boundary, so
+marked invalid so no loss falls on them (`struct_row_valid`). They stay tied to the real row wherever a struct
+group of frame 0 is noised or denoised (`tie_pad_rows`: the same noise in training, the same value at every sampler
+step), so the model never integrates an untrained velocity into them. Rows never move across a latent-frame boundary, so
 anything computed per latent frame from these groups sees no future video frames.
 """
 from __future__ import annotations
@@ -48,6 +50,16 @@ def ungroup_rows(grouped: torch.Tensor) -> torch.Tensor:
     """[B, L, G, D] -> [B, T, D], dropping the pad rows of latent frame 0."""
     B, L, G, D = grouped.shape
     return grouped.reshape(B, L * G, D)[:, G - 1 :]
+
+
+def tie_pad_rows(grouped: torch.Tensor, frame_offset: int = 0) -> torch.Tensor:
+    """[B, n, G, S] groups of latent frames offset..offset+n -> the same with frame 0's pad rows (0..G-2) set to its
+    real row (G-1); a copy when frame 0 is among them, else the input itself."""
+    if frame_offset != 0:
+        return grouped
+    tied = grouped.clone()
+    tied[:, 0, :-1] = grouped[:, 0, -1:]
+    return tied
 
 
 def struct_row_valid(latent_frames: int, stride: int = VAE_TIME_STRIDE, device=None) -> torch.Tensor:

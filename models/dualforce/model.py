@@ -5,9 +5,11 @@ spread evenly over the video depth), then the bridge if i is a bridge block (con
 per latent frame and frame-causal, so running frames [a, b) with a KV cache of clean frames [0, a) equals running
 frames [0, b) in one pass and slicing.
 
-Conditioning: the reference latent enters as Wan i2v channels at latent frame 0 (video_dit.py); the cross-attention
-of every block attends to the frame's own audio tokens (audio.py; their windows already hold past audio); audio
-also drives a zero-initialised AdaLN branch. There is no text encoder. Struct rows are expected normalised upstream.
+Conditioning: the reference latent has its own tokens at frame -1, prepended to the video stream, visible to every
+frame and cached once (video_dit.py); frames really given (context) are marked by the mask channels. The
+cross-attention of every block attends to the frame's own audio tokens (audio.py; their windows already hold past
+audio); audio also drives a zero-initialised AdaLN branch. There is no text encoder. Struct rows are expected
+normalised upstream. Residual streams, modulation and gated adds are float32 (modulation.py).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import KVCache, frame_causal_mask
+from .attention import REFERENCE_FRAME, KVCache, frame_causal_mask
 from .audio import AudioProjector
 from .block import DiTBlock
 from .bridge import Bridge
@@ -26,9 +28,9 @@ from .config import DualForceConfig, get_config
 from .frames import audio_windows
 from .modulation import AudioModulation, TimestepEmbedding
 from .rope import grid_positions, rope_angles
+from .serialization import read_pretrained, write_pretrained
 from .struct_dit import StructEmbed, StructHead
-from .video_dit import VideoHead, VideoPatchEmbed, reference_condition
-
+from .video_dit import ReferenceEmbed, VideoHead, VideoPatchEmbed, given_condition
 
 class DualForce(nn.Module):
     def __init__(self, config: DualForceConfig):
@@ -38,6 +40,7 @@ class DualForce(nn.Module):
         audio_token_dim = None if c.video_only else c.video_dim
         # video stream
         self.video_embed = VideoPatchEmbed(c.in_channels, c.video_dim, c.patch_size)
+        self.reference_embed = ReferenceEmbed(c.video_dim, c.mask_channels)
         self.video_time = TimestepEmbedding(c.freq_dim, c.video_dim)
         self.video_blocks = nn.ModuleList(
             DiTBlock(c.video_dim, c.video_heads, c.video_ffn_dim, audio_token_dim, c.qk_norm, c.eps)
@@ -67,24 +70,44 @@ class DualForce(nn.Module):
             self._struct_after.setdefault(i, []).append(j)
         self._init_weights()
 
+    @classmethod
+    def from_pretrained(cls, path, device: Union[str, torch.device] = "cpu",
+                        dtype: Optional[torch.dtype] = None) -> "DualForce":
+        """A model from an exported folder (serialization.py); every weight must be there, nothing else may be."""
+        config, state, provenance = read_pretrained(path)
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.provenance = provenance
+        return model.to(device=device, dtype=dtype).eval()
+
+    def save_pretrained(self, path, provenance: Optional[dict] = None):
+        """Export config.json + model.safetensors (+ provenance.json), atomically."""
+        return write_pretrained(path, self.config, self.state_dict(), provenance)
+
     def _init_weights(self) -> None:
+        """Xavier for the linear layers, then zero again for everything that starts at zero (AdaLN-Zero tables and
+        projections, output heads, audio and bridge gates): the model starts as "predict velocity 0"."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.video_embed.proj.weight.flatten(1))
-        if self.config.video_only:
-            return
-        for mod in (self.video_audio_mod, self.struct_audio_mod):  # AdaLN-Zero audio branch
-            nn.init.zeros_(mod.proj[1].weight)
+        with torch.no_grad():
+            for p in self.zero_init_parameters().values():
+                p.zero_()
 
     def zero_init_parameters(self) -> dict[str, nn.Parameter]:
-        """Parameters that start at zero so the audio and bridge paths are no-ops at init."""
+        """Parameters that start at zero: the timestep and audio AdaLN projections and per-block tables
+        (AdaLN-Zero: blocks start as the identity), the output heads, the reference embedding, the audio and bridge
+        gates."""
+        heads = ("video_head.proj.", "struct_head.proj.")
+        adaln = ("video_time.proj.", "struct_time.proj.", "video_audio_mod.", "struct_audio_mod.")
         names = {}
         for name, p in self.named_parameters():
-            if name.endswith("audio_gate") or name.startswith("bridges.") and name.endswith("_gate"):
-                names[name] = p
-            elif name.startswith(("video_audio_mod.", "struct_audio_mod.")):
+            block_table = name.startswith(("video_blocks.", "struct_blocks.")) and name.endswith(".modulation")
+            gate = name.endswith("audio_gate") or name.startswith("bridges.") and name.endswith("_gate")
+            if block_table or gate or name.startswith(heads + adaln) or name == "reference_embed.embed":
                 names[name] = p
         return names
 
@@ -100,97 +123,120 @@ class DualForce(nn.Module):
         sigma_video: torch.Tensor,  # [B, n] per-frame noise level in [0, 1]
         noisy_struct: Optional[torch.Tensor],  # [B, n, G, S] grouped struct rows (None: video-only model)
         sigma_struct: Optional[torch.Tensor],  # [B, n]
-        reference_latent: torch.Tensor,  # [B, 16, 1, h, w]
+        reference_latent: Optional[torch.Tensor],  # [B, 16, 1, h, w]; None when the cache already holds it
         audio_windows: Optional[torch.Tensor],  # [B, n, W, A] (self.audio_windows of the whole clip, sliced)
         frame_offset: int = 0,
         cache: Optional[KVCache] = None,
         update_cache: bool = False,
+        given: Optional[torch.Tensor] = None,  # [B, n] bool: frames really given (clean, sigma 0), mask channels 1
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Velocity predictions (video [B, 16, n, h, w], struct [B, n, G, S] or None for the video-only model)
         for latent frames offset..offset+n."""
         c = self.config
         if c.video_only:
-            return self._forward_video_only(noisy_video, sigma_video, noisy_struct, reference_latent, audio_windows,
-                                            frame_offset, cache, update_cache)
-        self._check_inputs(noisy_video, sigma_video, noisy_struct, sigma_struct, reference_latent, audio_windows)
+            if noisy_struct is not None or audio_windows is not None:
+                raise ValueError("a video-only DualForce takes no struct rows and no audio")
+            self._check_video(noisy_video, sigma_video, reference_latent, cache)
+        else:
+            self._check_inputs(noisy_video, sigma_video, noisy_struct, sigma_struct, reference_latent, audio_windows,
+                               cache)
         self._check_cache(cache, frame_offset)
         device = noisy_video.device
-        xv, ev, mod_v, frames, (hp, wp) = self._embed_video(noisy_video, sigma_video, reference_latent, frame_offset)
-        xs = self.struct_embed(noisy_struct.to(xv.dtype))  # [B, n, Ns, Ds]
-        audio_tokens, audio_vec = self.audio(audio_windows)  # [B, n, Na, Dv], [B, n, Dv]
-        mod_v = mod_v + self.video_audio_mod(audio_vec)
-        es, mod_s = self.struct_time(sigma_struct)
-        mod_s = mod_s + self.struct_audio_mod(audio_vec)
+        B, _, n, h, w = noisy_video.shape
+        hp, wp = h // c.patch_size[1], w // c.patch_size[2]
+        frames = torch.arange(frame_offset, frame_offset + n)  # absolute frame ids, on the CPU
+        xv = self.video_embed(torch.cat([noisy_video, given_condition(noisy_video, given, c.mask_channels)], 1)).float()
+        ev, mod_v = self.video_time(sigma_video)  # [B, n, Dv], [B, n, 6, Dv]
+        Nv = xv.shape[2]
+        audio_tokens = None
+        if not c.video_only:
+            audio_tokens, audio_vec = self.audio(audio_windows)  # [B, n, Na, Dv], [B, n, Dv]
+            mod_v = mod_v + self.video_audio_mod(audio_vec)
+        # the reference frame leads the video stream unless the cache holds it
+        r = 0 if reference_latent is None else 1
+        if r:
+            xv = torch.cat([self.reference_embed(self.video_embed, reference_latent), xv], dim=1)
+            mod_v = torch.cat([self._reference_modulation(B, device), mod_v], dim=1)
+        video_frames = torch.cat([torch.tensor([REFERENCE_FRAME] * r, dtype=frames.dtype), frames])
+        v_frames = video_frames.repeat_interleave(Nv)
+        v_rope = self._video_rope(video_frames, hp, wp, device)
+        if cache is not None:
+            cache.recording = update_cache
+        v_mask = frame_causal_mask(v_frames, self._keys(cache, "video", v_frames), device)
+        block = lambda blk, x, m, a, rope, mask, name: blk(x, m, a, rope, mask, cache, name)  # noqa: E731
 
-        Nv, Ns = xv.shape[2], xs.shape[2]
+        xs = struct_setup = None
+        if not c.video_only:
+            xs = self.struct_embed(noisy_struct)  # [B, n, Ns, Ds] float32
+            es, mod_s = self.struct_time(sigma_struct)
+            mod_s = mod_s + self.struct_audio_mod(audio_vec)
+            struct_setup = self._struct_attention_setup(frames, Nv, xs.shape[2], cache, device)
+
+        run = self._block_runner(cache)
+        for i, vblock in enumerate(self.video_blocks):
+            xv = run(lambda x, blk=vblock, i=i: block(blk, x, mod_v, audio_tokens, v_rope, v_mask, f"video{i}"), xv)
+            if xs is None:
+                continue
+            s_rope, s_mask, bridge_ropes, bridge_masks = struct_setup
+            for j in self._struct_after.get(i, ()):
+                sblock = self.struct_blocks[j]
+                xs = run(lambda x, blk=sblock, j=j: block(blk, x, mod_s, audio_tokens, s_rope, s_mask, f"struct{j}"), xs)
+            if str(i) in self.bridges:  # the bridge joins the real frames; the reference frame stays out
+                bridge = self.bridges[str(i)]
+                x_frames, xs = run(
+                    lambda a, b, br=bridge, i=i: br(a, b, bridge_ropes, bridge_masks, cache, f"bridge{i}"), xv[:, r:], xs
+                )
+                xv = torch.cat([xv[:, :r], x_frames], dim=1) if r else x_frames
+        _close(cache, update_cache)
+        video_v = self.video_head(xv[:, r:], ev, (hp, wp))
+        return video_v, (None if xs is None else self.struct_head(xs, es))
+
+    @torch.no_grad()
+    def cache_reference(self, reference_latent: torch.Tensor, cache: KVCache) -> None:
+        """Write the reference frame's keys/values into `cache` (once, before any frame): later passes with this
+        cache take reference_latent=None and attend to the cached reference. The reference's tokens see only
+        themselves and pass the video blocks without audio, struct or bridge, so this equals prepending it."""
+        if cache.has_reference or cache.num_frames:
+            raise ValueError("cache_reference goes first, into an empty cache")
+        c = self.config
+        _, _, _, h, w = reference_latent.shape
+        device = reference_latent.device
+        x = self.reference_embed(self.video_embed, reference_latent)  # [B, 1, Nv, Dv]
+        mods = self._reference_modulation(reference_latent.shape[0], device)
+        ref_frames = torch.tensor([REFERENCE_FRAME])
+        rope = self._video_rope(ref_frames, h // c.patch_size[1], w // c.patch_size[2], device)
+        cache.recording = True
+        cache.key_frames("video", ref_frames.repeat_interleave(x.shape[2]))
+        for i, blk in enumerate(self.video_blocks):
+            x = blk(x, mods, None, rope, None, cache, f"video{i}")
+        cache.commit()
+
+    def _reference_modulation(self, batch: int, device) -> torch.Tensor:
+        """[B, 1, 6, Dv]: the reference is a clean frame (sigma 0) and has no audio."""
+        return self.video_time(torch.zeros(batch, 1, device=device))[1]
+
+    def _struct_attention_setup(self, frames: torch.Tensor, Nv: int, Ns: int, cache: Optional[KVCache], device):
+        """RoPE angles and frame-causal masks of the struct blocks and the bridges (real frames only)."""
+        c = self.config
         v_frames, s_frames = frames.repeat_interleave(Nv), frames.repeat_interleave(Ns)
         dv_head, ds_head = c.video_dim // c.video_heads, c.struct_model_dim // c.struct_heads
         to_dev = lambda r: (r[0].to(device), r[1].to(device))  # noqa: E731
-        v_rope = self._video_rope(frames, hp, wp, device)
         s_rope = to_dev(rope_angles(grid_positions(frames, Ns, 1), ds_head, c.rope_theta))
         t_only = lambda fr, d: to_dev(rope_angles(torch.stack([fr, 0 * fr, 0 * fr], -1), d, c.rope_theta))  # noqa: E731
         bridge_ropes = {
             "v_in_v": t_only(v_frames, dv_head), "s_in_v": t_only(s_frames, dv_head),
             "s_in_s": t_only(s_frames, ds_head), "v_in_s": t_only(v_frames, ds_head),
         }
-        if cache is not None:
-            cache.recording = update_cache
-            v_keys, s_keys = cache.key_frames("video", v_frames), cache.key_frames("struct", s_frames)
-        else:
-            v_keys, s_keys = v_frames, s_frames
-        v_mask, s_mask = frame_causal_mask(v_frames, v_keys, device), frame_causal_mask(s_frames, s_keys, device)
-        bridge_masks = {
-            "s2v": frame_causal_mask(v_frames, s_keys, device), "v2s": frame_causal_mask(s_frames, v_keys, device)
-        }
+        s_keys = self._keys(cache, "struct", s_frames)
+        bv_keys = self._keys(cache, "bridge_video", v_frames)  # the bridge's video keys: real frames only
+        s_mask = frame_causal_mask(s_frames, s_keys, device)
+        bridge_masks = {"s2v": frame_causal_mask(v_frames, s_keys, device),
+                        "v2s": frame_causal_mask(s_frames, bv_keys, device)}
+        return s_rope, s_mask, bridge_ropes, bridge_masks
 
-        run = self._block_runner(cache)
-        for i, vblock in enumerate(self.video_blocks):
-            xv = run(lambda x, blk=vblock, i=i: blk(x, mod_v, audio_tokens, v_rope, v_mask, cache, f"video{i}"), xv)
-            for j in self._struct_after.get(i, ()):
-                sblock = self.struct_blocks[j]
-                xs = run(lambda x, blk=sblock, j=j: blk(x, mod_s, audio_tokens, s_rope, s_mask, cache, f"struct{j}"), xs)
-            if str(i) in self.bridges:
-                bridge = self.bridges[str(i)]
-                xv, xs = run(
-                    lambda a, b, br=bridge, i=i: br(a, b, bridge_ropes, bridge_masks, cache, f"bridge{i}"), xv, xs
-                )
-        _close(cache, update_cache)
-        video_v = self.video_head(xv, ev, (hp, wp))
-        struct_v = self.struct_head(xs, es)
-        return video_v, struct_v
-
-    def _forward_video_only(self, noisy_video, sigma_video, noisy_struct, reference_latent, audio_windows,
-                            frame_offset, cache, update_cache) -> tuple[torch.Tensor, None]:
-        """The video DiT alone: the same embedding, blocks (without their audio path) and head as the full model."""
-        if noisy_struct is not None or audio_windows is not None:
-            raise ValueError("a video-only DualForce takes no struct rows and no audio")
-        self._check_video(noisy_video, sigma_video, reference_latent)
-        self._check_cache(cache, frame_offset)
-        device = noisy_video.device
-        xv, ev, mod_v, frames, (hp, wp) = self._embed_video(noisy_video, sigma_video, reference_latent, frame_offset)
-        v_frames = frames.repeat_interleave(xv.shape[2])
-        v_rope = self._video_rope(frames, hp, wp, device)
-        if cache is not None:
-            cache.recording = update_cache
-        v_keys = cache.key_frames("video", v_frames) if cache is not None else v_frames
-        v_mask = frame_causal_mask(v_frames, v_keys, device)
-        run = self._block_runner(cache)
-        for i, vblock in enumerate(self.video_blocks):
-            xv = run(lambda x, blk=vblock, i=i: blk(x, mod_v, None, v_rope, v_mask, cache, f"video{i}"), xv)
-        _close(cache, update_cache)
-        return self.video_head(xv, ev, (hp, wp)), None
-
-    def _embed_video(self, noisy_video, sigma_video, reference_latent, frame_offset: int):
-        """The video stream's input side, the same for the full and the video-only model: tokens [B, n, Nv, Dv]
-        (noisy latent + reference condition, patched), frame embedding [B, n, Dv], timestep modulation
-        [B, n, 6, Dv], the absolute frame ids and the patch grid (hp, wp). Frame ids are built on the CPU."""
-        c = self.config
-        _, _, n, h, w = noisy_video.shape
-        frames = torch.arange(frame_offset, frame_offset + n)
-        cond = reference_condition(reference_latent, n, frame_offset, c.mask_channels)
-        xv = self.video_embed(torch.cat([noisy_video, cond], dim=1).to(self.video_embed.proj.weight.dtype))
-        ev, mod_v = self.video_time(sigma_video)
-        return xv, ev, mod_v, frames, (h // c.patch_size[1], w // c.patch_size[2])
+    @staticmethod
+    def _keys(cache: Optional[KVCache], stream: str, current: torch.Tensor) -> torch.Tensor:
+        return current if cache is None else cache.key_frames(stream, current)
 
     def _video_rope(self, frames: torch.Tensor, hp: int, wp: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """3D RoPE angles of the video tokens (built on the CPU, then moved: small, no device sync)."""
@@ -210,19 +256,27 @@ class DualForce(nn.Module):
         if cache is not None and cache.num_frames != frame_offset:
             raise ValueError(f"cache holds {cache.num_frames} frames but frame_offset is {frame_offset}")
 
-    def _check_video(self, noisy_video, sigma_video, reference_latent) -> None:
+    def _check_video(self, noisy_video, sigma_video, reference_latent, cache: Optional[KVCache]) -> None:
         c = self.config
         if noisy_video.ndim != 5 or noisy_video.shape[1] != c.latent_channels:
             raise ValueError(f"noisy_video must be [B, {c.latent_channels}, L, h, w], got {tuple(noisy_video.shape)}")
         B, _, n, h, w = noisy_video.shape
-        for name, t, shape in (("sigma_video", sigma_video, (B, n)),
-                               ("reference_latent", reference_latent, (B, c.latent_channels, 1, h, w))):
+        cached = cache is not None and cache.has_reference
+        if cached and reference_latent is not None:
+            raise ValueError("the cache already holds the reference: pass reference_latent=None")
+        if not cached and reference_latent is None:
+            raise ValueError("reference_latent is required (or cache it first with cache_reference)")
+        expect = [("sigma_video", sigma_video, (B, n))]
+        if reference_latent is not None:
+            expect.append(("reference_latent", reference_latent, (B, c.latent_channels, 1, h, w)))
+        for name, t, shape in expect:
             if tuple(t.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
-    def _check_inputs(self, noisy_video, sigma_video, noisy_struct, sigma_struct, reference_latent, audio_windows) -> None:
+    def _check_inputs(self, noisy_video, sigma_video, noisy_struct, sigma_struct, reference_latent, audio_windows,
+                      cache) -> None:
         c = self.config
-        self._check_video(noisy_video, sigma_video, reference_latent)
+        self._check_video(noisy_video, sigma_video, reference_latent, cache)
         B, _, n, h, w = noisy_video.shape
         expect = {
             "sigma_struct": (sigma_struct, (B, n)),

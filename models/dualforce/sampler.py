@@ -1,11 +1,22 @@
-"""Causal frame-by-frame (or chunk-by-chunk) sampler with a KV cache of clean context.
+"""Causal frame-by-frame (or chunk-by-chunk) sampler with a KV cache of context, guidance and given frames.
 
-For each chunk of latent frames [a, b): start video from pure noise (sigma 1) and struct from sigma_s0 = 0.7 around
-a prior (the previous chunk's last clean struct group, or `reference_struct`, or zeros) -- the struct stream never
-saw sigma > 0.7 in training. Denoise with K Euler steps of the flow (x += (sigma_next - sigma) * v) on the shifted
-grid; the struct grid is the video grid scaled by sigma_s0. Then one extra pass at sigma = 0 over the clean chunk
-writes its keys/values into the cache, so the cache only ever holds clean frames. `use_cache=False` recomputes the
-whole clean prefix plus the current chunk at every step instead (the reference the cached path is checked against).
+The reference is written into each cache once (`DualForce.cache_reference`). Given context frames (a user's frames,
+the end of a previous window) go in next, clean, marked as given. Then for each chunk of latent frames [a, b):
+start video from pure noise (sigma 1) and struct from sigma_s0 = 0.7 around a prior (the previous chunk's last
+struct group, the last given group, `reference_struct`, or zeros) -- the struct stream never saw sigma > 0.7 in
+training. Denoise with K Euler steps of the flow (x += (sigma_next - sigma) * v) on the shifted grid; the struct
+grid is the video grid scaled by sigma_s0. Frame 0's struct pad rows stay tied to its real row at every step
+(frames.tie_pad_rows). Then one extra pass over the finished chunk writes its keys/values into the cache at the
+context-noise level: x_ctx = (1 - c) x + c eps at sigma c (Diffusion Forcing's stabilisation; SkyReels-V2's
+addnoise_condition=20, i.e. c = 0.02, is the default). The noise touches the cache only; the chunk is yielded clean.
+
+Classifier-free guidance: for audio and for the reference, a scale s != 1 adds a null branch (zero audio features,
+or a zero reference latent: the nulls condition dropout trained) with a KV cache of its own, and
+v = v_full + sum_i (s_i - 1) (v_full - v_null_i). A scale of 1 runs no branch at all, so guidance 1 is exactly no
+guidance; each guided condition costs one more model pass per step.
+
+`use_cache=False` recomputes the reference, the whole context (as the cache would hold it) and the current chunk at
+every step instead: the reference the cached path is checked against.
 """
 from __future__ import annotations
 
@@ -16,7 +27,7 @@ import torch
 
 from .attention import KVCache
 from .diffusion_forcing import shift_sigma
-from .frames import num_latent_frames, video_frames_of
+from .frames import num_latent_frames, tie_pad_rows, video_frames_of
 
 
 @dataclass
@@ -26,12 +37,17 @@ class SamplerConfig:
     struct_sigma_start: float = 0.7
     chunk_frames: int = 1
     use_cache: bool = True
+    context_noise: float = 0.02  # sigma of the context written into the cache (0: clean context)
+    audio_guidance: float = 1.0  # CFG scale on audio (1: no guidance, no extra pass)
+    reference_guidance: float = 1.0  # CFG scale on the reference (1: no guidance, no extra pass)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.chunk_frames < 1:
             raise ValueError(f"steps and chunk_frames must be >= 1, got {self.steps}, {self.chunk_frames}")
         if not 0.0 < self.struct_sigma_start <= 1.0:
             raise ValueError(f"struct_sigma_start must be in (0, 1], got {self.struct_sigma_start}")
+        if not 0.0 <= self.context_noise < 1.0:
+            raise ValueError(f"context_noise must be in [0, 1), got {self.context_noise}")
 
 
 @dataclass
@@ -52,68 +68,144 @@ def sigma_grid(steps: int, shift: float) -> torch.Tensor:
     return shift_sigma(torch.linspace(1.0, 0.0, steps + 1), shift)
 
 
+class _Branch:
+    """One conditioning of the model (full, or with a null condition), with its KV cache, or the context history
+    it recomputes every pass when sampling without a cache."""
+
+    def __init__(self, model, reference: torch.Tensor, windows: torch.Tensor, guidance: float, use_cache: bool):
+        self.model, self.reference, self.windows, self.guidance = model, reference, windows, guidance
+        self.cache = KVCache() if use_cache else None
+        if self.cache is not None:
+            model.cache_reference(reference, self.cache)
+
+    def predict(self, history: "_History", x_v, sig_v, x_s, sig_s, a: int, b: int):
+        if self.cache is not None:
+            return self.model(x_v, sig_v, x_s, sig_s, None, self.windows[:, a:b], frame_offset=a, cache=self.cache)
+        if not history.video:
+            return self.model(x_v, sig_v, x_s, sig_s, self.reference, self.windows[:, :b])
+        v_all, s_all = self.model(
+            torch.cat(history.video + [x_v], 2), torch.cat(history.sigma + [sig_v], 1),
+            torch.cat(history.struct + [x_s], 1), torch.cat(history.sigma + [sig_s], 1),
+            self.reference, self.windows[:, :b], given=torch.cat(history.given + [torch.zeros_like(sig_v, dtype=torch.bool)], 1),
+        )
+        return v_all[:, :, a:], s_all[:, a:]
+
+    def write(self, x_v, sigma, x_s, given, a: int, b: int) -> None:
+        if self.cache is not None:
+            self.model(x_v, sigma, x_s, sigma, None, self.windows[:, a:b], frame_offset=a, cache=self.cache,
+                       update_cache=True, given=given)
+
+
+@dataclass
+class _History:
+    """The context as the model sees it (given frames clean, generated ones at the context-noise level)."""
+
+    video: list
+    struct: list
+    sigma: list
+    given: list
+
+    def add(self, x_v, x_s, sigma, given) -> None:
+        self.video.append(x_v)
+        self.struct.append(x_s)
+        self.sigma.append(sigma)
+        self.given.append(given)
+
+
 @torch.no_grad()
 def stream(
     model,
     reference_latent: torch.Tensor,  # [B, 16, 1, h, w]
-    audio_features: torch.Tensor,  # [B, T, A], T = 4(L-1)+1
+    audio_features: torch.Tensor,  # [B, T, A], T = 4(L-1)+1: the context frames' audio, then the frames to make
     cfg: SamplerConfig = SamplerConfig(),
     generator: Optional[torch.Generator] = None,
     reference_struct: Optional[torch.Tensor] = None,  # [B, S]: struct prior for the first frame
+    context_video: Optional[torch.Tensor] = None,  # [B, 16, k, h, w]: given latent frames 0..k-1
+    context_struct: Optional[torch.Tensor] = None,  # [B, k, G, S]: their struct groups
 ) -> Iterator[GeneratedChunk]:
-    """Yield chunks of clean latent frames (and their struct rows) as they finish."""
+    """Yield chunks of clean latent frames (and their struct rows) as they finish, from frame k on."""
     c = model.config
     B, C, _, h, w = reference_latent.shape
     L = num_latent_frames(audio_features.shape[1])
     G, S = c.frames_per_latent, c.struct_dim
     device, dtype = reference_latent.device, torch.float32
+    k0 = _check_context(context_video, context_struct, (B, C, h, w), (G, S), L)
     # all noise up front so cached and uncached sampling see the same draws
     noise_video = torch.randn((B, C, L, h, w), generator=generator, device=device, dtype=dtype)
-    noise_struct = torch.randn((B, L, G, S), generator=generator, device=device, dtype=dtype)
+    noise_struct = tie_pad_rows(torch.randn((B, L, G, S), generator=generator, device=device, dtype=dtype))
+    ctx_noise_video = torch.randn((B, C, L, h, w), generator=generator, device=device, dtype=dtype)
+    ctx_noise_struct = tie_pad_rows(torch.randn((B, L, G, S), generator=generator, device=device, dtype=dtype))
     windows = model.audio_windows(audio_features.to(dtype))  # [B, L, W, A]
-    grid = sigma_grid(cfg.steps, cfg.shift).tolist()
-    s0 = cfg.struct_sigma_start
+    reference = reference_latent.to(dtype)
+    branches = [_Branch(model, reference, windows, 1.0, cfg.use_cache)]
+    if cfg.audio_guidance != 1.0:
+        branches.append(_Branch(model, reference, torch.zeros_like(windows), cfg.audio_guidance, cfg.use_cache))
+    if cfg.reference_guidance != 1.0:
+        branches.append(_Branch(model, torch.zeros_like(reference), windows, cfg.reference_guidance, cfg.use_cache))
+    history = _History([], [], [], [])
     prior = torch.zeros(B, 1, G, S, device=device) if reference_struct is None else reference_struct[:, None, None].expand(B, 1, G, S).float()
-    cache = KVCache() if cfg.use_cache else None
-    clean_video: list[torch.Tensor] = []
-    clean_struct: list[torch.Tensor] = []
+    if k0:
+        given = torch.ones(B, k0, dtype=torch.bool, device=device)
+        zeros = torch.zeros(B, k0, device=device)
+        ctx_v, ctx_s = context_video.to(dtype), context_struct.to(dtype)
+        for br in branches:
+            br.write(ctx_v, zeros, ctx_s, given, 0, k0)
+        history.add(ctx_v, ctx_s, zeros, given)
+        prior = ctx_s[:, -1:, -1:].expand(B, 1, G, S)
+    grid = sigma_grid(cfg.steps, cfg.shift).tolist()
+    s0, cn = cfg.struct_sigma_start, cfg.context_noise
 
-    def predict(x_v, sig_v, x_s, sig_s, a, b):
+    def guided(x_v, sig_v, x_s, sig_s, a, b):
         n = b - a
-        sv = torch.full((B, n), sig_v, device=device)
-        ss = torch.full((B, n), sig_s, device=device)
-        if cache is not None:
-            return model(x_v, sv, x_s, ss, reference_latent, windows[:, a:b], frame_offset=a, cache=cache)
-        if a == 0:
-            return model(x_v, sv, x_s, ss, reference_latent, windows[:, :b])
-        # full recomputation: clean prefix (sigma 0) + current chunk, keep the chunk's outputs
-        v_all, s_all = model(
-            torch.cat(clean_video + [x_v], dim=2), torch.cat([torch.zeros(B, a, device=device), sv], dim=1),
-            torch.cat(clean_struct + [x_s], dim=1), torch.cat([torch.zeros(B, a, device=device), ss], dim=1),
-            reference_latent, windows[:, :b],
-        )
-        return v_all[:, :, a:], s_all[:, a:]
+        sv, ss = torch.full((B, n), sig_v, device=device), torch.full((B, n), sig_s, device=device)
+        v_full, s_full = branches[0].predict(history, x_v, sv, x_s, ss, a, b)
+        v_v, v_s = v_full.float(), s_full.float()
+        for br in branches[1:]:
+            v_null, s_null = br.predict(history, x_v, sv, x_s, ss, a, b)
+            v_v = v_v + (br.guidance - 1.0) * (v_full.float() - v_null.float())
+            v_s = v_s + (br.guidance - 1.0) * (s_full.float() - s_null.float())
+        return v_v, v_s
 
-    for a in range(0, L, cfg.chunk_frames):
+    for a in range(k0, L, cfg.chunk_frames):
         b = min(a + cfg.chunk_frames, L)
         x_v = noise_video[:, :, a:b].clone()
-        x_s = s0 * noise_struct[:, a:b] + (1 - s0) * prior.expand(B, b - a, G, S)
+        x_s = tie_pad_rows(s0 * noise_struct[:, a:b] + (1 - s0) * prior.expand(B, b - a, G, S), a)
         for k in range(cfg.steps):
-            v_v, v_s = predict(x_v, grid[k], x_s, s0 * grid[k], a, b)
-            x_v = x_v + (grid[k + 1] - grid[k]) * v_v.float()
-            x_s = x_s + s0 * (grid[k + 1] - grid[k]) * v_s.float()
-        if cache is not None:  # write the clean chunk's keys/values
-            n = b - a
-            zeros = torch.zeros(B, n, device=device)
-            model(x_v, zeros, x_s, zeros, reference_latent, windows[:, a:b], frame_offset=a, cache=cache, update_cache=True)
-        clean_video.append(x_v)
-        clean_struct.append(x_s)
+            v_v, v_s = guided(x_v, grid[k], x_s, s0 * grid[k], a, b)
+            x_v = x_v + (grid[k + 1] - grid[k]) * v_v
+            x_s = tie_pad_rows(x_s + s0 * (grid[k + 1] - grid[k]) * v_s, a)
+        # the context the next chunks see: at the context-noise level, in the caches (or the recomputed history)
+        ctx_v = (1 - cn) * x_v + cn * ctx_noise_video[:, :, a:b]
+        ctx_s = tie_pad_rows((1 - cn) * x_s + cn * ctx_noise_struct[:, a:b], a)
+        level = torch.full((B, b - a), cn, device=device)
+        not_given = torch.zeros(B, b - a, dtype=torch.bool, device=device)
+        for br in branches:
+            br.write(ctx_v, level, ctx_s, not_given, a, b)
+        history.add(ctx_v, ctx_s, level, not_given)
         prior = x_s[:, -1:]
         rows = x_s.flatten(1, 2)[:, G - 1 :] if a == 0 else x_s.flatten(1, 2)
         yield GeneratedChunk(a, x_v, x_s, rows)
 
 
-def generate(model, reference_latent, audio_features, cfg: SamplerConfig = SamplerConfig(), generator=None, reference_struct=None):
-    """Whole clip: (video latents [B, 16, L, h, w], struct rows [B, T, S])."""
-    chunks = list(stream(model, reference_latent, audio_features, cfg, generator, reference_struct))
+def _check_context(context_video, context_struct, video_shape, struct_shape, L: int) -> int:
+    """The number of given context frames (0 without context); shapes checked against the reference and config."""
+    if context_video is None and context_struct is None:
+        return 0
+    if context_video is None or context_struct is None:
+        raise ValueError("context_video and context_struct go together")
+    B, C, h, w = video_shape
+    k = context_video.shape[2]
+    if tuple(context_video.shape) != (B, C, k, h, w) or tuple(context_struct.shape) != (B, k, *struct_shape):
+        raise ValueError(f"context must be video [B, {C}, k, {h}, {w}] and struct [B, k, {struct_shape[0]}, "
+                         f"{struct_shape[1]}], got {tuple(context_video.shape)} and {tuple(context_struct.shape)}")
+    if not 1 <= k < L:
+        raise ValueError(f"{k} context frames leave nothing to generate in {L} latent frames")
+    return k
+
+
+def generate(model, reference_latent, audio_features, cfg: SamplerConfig = SamplerConfig(), generator=None,
+             reference_struct=None, context_video=None, context_struct=None):
+    """The generated frames (after any given context): (video latents [B, 16, L-k, h, w], struct rows [B, rows, S])."""
+    chunks = list(stream(model, reference_latent, audio_features, cfg, generator, reference_struct,
+                         context_video, context_struct))
     return torch.cat([ch.video_latents for ch in chunks], dim=2), torch.cat([ch.struct_rows for ch in chunks], dim=1)

@@ -1,26 +1,33 @@
-"""Video stream input/output: Wan i2v conditioning, (1,2,2) patch embedding and the per-frame modulated head.
+"""Video stream input/output: the conditioning channels, the reference tokens, (1,2,2) patches and the head.
 
-Conditioning (Wan i2v convention): the input has 36 channels = 16 noisy latent + 4 mask + 16 reference latent.
-The reference latent sits at latent frame 0 with its 4 mask channels = 1; every other frame has mask 0 and a zero
-reference. Frames are addressed by absolute index, so a chunk that does not contain frame 0 carries no reference
-(it reaches the reference through attention to the cached frame 0).
+Two roles, kept apart (DESIGN.md, model notes):
+- **Context frames** (continuation): the input has 36 channels = 16 noisy latent + 4 mask + 16 given latent (Wan
+  i2v layout). A frame whose content is really given (a user's frames, the end of a previous window) has its 4 mask
+  channels = 1 and its clean latent in the last 16; every other frame has zeros there. `given_condition` builds it.
+- **The reference** (identity): one clean latent with its own tokens at frame id REFERENCE_FRAME (-1), embedded
+  by the same patch embedding as a given frame plus a learned reference embedding, prepended to the video stream.
+  Frame-causal masks make it visible to every frame (-1 <= t) while it sees only itself; with a KV cache it is
+  computed once (model.DualForce.cache_reference).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from .modulation import modulate
+from .modulation import modulate, to_weight_dtype
+
+REFERENCE_FRAME = -1
 
 
-def reference_condition(reference_latent: torch.Tensor, frames: int, frame_offset: int, mask_channels: int) -> torch.Tensor:
-    """reference [B, C, 1, h, w] -> [B, mask_channels + C, frames, h, w] for absolute frames offset..offset+frames."""
-    B, C, _, h, w = reference_latent.shape
-    cond = reference_latent.new_zeros(B, mask_channels + C, frames, h, w)
-    if frame_offset == 0:
-        cond[:, :mask_channels, 0] = 1.0
-        cond[:, mask_channels:, 0] = reference_latent[:, :, 0]
-    return cond
+def given_condition(latents: torch.Tensor, given: Optional[torch.Tensor], mask_channels: int) -> torch.Tensor:
+    """latents [B, C, n, h, w] (a given frame's own clean latent), given [B, n] bool or None -> [B, mask + C, n, h, w]."""
+    B, C, n, h, w = latents.shape
+    if given is None:
+        return latents.new_zeros(B, mask_channels + C, n, h, w)
+    g = given.to(latents.dtype)[:, None, :, None, None]  # [B, 1, n, 1, 1]
+    return torch.cat([g.expand(B, mask_channels, n, h, w), latents * g], dim=1)
 
 
 class VideoPatchEmbed(nn.Module):
@@ -35,12 +42,28 @@ class VideoPatchEmbed(nn.Module):
         _, _, _, h, w = x.shape
         if h % self.patch[1] or w % self.patch[2]:
             raise ValueError(f"latent size {h}x{w} is not divisible by the patch {self.patch[1:]}")
-        y = self.proj(x)  # [B, D, L, hp, wp]
+        y = self.proj(x.to(self.proj.weight.dtype))  # [B, D, L, hp, wp]
         return y.flatten(3).permute(0, 2, 3, 1)
 
 
+class ReferenceEmbed(nn.Module):
+    """reference latent [B, C, 1, h, w] -> reference tokens [B, 1, N, D] (float32): the patch embedding of a clean,
+    given frame plus a learned reference embedding, which tells it apart from a given context frame."""
+
+    def __init__(self, dim: int, mask_channels: int):
+        super().__init__()
+        self.mask_channels = mask_channels
+        self.embed = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, patch_embed: VideoPatchEmbed, reference_latent: torch.Tensor) -> torch.Tensor:
+        B = reference_latent.shape[0]
+        given = torch.ones(B, 1, dtype=torch.bool, device=reference_latent.device)
+        cond = given_condition(reference_latent, given, self.mask_channels)
+        return patch_embed(torch.cat([reference_latent, cond], dim=1)).float() + self.embed.float()
+
+
 class VideoHead(nn.Module):
-    """tokens [B, L, N, D] + frame embedding [B, L, D] -> velocity [B, C, L, h, w]."""
+    """tokens [B, L, N, D] + frame embedding [B, L, D] -> velocity [B, C, L, h, w]; the projection starts at zero."""
 
     def __init__(self, dim: int, out_channels: int, patch: tuple[int, int, int], eps: float = 1e-6):
         super().__init__()
@@ -49,10 +72,12 @@ class VideoHead(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.proj = nn.Linear(dim, out_channels * patch[0] * patch[1] * patch[2])
         self.modulation = nn.Parameter(torch.randn(2, dim) / dim**0.5)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor, frame_emb: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        shift, scale = (self.modulation + frame_emb.unsqueeze(2)).unbind(2)
-        y = self.proj(modulate(self.norm(x), shift, scale))  # [B, L, N, C*pt*ph*pw]
+        shift, scale = (self.modulation.float() + frame_emb.float().unsqueeze(2)).unbind(2)
+        y = self.proj(to_weight_dtype(modulate(self.norm(x), shift, scale), self.proj))  # [B, L, N, C*pt*ph*pw]
         B, L = y.shape[:2]
         hp, wp = grid
         _, ph, pw = self.patch

@@ -11,7 +11,8 @@ what its label says, member by member:
 | latent     | video_latents.npy frame 0           | the VAE encode of the window's first crop frame           |
 | reference  | reference_latent.npy                | the VAE encode of the clip's first crop frame             |
 | struct     | struct.npy rows                     | the motion extractor on a few of the window's crop frames |
-| features   | audio_features.npy, keep_mask.npy   | the HuBERT and pose-check step outputs at the window      |
+| features   | audio_features.npy, keep_mask.npy,  | the HuBERT and pose-check step outputs at the window      |
+|            | head_pose.npy (when present)        |                                                          |
 
 Everything is recomputed from the crop video, not read back from the feature files alone, so an error in how
 windows are cut (the kind the shape checks cannot see) shows up as a mismatch. Sample choice is seeded.
@@ -156,7 +157,7 @@ class _ClipSource:
 def _check_sample(sample: dict, crop_frames: np.ndarray, src: _ClipSource, models: AuditModels, cfg: AuditConfig,
                   record: Callable[[str, Optional[str]], None]) -> None:
     """Every check of one sample; `crop_frames`: the crop's frames at its window [T, 512, 512, 3] uint8."""
-    from tasks.steps import AUDIO_FEATURES_FILE, KEEP_MASK_FILE, STRUCT_FILE
+    from tasks.steps import AUDIO_FEATURES_FILE, HEAD_POSE_FILE, KEEP_MASK_FILE, STRUCT_FILE
 
     meta = json.loads(sample[contract.META])
     start, end = meta["window"]
@@ -223,6 +224,10 @@ def _check_sample(sample: dict, crop_frames: np.ndarray, src: _ClipSource, model
         stored = _npy(sample, member)
         if not np.array_equal(stored, src.array(step, file)[start:end].astype(stored.dtype)):
             problems.append(name)
+    if contract.HEAD_POSE in sample:  # NaN rows (no independent pose) must stay NaN where they were
+        stored = _npy(sample, contract.HEAD_POSE)
+        if not np.array_equal(stored, src.array("pose_check", HEAD_POSE_FILE)[start:end], equal_nan=True):
+            problems.append("head_pose")
     record("features", f"{problems} differ from the step outputs at [{start}, {end})" if problems else None)
 
 

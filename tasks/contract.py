@@ -32,6 +32,7 @@ REFERENCE_LATENT = "reference_latent.npy"
 STRUCT = "struct.npy"
 AUDIO_FEATURES = "audio_features.npy"
 KEEP_MASK = "keep_mask.npy"
+HEAD_POSE = "head_pose.npy"  # optional: the pose check's aligned independent pitch/yaw/roll [T, 3] deg, NaN: none
 META = "meta.json"
 
 BASE_MEMBERS = (VIDEO, AUDIO, META)
@@ -47,6 +48,9 @@ PROFILE_MEMBERS = {
     TALKING_HEAD: (BASE_MEMBERS, FEATURE_MEMBERS),
     VIDEO_ONLY: ((VIDEO, META), (VIDEO_LATENTS, REFERENCE_LATENT)),
 }
+# Members a sample may hold besides its profile's: checked when present, never required (sets written before a
+# member existed stay valid). head_pose.npy: pose check v2 on LivePortrait motion (the head-pose alignment loss).
+OPTIONAL_MEMBERS = {TALKING_HEAD: (HEAD_POSE,), VIDEO_ONLY: ()}
 
 
 def window_frames(n: int) -> int:
@@ -108,6 +112,7 @@ def member_limits(spec: "ContractSpec") -> dict[str, MemberLimit]:
         STRUCT: npy(np.float32, T, spec.struct_dim),
         AUDIO_FEATURES: npy(np.float16, T, spec.audio_dim, free=free_dim),
         KEEP_MASK: npy(np.bool_, T),
+        HEAD_POSE: npy(np.float32, T, 3),
     }
 
 
@@ -171,6 +176,10 @@ class ContractSpec:
     @property
     def feature_members(self) -> tuple[str, ...]:
         return PROFILE_MEMBERS[self.profile][1]
+
+    @property
+    def optional_members(self) -> tuple[str, ...]:
+        return OPTIONAL_MEMBERS[self.profile]
 
 
 # The header np.save writes (format 1.0) for a C-order array of a plain numeric dtype.
@@ -282,4 +291,7 @@ def validate_sample(sample: Mapping[str, Any], spec: ContractSpec) -> dict:
     _expect(type(audio_dim) is int and 0 < audio_dim <= MAX_AUDIO_DIM, key, META, f"audio_dim {audio_dim!r}")
     _check_array(key, AUDIO_FEATURES, arrays[AUDIO_FEATURES], (T, audio_dim), np.float16)
     _check_array(key, KEEP_MASK, arrays[KEEP_MASK], (T,), np.bool_)
+    if HEAD_POSE in sample:
+        head_pose = sample[HEAD_POSE] if isinstance(sample[HEAD_POSE], np.ndarray) else load_npy(sample[HEAD_POSE])
+        _check_array(key, HEAD_POSE, head_pose, (T, 3), np.float32)
     return meta

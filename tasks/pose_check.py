@@ -94,6 +94,9 @@ class PoseCheckResult:
     keep: np.ndarray  # [T] bool
     offset_deg: float  # angle of the removed mean offset rotation (0 when center=False)
     meta: dict = field(default_factory=dict)
+    # [T, 3] the independent pitch/yaw/roll after removing the mean offset: what LivePortrait's angles are compared
+    # with, and the head-pose alignment loss's target (shard member head_pose.npy); NaN where no independent pose
+    aligned_deg: Optional[np.ndarray] = None
 
     @property
     def total(self) -> int:
@@ -216,14 +219,16 @@ def compare_pose(motion: MotionLatents, independent_M: np.ndarray, source: str,
         offset = _mean_rotation(lp_M[valid] @ np.transpose(ind_M[valid], (0, 2, 1)))  # lp ~ offset @ ind
     diff = np.full(T, np.nan)
     axis = np.full((T, 3), np.nan)
+    aligned_deg = np.full((T, 3), np.nan)
     if valid.any():
         aligned = offset @ ind_M[valid]
         diff[valid] = _geodesic_deg(lp_M[valid], aligned)
-        axis[valid] = np.stack([motion.pitch, motion.yaw, motion.roll], -1)[valid] - angles_from_matrices(aligned)
+        aligned_deg[valid] = angles_from_matrices(aligned)
+        axis[valid] = np.stack([motion.pitch, motion.yaw, motion.roll], -1)[valid] - aligned_deg[valid]
     keep = valid & (diff <= cfg.threshold_deg)
     offset_deg = float(_geodesic_deg(offset[None], np.eye(3)[None])[0])
     meta = {"threshold_deg": cfg.threshold_deg, "center": cfg.center, "frames_without_pose": int((~valid).sum())}
-    return PoseCheckResult(source, diff, axis, ind, keep, offset_deg, meta)
+    return PoseCheckResult(source, diff, axis, ind, keep, offset_deg, meta, aligned_deg)
 
 
 def check_clip_pose(

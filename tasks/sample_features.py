@@ -9,7 +9,7 @@ import numpy as np
 
 from tasks import contract
 from tasks.shard import FeatureSource, ShardClip
-from tasks.steps import AUDIO_FEATURES_FILE, KEEP_MASK_FILE, STRUCT_FILE, VAE_FILE
+from tasks.steps import AUDIO_FEATURES_FILE, HEAD_POSE_FILE, KEEP_MASK_FILE, STRUCT_FILE, VAE_FILE
 from tasks.vae_latents import load_vae_latents
 
 FEATURE_STEPS = ("motion", "pose_check", "audio_features", "vae_latents")
@@ -85,12 +85,17 @@ def vae_window_features(vae_dir: Path) -> FeatureSource:
 
 def window_features(step_dirs: dict[str, Path]) -> FeatureSource:
     """A FeatureSource over one clip's step outputs (steps 3-6); arrays are loaded once, windows sliced from them.
-    Struct rows and keep mask come from the FLAME struct step when it is among them, else from motion + pose check."""
+    Struct rows and keep mask come from the FLAME struct step when it is among them, else from motion + pose check
+    (which also gives the optional head_pose member: its aligned independent pose, the alignment loss's target)."""
     flame = step_dirs.get("flame_struct")
     struct = np.load((flame or step_dirs["motion"]) / STRUCT_FILE, allow_pickle=False)  # [T, S] float32
     keep = np.load((flame or step_dirs["pose_check"]) / KEEP_MASK_FILE, allow_pickle=False)  # [T] bool
     audio = np.load(step_dirs["audio_features"] / AUDIO_FEATURES_FILE, allow_pickle=False)  # [T, D] float16
     latents = vae_window_features(step_dirs["vae_latents"])
+    pose_file = step_dirs["pose_check"] / HEAD_POSE_FILE if flame is None and "pose_check" in step_dirs else None
+    head_pose = np.load(pose_file, allow_pickle=False) if pose_file is not None and pose_file.is_file() else None
+    if head_pose is not None and len(head_pose) != len(struct):
+        raise contract.ContractError(f"head pose has {len(head_pose)} rows for {len(struct)} struct rows")
     if not (len(struct) == len(keep) == len(audio)):
         raise contract.ContractError(f"per-frame features disagree: struct {len(struct)}, keep {len(keep)}, audio {len(audio)} rows")
 
@@ -103,6 +108,7 @@ def window_features(step_dirs: dict[str, Path]) -> FeatureSource:
             contract.STRUCT: contract.npy_bytes(struct[start:end].astype(np.float32)),
             contract.AUDIO_FEATURES: contract.npy_bytes(audio[start:end].astype(np.float16)),
             contract.KEEP_MASK: contract.npy_bytes(keep[start:end].astype(bool)),
+            **({} if head_pose is None else {contract.HEAD_POSE: contract.npy_bytes(head_pose[start:end].astype(np.float32))}),
         }
 
     return source

@@ -24,6 +24,7 @@ from tasks.step_store import fingerprint
 DOWNLOADED_VIDEO = "source.mp4"
 MOTION_FILE = "motion.npz"
 STRUCT_FILE = "struct.npy"
+HEAD_POSE_FILE = "head_pose_deg.npy"  # [T, 3] the pose check's aligned independent pitch/yaw/roll (deg), NaN: none
 KEEP_MASK_FILE = "keep_mask.npy"
 AUDIO_FEATURES_FILE = "audio_features.npy"
 VAE_FILE = "vae_latents.npz"
@@ -154,7 +155,7 @@ class PoseCheckStep:
     config: PoseCheckConfig = field(default_factory=PoseCheckConfig)
     flame_dir: Optional[str] = None  # <flame_dir>/<clip_id>.npz per clip (tasks/pose_check.py documents it)
     name: str = "pose_check"
-    version: str = "1"
+    version: str = "2"  # 2: writes the aligned independent pose (head_pose_deg.npy) for the alignment loss
     requires: tuple[str, ...] = ("crop", "motion")
 
     def fingerprint(self) -> str:
@@ -181,6 +182,7 @@ class PoseCheckStep:
                                f"({result.source})", info=counts)
         _save_npy(out_dir / KEEP_MASK_FILE, result.keep.astype(bool))
         _save_npy(out_dir / "pose_diff_deg.npy", result.diff_deg.astype(np.float32))
+        _save_npy(out_dir / HEAD_POSE_FILE, result.aligned_deg.astype(np.float32))
         (out_dir / "pose.json").write_text(json.dumps(counts, sort_keys=True))
         return counts
 

@@ -75,6 +75,11 @@ def test_dry_run_makes_shards_from_both_clips(dry_run):
         assert meta["untrained_dryrun_models"] == ["audio_features", "motion", "vae_latents"]
         assert set(meta["steps"]) == {"download", "crop", "motion", "pose_check", "audio_features", "vae_latents"}
         assert contract.load_npy(s[contract.VIDEO_LATENTS]).shape == (16, 5, 64, 64)
+        # the pose check's aligned independent pose (the alignment loss's target), the window's own rows
+        start, end = meta["window"]
+        clip_pose = np.load(base / "steps" / "pose_check" / meta["clip_id"] / "head_pose_deg.npy")
+        assert np.array_equal(contract.load_npy(s[contract.HEAD_POSE]), clip_pose[start:end], equal_nan=True)
+        assert np.isfinite(clip_pose).any()
     # dry-run windows: 17 frames every 200. sun: 550 frames -> 3 windows; yongen: audio 8.0 s -> 200 frames -> 1
     assert per_clip == {"samples_sun": [0, 200, 400], "samples_yongen": [0]}
     stats = json.loads((base / "shards" / "stats.json").read_text())

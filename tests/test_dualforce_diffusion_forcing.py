@@ -141,6 +141,26 @@ def test_overfit_fast():
 
 
 @pytest.mark.slow
-def test_overfit_many_noise_draws():
-    """>= 10x with 16 noise draws (closer to the real objective's fresh noise), a few hundred steps."""
-    assert _overfit(400, seeds=16) < 0.1
+def test_overfit_with_fresh_noise():
+    """>= 10x on one batch with a fresh noise draw every step (the real objective; ~80 s): tiny is wide enough to
+    learn, not only to run (measured 10.3x at 1,200 steps, 15.5x at 2,400)."""
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    batch = make_batch(B=1, L=3, seed=1)
+    cfg = DiffusionForcingConfig.independent(audio_drop_prob=0.0, reference_drop_prob=0.0)
+
+    def evaluate() -> float:
+        with torch.no_grad():
+            return sum(diffusion_forcing_loss(model, batch, cfg, torch.Generator().manual_seed(10**6 + s))["loss"].item()
+                       for s in range(32)) / 32
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 50))
+    before = evaluate()
+    for step in range(2400):
+        loss = diffusion_forcing_loss(model, batch, cfg, torch.Generator().manual_seed(step))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        warmup.step()
+    assert evaluate() < before / 10

@@ -240,8 +240,8 @@ def test_cached_reference_equals_prepended_reference():
             model(*args, frame_offset=f, cache=cache, update_cache=True)  # the frame joins the context as it was
         with pytest.raises(ValueError, match="empty cache"):
             model.cache_reference(inp["reference_latent"], cache)
-    torch.testing.assert_close(torch.cat([p[0] for p in parts], 2), v_full, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.cat([p[1] for p in parts], 1), s_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([p[0] for p in parts], 2), v_full, rtol=1e-5, atol=5e-5)
+    torch.testing.assert_close(torch.cat([p[1] for p in parts], 1), s_full, rtol=1e-5, atol=5e-5)
 
 
 @pytest.mark.parametrize("weights_bf16", [False, True])
@@ -279,6 +279,31 @@ def test_modulation_gates_and_residuals_stay_fp32_under_bf16(weights_bf16):
     with torch.no_grad():
         v32, _ = run(ref.eval(), inp)
     assert (v.float() - v32).abs().max() / v32.abs().max() < 0.05
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 4, 8])
+def test_struct_rows_share_one_embedding_and_start_as_an_assignment(tokens):
+    from models.dualforce.struct_dit import StructEmbed, StructHead
+
+    embed, head = StructEmbed(4, 133, tokens, 16), StructHead(4, 133, tokens, 16)
+    rows = torch.randn(2, 3, 4, 133)
+    with torch.no_grad():
+        out = embed(rows) - embed.token_embed  # [2, 3, tokens, 16]
+        per_row = embed.proj(rows)  # the same projection for every row
+    if tokens == 4:
+        torch.testing.assert_close(out, per_row)
+    elif tokens < 4:  # a token averages its rows
+        torch.testing.assert_close(out, per_row.unflatten(2, (tokens, 4 // tokens)).mean(3))
+    else:  # a row is copied into its tokens
+        torch.testing.assert_close(out, per_row.repeat_interleave(tokens // 4, dim=2))
+    nn_init = torch.nn.init
+    nn_init.normal_(head.proj.weight)
+    x = torch.randn(2, 3, tokens, 16)
+    v = head(x, torch.zeros(2, 3, 16))
+    assert v.shape == (2, 3, 4, 133)
+    if tokens == 4:  # row g reads token g through the shared projection
+        h = head.norm(x) * (1 + head.modulation[1]) + head.modulation[0]
+        torch.testing.assert_close(v, head.proj(h), rtol=1e-5, atol=1e-5)
 
 
 def test_grad_checkpointing_matches_plain():

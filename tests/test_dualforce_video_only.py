@@ -71,7 +71,7 @@ def test_joint_from_pretrain_has_the_pretrained_weights_and_zero_bridge_and_audi
 
 
 def test_weights_that_do_not_fit_are_refused_with_every_problem():
-    state = build_model("tiny", video_only=True, video_dim=64, video_ffn_dim=128).state_dict()
+    state = build_model("tiny", video_only=True, video_dim=96, video_ffn_dim=192).state_dict()
     state["video_blocks.9.self_attn.q.weight"] = torch.zeros(4, 4)
     with pytest.raises(WeightTransferError) as err:
         load_video_dit(build_model("tiny"), state)
@@ -79,7 +79,7 @@ def test_weights_that_do_not_fit_are_refused_with_every_problem():
     differ = sum(1 for k, v in state.items() if k in own and own[k].shape != v.shape)
     assert differ > 8 and f"{differ} differ in shape: " in str(err.value)
     assert "1 not in the model: video_blocks.9.self_attn.q.weight;" in str(err.value)
-    assert "video_blocks.0.ffn.0.weight: pretrained (128, 64), model (96, 48)" in str(err.value)
+    assert "video_blocks.0.ffn.0.weight: pretrained (192, 96), model (128, 64)" in str(err.value)
 
 
 def test_video_only_forward_is_frame_causal_and_cache_equals_no_cache():

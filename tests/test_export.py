@@ -122,6 +122,6 @@ def test_export_command_and_its_errors(trained_run, tmp_path, capsys):
     with pytest.raises(ExportError, match="does not hold this run's model"):
         cfg = json.loads((trained_run / "train_config.json").read_text())
         (tmp_path / "wide").mkdir()
-        (tmp_path / "wide" / "train_config.json").write_text(json.dumps(dict(cfg, model_overrides={"video_dim": 64})))
+        (tmp_path / "wide" / "train_config.json").write_text(json.dumps(dict(cfg, model_overrides={"video_dim": 96})))
         (tmp_path / "wide" / "checkpoints").symlink_to(trained_run / "checkpoints")
         export_run(tmp_path / "wide", tmp_path / "y", weights="module")

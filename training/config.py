@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from tasks.contract import STRUCT_DIM
 
+LIPSYNC_EMBED_DIM = 64  # the lip-sync head's width when a run turns the loss on without choosing one
 DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
 
 
@@ -83,8 +84,10 @@ class TrainConfig:
         """The DualForceConfig this run trains (preset + the shards' widths + overrides)."""
         from models.dualforce.config import get_config
 
-        return get_config(self.model_variant, audio_dim=self.audio_dim, struct_dim=self.struct_dim,
-                          **dict(self.model_overrides, video_only=self.video_only))
+        overrides = dict(self.model_overrides, video_only=self.video_only)
+        if self.loss_options.get("lipsync_loss_weight", 0) > 0 and not self.video_only:
+            overrides.setdefault("lipsync_embed_dim", LIPSYNC_EMBED_DIM)  # the lip-sync loss needs its head
+        return get_config(self.model_variant, audio_dim=self.audio_dim, struct_dim=self.struct_dim, **overrides)
 
     @property
     def effective_window(self) -> int:

@@ -46,7 +46,12 @@ _MEMBER_OF_KEY = {
     "struct": contract.STRUCT,
     "audio_features": contract.AUDIO_FEATURES,
     "keep_mask": contract.KEEP_MASK,
+    "head_pose": contract.HEAD_POSE,
 }
+# Optional batch keys: stacked when any sample of the batch holds the member; a sample without it gets NaN rows
+# (no estimate), so a batch mixing shard sets from before and after the member existed still collates.
+OPTIONAL_TENSOR_KEYS = {profile: tuple(k for k in _MEMBER_OF_KEY if _MEMBER_OF_KEY[k] in optional)
+                        for profile, optional in contract.OPTIONAL_MEMBERS.items()}
 PROFILE_TENSOR_KEYS = {
     profile: tuple(k for k in TENSOR_KEYS if _MEMBER_OF_KEY[k] in features)
     for profile, (_, features) in contract.PROFILE_MEMBERS.items()
@@ -203,8 +208,8 @@ def crop_window(arrays: dict[str, np.ndarray], window: int) -> dict[str, np.ndar
     latents = contract.latent_frames(window)
     out = dict(arrays)
     out["video_latents"] = arrays["video_latents"][:, :latents]
-    for key in ("struct", "audio_features", "keep_mask"):
-        if key in arrays:  # absent from video-only samples
+    for key in ("struct", "audio_features", "keep_mask", "head_pose"):
+        if key in arrays:  # absent from video-only samples (head_pose: optional)
             out[key] = arrays[key][:window]
     return out
 
@@ -285,7 +290,7 @@ class ShardDataset(IterableDataset):
             return self._reject("decode", f"sample {key[:80]!r}: {sample['__error__']}")
         try:
             decoded = dict(sample)
-            for member in self.spec.feature_members:
+            for member in (*self.spec.feature_members, *self.spec.optional_members):
                 if member in sample:
                     try:
                         decoded[member] = contract.load_npy(sample[member], self.limits[member], member)
@@ -297,6 +302,8 @@ class ShardDataset(IterableDataset):
         except Exception as exc:  # a member no check above foresaw: counted, never raised into training
             return self._reject("decode", f"sample {key!r}: {type(exc).__name__}: {exc}"[:500])
         arrays = {name: decoded[_MEMBER_OF_KEY[name]] for name in self.tensor_keys}
+        arrays.update({name: decoded[_MEMBER_OF_KEY[name]] for name in OPTIONAL_TENSOR_KEYS[self.cfg.profile]
+                       if _MEMBER_OF_KEY[name] in decoded})
         if self.cfg.train_window is not None:
             arrays = crop_window(arrays, self.cfg.train_window)
         self.accepted += 1
@@ -321,6 +328,11 @@ class ShardDataset(IterableDataset):
         batch: dict[str, Any] = {}
         for key in self.tensor_keys:  # stored dtypes (f16 latents/audio, f32 struct): half the copies and IPC
             batch[key] = torch.from_numpy(np.stack([s[key] for s in samples]))
+        for key in OPTIONAL_TENSOR_KEYS[self.cfg.profile]:
+            held = [s[key] for s in samples if key in s]
+            if held:
+                blank = np.full_like(held[0], np.nan)
+                batch[key] = torch.from_numpy(np.stack([s.get(key, blank) for s in samples]))
         batch["sample_keys"] = [s["__key__"] for s in samples]
         batch[STATS_KEY] = self.stats()
         return batch

@@ -27,7 +27,7 @@ from tasks import contract
 from training import checkpoint, rng_state, safe_checkpoint
 from training.config import TrainConfig, load_ds_config
 from training.ema import EMA
-from training.loader import PROFILE_TENSOR_KEYS, LoaderConfig, ShardLoader
+from training.loader import OPTIONAL_TENSOR_KEYS, PROFILE_TENSOR_KEYS, LoaderConfig, ShardLoader
 from training.metrics import MetricsWriter, peak_memory_mb
 from training.run_status import COMPLETED, ERROR, NONFINITE, OOM, STOPPED, RunStatus, write_status
 from training.schedule import WarmupDecay
@@ -186,14 +186,15 @@ class Trainer:
     def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Stored dtypes (f16 latents) -> float32 on the device; the model casts to its own (bf16) weights."""
         out = {}
-        for key in PROFILE_TENSOR_KEYS[self.profile]:
+        keys = [*PROFILE_TENSOR_KEYS[self.profile], *(k for k in OPTIONAL_TENSOR_KEYS[self.profile] if k in batch)]
+        for key in keys:
             tensor = batch[key].to(self.device, non_blocking=True)
             out[key] = tensor.float() if tensor.is_floating_point() else tensor
         return out
 
     def _train_step(self, data) -> dict[str, Any]:
         step = self.step + 1
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = torch.zeros(5, dtype=torch.float64)
         samples = 0
         lr = float(self.scheduler.get_last_lr()[0])  # the rate this step uses
         for _ in range(self.cfg.grad_accum):
@@ -205,7 +206,9 @@ class Trainer:
             f = self.cfg.faults
             if f.nan_at_step == step and f.nan_if_noise_mode in (None, self.cfg.noise_mode):
                 loss = loss * float("nan")
-            local = torch.stack([loss.detach(), out["video_loss"].detach(), out["struct_loss"].detach()]).float()
+            zero = loss.new_zeros(())
+            local = torch.stack([loss.detach(), out["video_loss"].detach(), out["struct_loss"].detach(),
+                                 out.get("pose_loss", zero).detach(), out.get("lipsync_loss", zero).detach()]).float()
             bad = torch.tensor([0.0 if bool(torch.isfinite(local).all()) else 1.0], device=self.device)
             dist.all_reduce(bad)  # every rank stops together, before a NaN reaches the optimizer
             if bad.item() > 0:
@@ -223,6 +226,8 @@ class Trainer:
             "loss": reduced[0],
             "video_loss": reduced[1],
             "struct_loss": None if self.cfg.video_only else reduced[2],
+            "pose_loss": reduced[3] if self.loss_cfg.pose_loss_weight > 0 else None,
+            "lipsync_loss": reduced[4] if self.loss_cfg.lipsync_loss_weight > 0 else None,
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "lr": lr,
             "samples": samples,
@@ -265,6 +270,9 @@ class Trainer:
         }
         if ema_norm is not None:
             record["ema_norm"] = ema_norm
+        for aux in ("pose_loss", "lipsync_loss"):  # only the auxiliary losses this run trains with
+            if result.get(aux) is not None:
+                record[aux] = result[aux]
         self.metrics.write(record)
         log.info(
             "step %d/%d loss %.4f video %.4f struct %s grad_norm %s lr %.2e %.1f samples/s mem %.0f MB",

@@ -38,7 +38,10 @@ from typing import Optional
 
 import torch
 
-from .frames import group_rows, keep_weights, num_latent_frames, tie_pad_rows
+from models.struct_layout import STRUCT_DIM
+
+from .aux_losses import head_pose_loss, lipsync_loss, mouth_columns
+from .frames import group_rows, keep_weights, num_latent_frames, tie_pad_rows, ungroup_rows
 
 NOISE_MODES = ("per_frame", "per_sample")
 SIGMA_ORDERS = ("independent", "non_decreasing")
@@ -63,6 +66,10 @@ class DiffusionForcingConfig:
     loss_weighting: str = "none"  # "cosmap": SD3's w = 2 / (pi * (1 - 2s + 2s^2))
     video_loss_weight: float = 1.0
     struct_loss_weight: float = 1.0
+    # the review's auxiliary losses (aux_losses.py); 0 = off, and then not even computed
+    pose_loss_weight: float = 0.0
+    lipsync_loss_weight: float = 0.0
+    lipsync_temperature: float = 0.07
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("noise_mode", self.noise_mode, NOISE_MODES),
@@ -75,6 +82,8 @@ class DiffusionForcingConfig:
             raise ValueError(f"sigma_struct_max must be in (0, 1], got {self.sigma_struct_max}")
         if self.shift <= 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
+        if self.pose_loss_weight < 0 or self.lipsync_loss_weight < 0 or self.lipsync_temperature <= 0:
+            raise ValueError("aux loss weights must be >= 0 and lipsync_temperature > 0")
         for name in ("clean_prefix_prob", "given_prefix_prob", "context_sigma_max", "audio_drop_prob",
                      "reference_drop_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -142,6 +151,34 @@ def condition_dropout(cfg: DiffusionForcingConfig, batch: int, generator=None, d
 def _drop(x: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
     """Zero the samples of x [B, ...] where dropped [B] is True (the null condition of CFG)."""
     return x * (~dropped).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+
+
+def _aux_losses(model, batch, cfg: DiffusionForcingConfig, x0_struct: torch.Tensor, windows: torch.Tensor,
+                context: torch.Tensor, frame_kept: torch.Tensor, drop_audio: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The auxiliary losses on the clean-struct estimate x0_struct [B, L, G, S]; zeros (not computed) at weight 0."""
+    zero = x0_struct.new_zeros(())
+    out = {"pose_loss": zero, "lipsync_loss": zero}
+    S = x0_struct.shape[-1]
+    if cfg.pose_loss_weight > 0:
+        if "head_pose" not in batch:
+            raise KeyError("pose_loss_weight > 0 needs head_pose in the batch: shards with head_pose.npy (preprocess "
+                           "with pose_check v2 on LivePortrait motion)")
+        if S != STRUCT_DIM:
+            raise ValueError(f"the head-pose alignment loss reads LivePortrait's struct layout ({STRUCT_DIM} wide), "
+                             f"not a {S}-wide FLAME layout (whose pose is that estimate already)")
+        G = x0_struct.shape[2]
+        rows_counted = ungroup_rows(~context[:, :, None].expand(-1, -1, G)[..., None]).squeeze(-1)  # [B, T]
+        rows_counted = rows_counted & batch["keep_mask"].to(rows_counted.device).bool()
+        out["pose_loss"] = head_pose_loss(ungroup_rows(x0_struct), batch["head_pose"].to(x0_struct.device),
+                                          rows_counted)
+    if cfg.lipsync_loss_weight > 0:
+        head = getattr(model, "lipsync_head", None)
+        if head is None:
+            raise ValueError("lipsync_loss_weight > 0 needs a model with a lip-sync head (lipsync_embed_dim > 0)")
+        counted = frame_kept & ~context & ~drop_audio[:, None]  # [B, L]
+        out["lipsync_loss"] = lipsync_loss(head, windows, x0_struct, counted, mouth_columns(S),
+                                           cfg.lipsync_temperature)
+    return out
 
 
 def sigma_loss_weight(sigma: torch.Tensor, weighting: str) -> torch.Tensor:
@@ -214,10 +251,13 @@ def diffusion_forcing_loss(
     xt_video = (1 - sv) * x0_video + sv * eps_v
     xt_struct = (1 - ss) * x0_struct + ss * eps_s
 
+    windows = model.audio_windows(batch["audio_features"].float())  # [B, L, W, A]
     pred_v, pred_s = model(
         xt_video, sigma_v, xt_struct, sigma_s, _drop(batch["reference_latent"].float(), drop_reference),
-        model.audio_windows(_drop(batch["audio_features"].float(), drop_audio)), given=draw.given,
+        _drop(windows, drop_audio), given=draw.given,
     )
+    aux = _aux_losses(model, batch, cfg, xt_struct - ss * pred_s.float(), windows, draw.context,
+                      video_keep > 0, drop_audio)
     not_context = (~draw.context).float()  # [B, L]
     video_keep = video_keep * not_context
     struct_keep = struct_keep * not_context[:, :, None]
@@ -228,10 +268,13 @@ def diffusion_forcing_loss(
     video_loss = (w_v * err_v).sum() / video_keep.sum().clamp_min(1.0)
     struct_loss = (w_s * err_s).sum() / struct_keep.sum().clamp_min(1.0)
     loss = cfg.video_loss_weight * video_loss + cfg.struct_loss_weight * struct_loss
+    loss = loss + cfg.pose_loss_weight * aux["pose_loss"] + cfg.lipsync_loss_weight * aux["lipsync_loss"]
     return {
         "loss": loss,
         "video_loss": video_loss.detach(),
         "struct_loss": struct_loss.detach(),
+        "pose_loss": aux["pose_loss"].detach(),
+        "lipsync_loss": aux["lipsync_loss"].detach(),
         "sigma_video": sigma_v,
         "sigma_struct": sigma_s,
         "context": draw.context,

@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import REFERENCE_FRAME, KVCache, frame_causal_mask
+from .aux_losses import LipSyncHead, mouth_columns
 from .audio import AudioProjector
 from .block import DiTBlock
 from .bridge import Bridge
@@ -68,6 +69,10 @@ class DualForce(nn.Module):
         )
         for j, i in enumerate(c.struct_schedule()):
             self._struct_after.setdefault(i, []).append(j)
+        self.lipsync_head = None
+        if c.lipsync_embed_dim > 0:  # only the lip-sync loss uses it; generation never does
+            self.lipsync_head = LipSyncHead(c.audio_window, c.audio_dim, G * len(mouth_columns(c.struct_dim)),
+                                            c.lipsync_embed_dim, c.eps)
         self._init_weights()
 
     @classmethod
@@ -77,7 +82,8 @@ class DualForce(nn.Module):
         config, state, provenance = read_pretrained(path)
         with torch.device("meta"):
             model = cls(config)
-        model.load_state_dict(state, strict=True, assign=True)
+        # fresh (aligned) storage, not the file's mapping: the same kernels, so bit-identical outputs
+        model.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True, assign=True)
         model.provenance = provenance
         return model.to(device=device, dtype=dtype).eval()
 

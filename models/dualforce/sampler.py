@@ -120,8 +120,11 @@ def stream(
     cfg: SamplerConfig = SamplerConfig(),
     generator: Optional[torch.Generator] = None,
     reference_struct: Optional[torch.Tensor] = None,  # [B, S]: struct prior for the first frame
-    context_video: Optional[torch.Tensor] = None,  # [B, 16, k, h, w]: given latent frames 0..k-1
+    # given latent frames 0..k-1, encoded as a clip of their own (latent frame 0 holds one video frame, so its struct
+    # group's pad rows are tied to its last row, as in training)
+    context_video: Optional[torch.Tensor] = None,  # [B, 16, k, h, w]
     context_struct: Optional[torch.Tensor] = None,  # [B, k, G, S]: their struct groups
+    context_given: bool = True,  # False: write them as generated context is (context noise, not marked given)
 ) -> Iterator[GeneratedChunk]:
     """Yield chunks of clean latent frames (and their struct rows) as they finish, from frame k on."""
     c = model.config
@@ -144,16 +147,19 @@ def stream(
         branches.append(_Branch(model, torch.zeros_like(reference), windows, cfg.reference_guidance, cfg.use_cache))
     history = _History([], [], [], [])
     prior = torch.zeros(B, 1, G, S, device=device) if reference_struct is None else reference_struct[:, None, None].expand(B, 1, G, S).float()
-    if k0:
-        given = torch.ones(B, k0, dtype=torch.bool, device=device)
-        zeros = torch.zeros(B, k0, device=device)
-        ctx_v, ctx_s = context_video.to(dtype), context_struct.to(dtype)
-        for br in branches:
-            br.write(ctx_v, zeros, ctx_s, given, 0, k0)
-        history.add(ctx_v, ctx_s, zeros, given)
-        prior = ctx_s[:, -1:, -1:].expand(B, 1, G, S)
     grid = sigma_grid(cfg.steps, cfg.shift).tolist()
     s0, cn = cfg.struct_sigma_start, cfg.context_noise
+    if k0:
+        ctx_v, ctx_s = context_video.to(dtype), tie_pad_rows(context_struct.to(dtype))
+        given = torch.full((B, k0), context_given, dtype=torch.bool, device=device)
+        level = torch.full((B, k0), 0.0 if context_given else cn, device=device)
+        if not context_given:  # as if the sampler had made them (rollout_drift's teacher forcing)
+            ctx_v = (1 - cn) * ctx_v + cn * ctx_noise_video[:, :, :k0]
+            ctx_s = tie_pad_rows((1 - cn) * ctx_s + cn * ctx_noise_struct[:, :k0])
+        for br in branches:
+            br.write(ctx_v, level, ctx_s, given, 0, k0)
+        history.add(ctx_v, ctx_s, level, given)
+        prior = context_struct[:, -1:, -1:].to(dtype).expand(B, 1, G, S)
 
     def guided(x_v, sig_v, x_s, sig_s, a, b):
         n = b - a
@@ -204,8 +210,8 @@ def _check_context(context_video, context_struct, video_shape, struct_shape, L: 
 
 
 def generate(model, reference_latent, audio_features, cfg: SamplerConfig = SamplerConfig(), generator=None,
-             reference_struct=None, context_video=None, context_struct=None):
+             reference_struct=None, context_video=None, context_struct=None, context_given=True):
     """The generated frames (after any given context): (video latents [B, 16, L-k, h, w], struct rows [B, rows, S])."""
     chunks = list(stream(model, reference_latent, audio_features, cfg, generator, reference_struct,
-                         context_video, context_struct))
+                         context_video, context_struct, context_given))
     return torch.cat([ch.video_latents for ch in chunks], dim=2), torch.cat([ch.struct_rows for ch in chunks], dim=1)

@@ -44,8 +44,8 @@ def ray_options(workers: int, address: str | None) -> tuple[dict | None, str]:
     if "runner" not in params:
         return None, "skipped: this flows.preprocess has no `runner` parameter"
     try:
-        import ray  # noqa: F401
         import prefect_ray  # noqa: F401
+        import ray  # noqa: F401
     except ImportError as exc:
         return None, f"skipped: {exc.name} is not installed"
     opts: dict = {"runner": "ray"}

@@ -29,7 +29,7 @@ def _failed_exit_code(state) -> int:
 
 def _done_exit_code(preprocess_report: dict | None) -> int:
     """0, or 5 (CLIPS-FAILED) when clips failed through our own error rather than being rejected."""
-    from flows.outcomes import EXIT_CODES, CLIPS_FAILED, failed_clips
+    from flows.outcomes import CLIPS_FAILED, EXIT_CODES, failed_clips
 
     failed = failed_clips(preprocess_report or {})
     if not failed:
@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dualforce", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("dry-run", help="the main job on the sample clips, locally: manifest -> 7 steps -> shards -> a few training steps")
+    d = sub.add_parser("dry-run", help="the main job on the sample clips, locally: manifest -> 7 steps -> shards -> "
+                                       "a few training steps")
     d.add_argument("--out", help="output folder (default: ./dryrun-output)")
     d.add_argument("--samples", default=str(DEFAULT_SAMPLES), help="folder of sample clips")
     d.add_argument("--workers", type=int, default=2)

@@ -10,11 +10,11 @@ from prefect import flow, get_run_logger
 
 from datasets_manifest import build_manifest
 from datasets_manifest.schema import write_manifest
+from flows.layout import DatasetLayout
 from flows.pipeline import training_summary
 from flows.preprocess import with_workers
 from flows.program import training_program
 from flows.run_artifacts import publish_summary
-from flows.layout import DatasetLayout
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SAMPLES = REPO.parent / "shared" / "samples"

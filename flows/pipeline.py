@@ -17,9 +17,9 @@ from flows.layout import DatasetLayout
 from flows.preprocess import with_workers
 from flows.run_artifacts import publish_summary
 from flows.train import train_flow
-from training.launch import LaunchSpec, check_launch
-from tasks.shard import shard_files
 from tasks.shard import STATUS_FILE as SHARD_STATUS
+from tasks.shard import shard_files
+from training.launch import LaunchSpec, check_launch
 from training.metrics import METRICS_FILE, read_metrics
 from training.shard_sets import train_data_fields
 

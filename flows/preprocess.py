@@ -34,22 +34,42 @@ from flows.outcomes import BAD_WEIGHTS, UNUSABLE_INPUT, unusable_manifest_messag
 from flows.progress import Progress
 from flows.run_artifacts import ProgressArtifact, publish_contact_sheet, publish_summary
 from flows.runners import RUNNERS, RayConfig, batch_submitter
+from models.weights import WeightsError
+from tasks import contract, storage
 from tasks.audit import AuditConfig, AuditModels, AuditReport, audit_shards
 from tasks.contact_sheet import AcceptedClip, RejectedClip, contact_sheet
 from tasks.download import DownloadConfig
-from tasks.gates import GateVerdict
 from tasks.feature_models import FeatureModels, dryrun_models
-from models.weights import WeightsError
+from tasks.gates import GateVerdict
 from tasks.ledger import LEDGER_DIR, step_counts, write_ledger_part
 from tasks.pose_check import PoseCheckConfig, latent_quality_gate
 from tasks.sample_features import TALKING_HEAD, TALKING_HEAD_FLAME, PreprocessProfile, preprocess_profile
-from tasks import contract, storage
-from tasks.shard import (DEFAULT_SHARD_GROUPS, GroupResult, ShardClip, ShardConfig, begin_shard_set, merge_shard_groups,
-                         plan_groups, write_shard_group)
+from tasks.shard import (
+    DEFAULT_SHARD_GROUPS,
+    GroupResult,
+    ShardClip,
+    ShardConfig,
+    begin_shard_set,
+    merge_shard_groups,
+    plan_groups,
+    write_shard_group,
+)
 from tasks.step_runner import ClipState, LedgerEntry, Step, run_step
 from tasks.step_store import StepStore, fingerprint
-from tasks.steps import (DOWNLOADED_VIDEO, SHARD_VERSION, AudioFeaturesStep, CenterCropStep, CropStep, DownloadStep,
-                         FlameStructStep, MotionStep, PoseCheckStep, VaeLatentsStep, crop_frames, crop_segments)
+from tasks.steps import (
+    DOWNLOADED_VIDEO,
+    SHARD_VERSION,
+    AudioFeaturesStep,
+    CenterCropStep,
+    CropStep,
+    DownloadStep,
+    FlameStructStep,
+    MotionStep,
+    PoseCheckStep,
+    VaeLatentsStep,
+    crop_frames,
+    crop_segments,
+)
 
 CLIP_STEPS = TALKING_HEAD.clip_steps  # the default profile's
 ALL_STEPS = TALKING_HEAD.steps
@@ -320,7 +340,8 @@ def shard_clips(states: list[ClipState], layout: DatasetLayout, shard_cfg: Shard
             n = r.clips[s.row.clip_id][1]
             entries.append(LedgerEntry(
                 s.row.clip_id, s.row.dataset, "shard", "ok" if n else "rejected", "skipped" if r.skipped else "ran",
-                "" if n else "too_short", "" if n else f"no {shard_cfg.window}-frame window in its stable segments", SHARD_VERSION, r.key,
+                "" if n else "too_short", "" if n else f"no {shard_cfg.window}-frame window in its stable segments",
+                SHARD_VERSION, r.key,
                 "", 0.0 if r.skipped else r.seconds / max(1, len(r.clips)), run_id, now))
     return {**stats, "skipped": skipped, "seconds": seconds, "out_dir": layout.shards_url, "groups": len(planned)}, entries
 
@@ -329,7 +350,8 @@ def _publish(dataset: str, counts: list[dict], rejected: list[dict], shard_stats
     slug = "".join(ch if ch.isalnum() else "-" for ch in dataset.lower())
     create_table_artifact(table=counts, key=f"preprocess-{slug}-steps", description=f"Per-step clip counts for {dataset}")
     if rejected:
-        create_table_artifact(table=rejected, key=f"preprocess-{slug}-failures", description="Clips that did not make it, with reasons")
+        create_table_artifact(table=rejected, key=f"preprocess-{slug}-failures",
+                              description="Clips that did not make it, with reasons")
     if shard_stats:
         md = (f"### {dataset}: {shard_stats['samples']} samples in {shard_stats['shards']} shards\n\n"
               f"Output: `{shard_stats['out_dir']}`\n\nPer split: {shard_stats['per_split']}")
@@ -512,9 +534,11 @@ def preprocess(
 
     counts = step_counts(entries)
     rejected = [
-        {"clip_id": s.row.clip_id, "step": s.failure.step, "status": s.failure.status, "reason": s.failure.reason, "detail": s.failure.detail}
+        {"clip_id": s.row.clip_id, "step": s.failure.step, "status": s.failure.status, "reason": s.failure.reason,
+         "detail": s.failure.detail}
         for s in all_states if s.failure
-    ] + [{"clip_id": e.clip_id, "step": "manifest", "status": "rejected", "reason": e.reason, "detail": e.detail} for e in manifest_errors]
+    ] + [{"clip_id": e.clip_id, "step": "manifest", "status": "rejected", "reason": e.reason, "detail": e.detail}
+         for e in manifest_errors]
     _publish(dataset, counts, rejected, shard_stats)
     report = {
         "dataset": dataset,

@@ -58,7 +58,6 @@ from training.plots import plot_losses, plot_memory
 from training.run_status import COMPLETED, NONFINITE, OOM, STOPPED, RunStatus, clear_statuses, read_statuses, status_path
 
 
-
 @dataclass(frozen=True)
 class TrainerRun:
     """One launch of the trainer processes: from the run directory's latest checkpoint to cfg.stop_at_step."""
@@ -340,7 +339,8 @@ def add_launch_arguments(parser) -> None:
     parser.add_argument("--rdzv-id", default="dualforce", help="torchrun c10d: one id per job (e.g. $SLURM_JOB_ID)")
     parser.add_argument("--rdzv-timeout", type=int, dest="rdzv_timeout_s", help="torchrun c10d: seconds to wait for all nodes")
     parser.add_argument("--no-ssh", action="store_true", help="deepspeed: one launcher per node, no pdsh/ssh")
-    parser.add_argument("--ds-launcher", default="pdsh", help="deepspeed over ssh: pdsh | openmpi | mvapich | slurm | mpich | impi")
+    parser.add_argument("--ds-launcher", default="pdsh",
+                        help="deepspeed over ssh: pdsh | openmpi | mvapich | slurm | mpich | impi")
 
 
 def add_review_arguments(parser) -> None:

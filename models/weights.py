@@ -5,7 +5,6 @@ from pathlib import Path
 
 import torch.nn as nn
 
-
 # Where the weights live (LivePortrait's release layout) and the marker files a dry run writes beside its random
 # weights: facts of the weights folders, read by the real loaders and written by models/dryrun_models.py.
 MOTION_EXTRACTOR_RELPATH = Path("pretrained_weights/liveportrait/base_models/motion_extractor.pth")

@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from itertools import islice
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -26,11 +26,22 @@ import numpy as np
 
 from tasks.contract import AUDIO_SAMPLES_PER_FRAME, CROP_SIZE, FPS, SAMPLE_RATE
 from tasks.crop_geometry import CropParams, StreamingRectSmoother, crop_matrix, rect_from_landmarks, transform_points
+from tasks.crop_segments import Segment, SegmentConfig, cut_score, kept_spans, plan_segments
 from tasks.errors import ClipRejected
 from tasks.face_landmarks import FaceBox, get_landmarker
-from tasks.crop_segments import Segment, SegmentConfig, cut_score, kept_spans, plan_segments
-from tasks.media import (CorruptStream, MediaError, MediaInfo, VideoWriter, encode_filtered, iter_frames, probe,
-                         read_audio, square_scale, write_wav, yuv420_planes)
+from tasks.media import (
+    CorruptStream,
+    MediaError,
+    MediaInfo,
+    VideoWriter,
+    encode_filtered,
+    iter_frames,
+    probe,
+    read_audio,
+    square_scale,
+    write_wav,
+    yuv420_planes,
+)
 
 CROP_VIDEO = "crop.mp4"
 CROP_AUDIO = "audio.wav"
@@ -272,8 +283,11 @@ def warp_yuv420(frame: np.ndarray, width: int, height: int, m: np.ndarray, d: in
     a, t = m[:, :2], m[:, 2]
     mc = np.concatenate([a, ((a @ np.array([0.5, 0.5]) + t - 0.5) / 2)[:, None]], axis=1)
     h = d // 2
-    warp = lambda plane, mat, size, fill: cv2.warpAffine(plane, mat, (size, size), flags=cv2.INTER_LINEAR,
-                                                         borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
+
+    def warp(plane, mat, size, fill):
+        return cv2.warpAffine(plane, mat, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                              borderValue=fill)
+
     return np.concatenate([warp(y, m, d, 16).ravel(), warp(u, mc, h, 128).ravel(), warp(v, mc, h, 128).ravel()])
 
 

@@ -64,7 +64,8 @@ class DlibLandmarker:
     def __init__(self, predictor_path: str | Path | None = None, upsample: int = 0):
         import dlib
 
-        path = Path(predictor_path) if predictor_path else _face_recognition_models_dir() / "shape_predictor_68_face_landmarks.dat"
+        default = _face_recognition_models_dir() / "shape_predictor_68_face_landmarks.dat"
+        path = Path(predictor_path) if predictor_path else default
         if not path.exists():
             raise MissingLandmarkModel(f"dlib 68-point shape predictor not found at {path}")
         self._detector = dlib.get_frontal_face_detector()

@@ -114,7 +114,8 @@ def _device(models: FeatureModels) -> str:
 def motion_extractor(models: FeatureModels):
     from models.motion_extractor import load_motion_extractor
 
-    return _cached("motion", (models.liveportrait_root,), lambda: load_motion_extractor(models.liveportrait_root).to(_device(models)))
+    return _cached("motion", (models.liveportrait_root,),
+                   lambda: load_motion_extractor(models.liveportrait_root).to(_device(models)))
 
 
 def hubert(models: FeatureModels):

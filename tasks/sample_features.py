@@ -97,7 +97,8 @@ def window_features(step_dirs: dict[str, Path]) -> FeatureSource:
     if head_pose is not None and len(head_pose) != len(struct):
         raise contract.ContractError(f"head pose has {len(head_pose)} rows for {len(struct)} struct rows")
     if not (len(struct) == len(keep) == len(audio)):
-        raise contract.ContractError(f"per-frame features disagree: struct {len(struct)}, keep {len(keep)}, audio {len(audio)} rows")
+        raise contract.ContractError(f"per-frame features disagree: struct {len(struct)}, keep {len(keep)}, "
+                                     f"audio {len(audio)} rows")
 
     def source(clip: ShardClip, start: int, end: int) -> dict[str, bytes]:
         members = latents(clip, start, end)

@@ -265,8 +265,8 @@ class FlameStructStep:
 
     def row_fields(self, row: ClipRow) -> dict:
         # the tracker file is this step's input besides the crop: a re-fitted file is a different result
-        from tasks.flame_struct import flame_file
         from tasks.fetchers.cache import sha256_file
+        from tasks.flame_struct import flame_file
 
         path = flame_file(self.flame_dir, row.clip_id)
         return {"flame_file": sha256_file(path) if path.is_file() else None}

@@ -11,7 +11,11 @@ from models.dryrun_models import write_dryrun_hubert
 from models.hubert_features import HubertLayers, load_hubert, num_features
 from models.weights import WeightsError
 from tasks.audio_features import (
-    EDGE_PAD, AudioFeatureConfig, audio_features_for_clip, extract_audio_features, require_usable,
+    EDGE_PAD,
+    AudioFeatureConfig,
+    audio_features_for_clip,
+    extract_audio_features,
+    require_usable,
 )
 from tasks.errors import ClipRejected
 from tasks.media import read_audio

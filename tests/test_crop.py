@@ -7,13 +7,19 @@ import cv2
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import make_video
 from scipy.ndimage import gaussian_filter1d
 
-from conftest import make_video
 from tasks.contract import AUDIO_SAMPLES_PER_FRAME, FPS
 from tasks.crop import CropConfig, _detect_near, crop_clip, warp_yuv420
-from tasks.crop_geometry import (CropParams, StreamingRectSmoother, crop_matrix, rect_from_landmarks, smooth_rects,
-                                 transform_points)
+from tasks.crop_geometry import (
+    CropParams,
+    StreamingRectSmoother,
+    crop_matrix,
+    rect_from_landmarks,
+    smooth_rects,
+    transform_points,
+)
 from tasks.errors import ClipRejected
 from tasks.face_landmarks import get_landmarker
 from tasks.media import iter_frames, probe, read_frames, run_ffmpeg

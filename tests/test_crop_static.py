@@ -3,9 +3,9 @@ box per segment, segments end where the face moves out or the shot cuts, the cro
 at that box, and head motion stays in the video."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
-import cv2
 
 from datasets_manifest.schema import ClipRow
 from tasks.crop import CropConfig, crop_clip

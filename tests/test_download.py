@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import base64
-import itertools
 import hashlib
+import itertools
 import os
 import re
 import subprocess

@@ -91,7 +91,7 @@ def test_dry_run_trains_a_few_steps_on_its_shards(dry_run):
     report = json.loads((out / "dryrun-report.json").read_text())
     t = report["training"]
     assert t["state"] == "GO" and t["steps"] == 4
-    records = [json.loads(l) for l in (Path(t["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (Path(t["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and r["video_loss"] > 0 and r["struct_loss"] > 0 for r in records if "loss" in r)
     assert "training: GO after 4 steps" in stdout
@@ -205,7 +205,7 @@ def test_second_run_does_no_step_work(dry_run, prefect_test_server):
     assert {p: p.stat().st_mtime_ns for p in shard_files(shards)} == before
     report = json.loads((out / "dryrun-report.json").read_text())
     metrics = Path(report["training"]["run_dir"]) / "metrics.jsonl"
-    assert len([l for l in metrics.read_text().splitlines() if '"loss"' in l]) == 4  # resumed at step 4: no new steps
+    assert len([line for line in metrics.read_text().splitlines() if '"loss"' in line]) == 4  # resumed at step 4: no new steps
 
 
 def test_killed_run_resumes_to_identical_shards(dry_run, prefect_test_server, tmp_path):
@@ -222,7 +222,8 @@ def test_killed_run_resumes_to_identical_shards(dry_run, prefect_test_server, tm
     for step_dir in (out / "samples" / "steps").iterdir():
         if (step_dir / done_clip).is_dir():
             shutil.copytree(step_dir / done_clip, resumed / "samples" / "steps" / step_dir.name / done_clip)
-    proc = subprocess.Popen(_cmd(resumed, train_steps=0), cwd=REPO, env=_env(home, prefect_test_server), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(resumed, train_steps=0), cwd=REPO, env=_env(home, prefect_test_server),
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     vae_dir = resumed / "samples" / "steps" / "vae_latents"
     deadline = time.time() + 900
@@ -237,7 +238,8 @@ def test_killed_run_resumes_to_identical_shards(dry_run, prefect_test_server, tm
     assert not (resumed / "samples" / "shards").exists()
     assert read_ledger(resumed / "samples").num_rows == 0  # a run writes its ledger part at its end
 
-    done = subprocess.run(_cmd(resumed, train_steps=0), cwd=REPO, env=_env(home, prefect_test_server), capture_output=True, text=True, timeout=900)
+    done = subprocess.run(_cmd(resumed, train_steps=0), cwd=REPO, env=_env(home, prefect_test_server),
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert _digests(resumed / "samples" / "shards") == _digests(out / "samples" / "shards")
     a = pq.read_table(out / "samples" / "shards" / "index.parquet").to_pylist()

@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from models.dualforce.frames import (
-    audio_windows, group_rows, keep_weights, num_latent_frames, struct_row_valid, ungroup_rows, video_frames_of,
+    audio_windows,
+    group_rows,
+    keep_weights,
+    num_latent_frames,
+    struct_row_valid,
+    ungroup_rows,
+    video_frames_of,
 )
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import shutil
 
 import pyarrow as pa
-import pytest
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from datasets_manifest.schema import MANIFEST_SCHEMA, ClipRow, rows_to_table

@@ -9,11 +9,11 @@ import torch
 
 from models.dualforce import DualForce, SamplerConfig, build_model, generate
 from models.dualforce.serialization import CONFIG_FILE, WEIGHTS_FILE
+from tests.test_dualforce_model import activate_zero_paths, make_inputs, run
+from tests.training_shards import train_config, write_shards
 from training import checkpoint
 from training.config import TrainConfig
 from training.export import ExportError, export_run
-from tests.test_dualforce_model import activate_zero_paths, make_inputs, run
-from tests.training_shards import train_config, write_shards
 
 torch.set_num_threads(1)
 

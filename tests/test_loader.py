@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tasks import contract
-from training.loader import LoaderConfig, ShardLoader, crop_window, expand_shards, tar_samples
 from tests.training_shards import AUDIO_DIM, CROP, WINDOW, write_shards
+from training.loader import LoaderConfig, ShardLoader, crop_window, expand_shards, tar_samples
 
 
 def _cfg(tmp_path, **kw) -> LoaderConfig:

@@ -14,11 +14,12 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tasks import contract
-from training.loader import LoaderConfig, ShardDataset
 from tests.training_shards import AUDIO_DIM, CROP, WINDOW, sample_members
+from training.loader import LoaderConfig, ShardDataset
 
 VALID_KEY = "clipok_w000000"
 SPEC = contract.ContractSpec(window=WINDOW, crop_size=CROP, audio_dim=AUDIO_DIM)

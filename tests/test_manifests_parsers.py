@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-
 from pathlib import Path
 
 import pytest
@@ -277,6 +276,7 @@ def test_a_repeated_id_is_reported_with_both_rows(tmp_path):
                                           ("face_box", [0.0, 0.0, float("nan"), 5.0])])
 def test_rows_with_non_finite_times_or_unsafe_dataset_names_are_malformed(field, value):
     from pydantic import ValidationError
+
     from datasets_manifest.schema import ClipRow
 
     good = dict(clip_id="c", dataset="t", source="x.mp4", identity="i", start_s=0.0, end_s=2.0)

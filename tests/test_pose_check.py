@@ -8,8 +8,17 @@ import pytest
 from models.struct_layout import MotionLatents
 from tasks.errors import ClipRejected
 from tasks.pose_check import (
-    GENERIC_FACE_68, PoseCheckConfig, _GL_TO_CV, angles_from_matrices, camera_matrix, check_clip_pose,
-    flame_head_matrices, latent_quality_gate, load_flame_npz, matrices_from_angles, pnp_head_matrices,
+    _GL_TO_CV,
+    GENERIC_FACE_68,
+    PoseCheckConfig,
+    angles_from_matrices,
+    camera_matrix,
+    check_clip_pose,
+    flame_head_matrices,
+    latent_quality_gate,
+    load_flame_npz,
+    matrices_from_angles,
+    pnp_head_matrices,
     reject_if_disagreeing,
 )
 

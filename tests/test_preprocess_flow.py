@@ -13,7 +13,6 @@ from tasks.ledger import latest_status, read_ledger
 from tasks.media import run_ffmpeg
 from tasks.shard import iter_samples
 
-
 # Steps 1, 2 and 7 only: the feature steps have their own tests below and in the end-to-end dry-run.
 BASE = dict(steps=["download", "crop", "shard"], shard_features=False)
 
@@ -56,7 +55,8 @@ def test_bad_inputs_are_recorded_and_the_rest_completes(prefect_test_server, sam
     assert status[("good", "shard")]["status"] == "ok"
     assert status[("silent", "crop")]["reason"] == "no_audio"
     assert report["shards"]["samples"] == 6  # 200 frames of yongen -> 6 windows of 33
-    keys = [s["__key__"] for s in iter_samples(tmp_path / "out" / "t" / "shards", contract.ContractSpec(33, require_features=False))]
+    spec = contract.ContractSpec(33, require_features=False)
+    keys = [s["__key__"] for s in iter_samples(tmp_path / "out" / "t" / "shards", spec)]
     assert keys == [f"good_w{s:06d}" for s in range(0, 166, 33)]
     _check_run_pictures(report, tmp_path / "out" / "t")
 
@@ -128,7 +128,8 @@ def test_a_real_run_without_weights_fails_before_any_work(prefect_test_server, s
     from flows.preprocess import preprocess
 
     manifest = tmp_path / "m.parquet"
-    pq.write_table(rows_to_table([ClipRow(clip_id="good", dataset="t", source=str(samples_dir / "yongen.mp4"), identity="a")]), manifest)
+    good = ClipRow(clip_id="good", dataset="t", source=str(samples_dir / "yongen.mp4"), identity="a")
+    pq.write_table(rows_to_table([good]), manifest)
     with pytest.raises(ValueError, match="a real run needs liveportrait_root, hubert, wan_vae"):
         preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"))
     state = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"),
@@ -146,7 +147,8 @@ def test_latent_quality_gate_no_go_ends_the_run_before_shards(prefect_test_serve
     from flows.preprocess import preprocess
 
     manifest = tmp_path / "m.parquet"
-    pq.write_table(rows_to_table([ClipRow(clip_id="good", dataset="t", source=str(samples_dir / "yongen.mp4"), identity="a")]), manifest)
+    good = ClipRow(clip_id="good", dataset="t", source=str(samples_dir / "yongen.mp4"), identity="a")
+    pq.write_table(rows_to_table([good]), manifest)
     # a zero-degree threshold drops every frame: the clip is rejected and the dataset gate says no-go
     state = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"), models="dryrun",
                        steps=["download", "crop", "motion", "pose_check", "shard"], pose_threshold_deg=0.0,

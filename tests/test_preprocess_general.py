@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import make_video
+
 from datasets_manifest.schema import ClipRow, rows_to_table
 from tasks import contract
 from tasks.center_crop import center_crop_clip

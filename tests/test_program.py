@@ -13,10 +13,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from pydantic import ValidationError  # noqa: E402
 
 from tasks import contract  # noqa: E402
+from tests.training_shards import CROP, WINDOW, write_shards  # noqa: E402
 from training.gates import read_gate_log  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 from training.program import load_program  # noqa: E402
-from tests.training_shards import CROP, WINDOW, write_shards  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = {"model_variant": "tiny", "micro_batch": 1, "warmup_steps": 1, "num_workers": 0, "shuffle_buffer": 4}

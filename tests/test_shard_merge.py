@@ -12,8 +12,21 @@ import pytest
 from datasets_manifest.schema import ClipRow
 from tasks import contract
 from tasks.ledger import read_ledger, write_ledger_part
-from tasks.shard import (INDEX_FILE, STATUS_FILE, ShardClip, ShardConfig, begin_shard_set, completed_set, group_key,
-                         iter_samples, merge_shard_groups, plan_groups, shard_group_of, write_shard_group, write_shards)
+from tasks.shard import (
+    INDEX_FILE,
+    STATUS_FILE,
+    ShardClip,
+    ShardConfig,
+    begin_shard_set,
+    completed_set,
+    group_key,
+    iter_samples,
+    merge_shard_groups,
+    plan_groups,
+    shard_group_of,
+    write_shard_group,
+    write_shards,
+)
 from tasks.step_runner import LedgerEntry
 
 CFG = ShardConfig(n=4, stride=100, max_samples_per_shard=1)  # 17-frame windows every 100 frames: 2 per clip

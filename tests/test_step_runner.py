@@ -77,23 +77,30 @@ def test_runs_skips_and_recomputes_only_what_changed(tmp_path):
     assert not store.clip_dir("upper", "boom").exists()  # a failure leaves no output
 
     # second run: ok and rejected results are reused; the failure is retried (and now succeeds)
-    up.calls.clear(); ex.calls.clear(); up.explode = False
+    up.calls.clear()
+    ex.calls.clear()
+    up.explode = False
     states = _states(ids)
     e2 = run_step(up, states, store, "r2") + run_step(ex, states, store, "r2")
     assert up.calls == ["boom"] and ex.calls == ["boom"]
     assert {e.clip_id for e in e2 if e.action == "skipped"} == {"a", "b", "bad1"}
 
     # bumping the upstream version recomputes it; downstream recomputes only where the output changed
-    up.calls.clear(); ex.calls.clear(); up.version = "2"
+    up.calls.clear()
+    ex.calls.clear()
+    up.version = "2"
     states = _states(ids)
-    run_step(up, states, store, "r3"); run_step(ex, states, store, "r3")
+    run_step(up, states, store, "r3")
+    run_step(ex, states, store, "r3")
     assert sorted(up.calls) == ["a", "b", "bad1", "boom"]
     assert ex.calls == []  # same bytes upstream -> same key downstream
 
     # bumping the downstream version recomputes only downstream
-    up.calls.clear(); ex.version = "2"
+    up.calls.clear()
+    ex.version = "2"
     states = _states(ids)
-    run_step(up, states, store, "r4"); run_step(ex, states, store, "r4")
+    run_step(up, states, store, "r4")
+    run_step(ex, states, store, "r4")
     assert up.calls == [] and sorted(ex.calls) == ["a", "b", "boom"]
 
 

@@ -139,7 +139,8 @@ def test_round_trip_matches_a_local_store_and_a_rerun_skips(mem, tmp_path):
     assert remote.clip_dir("writer", "zzz").exists() is False  # like a local store: no output, no folder
     remote.release()
 
-    w.calls.clear(); r.calls.clear()
+    w.calls.clear()
+    r.calls.clear()
     again = _run(remote, ids, w, r)
     assert w.calls == [] and r.calls == []
     assert {e.action for e in again} == {"skipped"} and len(again) == 3

@@ -5,8 +5,17 @@ import numpy as np
 import pytest
 
 from models.struct_layout import (
-    EXP, KP, POSE, POSE_SCALE, SCALE, TRANS, MotionLatents, angles_from_rotation, from_struct,
-    rotation_from_angles, to_struct,
+    EXP,
+    KP,
+    POSE,
+    POSE_SCALE,
+    SCALE,
+    TRANS,
+    MotionLatents,
+    angles_from_rotation,
+    from_struct,
+    rotation_from_angles,
+    to_struct,
 )
 from tasks.contract import STRUCT_DIM
 

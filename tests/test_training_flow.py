@@ -17,10 +17,9 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.client.schemas.sorting import ArtifactSort  # noqa: E402
 
 from flows.train import train_flow  # noqa: E402
+from tests.training_shards import train_config, write_shards  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 from training.run_status import COMPLETED, ERROR, NONFINITE, OOM, STOPPED, read_statuses  # noqa: E402
-from tests.training_shards import train_config, write_shards  # noqa: E402
-
 
 pytestmark = pytest.mark.usefixtures("prefect_test_server")
 

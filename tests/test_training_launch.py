@@ -54,7 +54,8 @@ def test_run_streaming_forwards_lines_and_keeps_the_tail():
 
 def test_run_streaming_timeout_kills_the_process_group():
     start = time.monotonic()
-    code = "import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\nprint('up', flush=True)\ntime.sleep(60)"
+    code = ("import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            "print('up', flush=True)\ntime.sleep(60)")
     result = run_streaming([sys.executable, "-c", code], lambda line: None, timeout_s=1.5)
     assert result.timed_out and result.returncode != 0 and result.tail == ["up"]
     assert time.monotonic() - start < 20  # the grandchild holding the pipe was killed too

@@ -20,11 +20,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from flows.train import train_flow  # noqa: E402
+from tests.training_shards import WINDOW, train_config, write_shards  # noqa: E402
 from training.hostfile import HostSlots, parse_hostfile, read_hostfile, write_hostfile  # noqa: E402
 from training.launch import LaunchSpec, check_launch, command, environment  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 from training.run_status import COMPLETED, read_statuses  # noqa: E402
-from tests.training_shards import WINDOW, train_config, write_shards  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable

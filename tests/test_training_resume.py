@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.training_shards import train_config, write_shards
 from training.config import TrainConfig
 from training.launch import LaunchSpec, command, environment
 from training.metrics import read_metrics
 from training.run_status import COMPLETED, STOPPED, read_statuses
-from tests.training_shards import train_config, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,8 @@ def _config(shards: Path, out_dir: Path, **kw) -> dict:
 
 
 def _losses(out_dir: Path) -> list[tuple]:
-    return [(r["step"], r["loss"], r["video_loss"], r["struct_loss"], r["ema_norm"], r["lr"]) for r in read_metrics(out_dir / "metrics.jsonl")]
+    return [(r["step"], r["loss"], r["video_loss"], r["struct_loss"], r["ema_norm"], r["lr"])
+            for r in read_metrics(out_dir / "metrics.jsonl")]
 
 
 def test_resume_in_process_matches_uninterrupted(tmp_path, single_process_env):
@@ -98,8 +99,8 @@ class _Planted:
 def test_a_planted_checkpoint_payload_does_not_run(tmp_path, single_process_env, member):
     """A payload added to any file of the latest tag is refused on resume: the marker is never created, the
     run ends in error naming the file, and the untouched checkpoint still resumes."""
-    from training.trainer import run_training
     from training.run_status import ERROR
+    from training.trainer import run_training
 
     shards = tmp_path / "shards"
     write_shards(shards, n_shards=1, per_shard=3)

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from tasks import contract
+from tests.training_shards import AUDIO_DIM, CROP, WINDOW, train_config, write_shards
 from training import checkpoint
 from training.config import TrainConfig
 from training.loader import LoaderConfig, ShardLoader
 from training.metrics import read_metrics
 from training.run_status import COMPLETED
-from tests.training_shards import AUDIO_DIM, CROP, WINDOW, train_config, write_shards
 
 
 @pytest.fixture(scope="module")

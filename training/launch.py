@@ -202,7 +202,7 @@ def _cpu_signature() -> str:
 
         return f"{platform.machine()}|{platform.processor()}"
     wanted = ("model name", "flags", "Features", "CPU part")
-    return "|".join(dict.fromkeys(l.split(":", 1)[1].strip() for l in lines if l.split(":", 1)[0].strip() in wanted))
+    return "|".join(dict.fromkeys(ln.split(":", 1)[1].strip() for ln in lines if ln.split(":", 1)[0].strip() in wanted))
 
 
 def extensions_dir(prefix: str = sys.prefix, cpu: Optional[str] = None) -> Path:

@@ -5,9 +5,9 @@ import argparse
 import logging
 import sys
 
-from training.config import TrainConfig
 import torch.distributed as dist
 
+from training.config import TrainConfig
 from training.run_status import COMPLETED, EXIT_CODES, STOPPED
 from training.trainer import run_training
 

@@ -16,7 +16,8 @@ from .modulation import norm_fp32, to_weight_dtype
 
 
 class Bridge(nn.Module):
-    def __init__(self, video_dim: int, video_heads: int, struct_dim: int, struct_heads: int, qk_norm: bool = True, eps: float = 1e-6):
+    def __init__(self, video_dim: int, video_heads: int, struct_dim: int, struct_heads: int, qk_norm: bool = True,
+                 eps: float = 1e-6):
         super().__init__()
         self.norm_video = nn.LayerNorm(video_dim, eps=eps)
         self.norm_struct = nn.LayerNorm(struct_dim, eps=eps)

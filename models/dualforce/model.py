@@ -21,8 +21,8 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import REFERENCE_FRAME, KVCache, frame_causal_mask
-from .aux_losses import LipSyncHead, mouth_columns
 from .audio import AudioProjector
+from .aux_losses import LipSyncHead, mouth_columns
 from .block import DiTBlock
 from .bridge import Bridge
 from .config import DualForceConfig, get_config
@@ -32,6 +32,7 @@ from .rope import grid_positions, rope_angles
 from .serialization import read_pretrained, write_pretrained
 from .struct_dit import StructEmbed, StructHead
 from .video_dit import ReferenceEmbed, VideoHead, VideoPatchEmbed, given_condition
+
 
 class DualForce(nn.Module):
     def __init__(self, config: DualForceConfig):
@@ -65,7 +66,8 @@ class DualForce(nn.Module):
         # audio + bridge
         self.audio = AudioProjector(c.audio_dim, c.audio_window, c.audio_tokens_per_frame, c.video_dim, c.eps)
         self.bridges = nn.ModuleDict(
-            {str(i): Bridge(c.video_dim, c.video_heads, c.struct_model_dim, c.struct_heads, c.qk_norm, c.eps) for i in c.bridge_blocks()}
+            {str(i): Bridge(c.video_dim, c.video_heads, c.struct_model_dim, c.struct_heads, c.qk_norm, c.eps)
+             for i in c.bridge_blocks()}
         )
         for j, i in enumerate(c.struct_schedule()):
             self._struct_after.setdefault(i, []).append(j)

@@ -146,7 +146,8 @@ def stream(
     if cfg.reference_guidance != 1.0:
         branches.append(_Branch(model, torch.zeros_like(reference), windows, cfg.reference_guidance, cfg.use_cache))
     history = _History([], [], [], [])
-    prior = torch.zeros(B, 1, G, S, device=device) if reference_struct is None else reference_struct[:, None, None].expand(B, 1, G, S).float()
+    prior = (torch.zeros(B, 1, G, S, device=device) if reference_struct is None
+             else reference_struct[:, None, None].expand(B, 1, G, S).float())
     grid = sigma_grid(cfg.steps, cfg.shift).tolist()
     s0, cn = cfg.struct_sigma_start, cfg.context_noise
     if k0:

@@ -38,6 +38,7 @@ class DualForce(nn.Module):
     def __init__(self, config: DualForceConfig):
         super().__init__()
         self.config = c = config
+        self.provenance: dict = {}  # where an exported model's weights came from (from_pretrained fills it)
         G = c.frames_per_latent
         audio_token_dim = None if c.video_only else c.video_dim
         # video stream

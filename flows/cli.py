@@ -198,6 +198,63 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    import logging
+
+    from flows.outcomes import BAD_WEIGHTS, EXIT_CODES, UNUSABLE_INPUT
+    from models.weights import WeightsError
+    from tasks.errors import ClipRejected
+    from training.generate import GenerateError, GenerateOptions, generate_video
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    options = GenerateOptions(
+        seconds=args.seconds, steps=args.steps, audio_guidance=args.cfg, reference_guidance=args.reference_cfg,
+        seed=args.seed, chunk_frames=args.chunk_frames, device=args.device, hubert=args.hubert,
+        hubert_layers=tuple(args.hubert_layers) if args.hubert_layers else None, wan_vae=args.wan_vae,
+        wan_vae_subfolder=args.wan_vae_subfolder, progress=not args.no_progress)
+    try:
+        result = generate_video(args.model, args.image, args.audio, args.out, options)
+    except ClipRejected as exc:
+        print(f"cannot generate from this input ({exc.reason}): {exc.detail}", file=sys.stderr)
+        return EXIT_CODES[UNUSABLE_INPUT]
+    except WeightsError as exc:
+        print(f"extractor weights: {exc}", file=sys.stderr)
+        return EXIT_CODES[BAD_WEIGHTS]
+    except (GenerateError, FileNotFoundError) as exc:
+        print(f"generate: {exc}", file=sys.stderr)
+        return 2
+    note = " -- DRY-RUN model and extractors: the video is noise, the plumbing is real" if result.dryrun else ""
+    print(f"wrote {result.path} ({result.frames} frames, {result.frames / 25:.2f} s, speech muxed) in "
+          f"{result.seconds:.1f} s: {result.latent_frames_per_s:.2f} latent frames/s, decode "
+          f"{result.decode_s / max(result.sampling_s + result.decode_s, 1e-9):.0%} of it; record {result.record}{note}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    _prefect_env()
+    from flows.evaluate import evaluate_flow
+    from flows.outcomes import BAD_WEIGHTS, EXIT_CODES
+    from models.weights import WeightsError
+    from training.generate import GenerateError
+
+    options = dict(split=args.split, clips=args.clips, sampler_steps=args.steps, audio_guidance=args.cfg,
+                   seed=args.seed, long_seconds=args.long_seconds, liveportrait=args.liveportrait_root,
+                   syncnet=args.syncnet, i3d=args.i3d, fid_inception=args.fid_inception, wan_vae=args.wan_vae,
+                   wan_vae_subfolder=args.wan_vae_subfolder, device=args.device, progress=not args.no_progress)
+    try:
+        result = evaluate_flow(args.model, args.shards, args.out, options)
+    except WeightsError as exc:
+        print(f"evaluation weights: {exc}", file=sys.stderr)
+        return EXIT_CODES[BAD_WEIGHTS]
+    except (GenerateError, ValueError, FileNotFoundError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
+    print(result["table"])
+    print(f"\nwritten to {result['out_dir']} (evaluation.json, evaluation.md, metric-*.png, clips/) in "
+          f"{result['seconds']:.1f} s")
+    return 0
+
+
 def _add_dataset_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset")
     p.add_argument("--manifest", required=True)
@@ -321,6 +378,46 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--weights", choices=("auto", "ema", "module"), default="auto",
                     help="auto: the EMA when the run kept one, else the module")
     ex.set_defaults(func=cmd_export)
+
+    g = sub.add_parser("generate", help="an exported model + a face image + speech -> an mp4 (the speech muxed in)")
+    g.add_argument("--model", required=True, help="an exported model folder (dualforce export)")
+    g.add_argument("--image", required=True, help="the face (any image OpenCV reads); cropped as the crop step crops")
+    g.add_argument("--audio", required=True, help="the speech (any file ffmpeg reads; any rate and channels)")
+    g.add_argument("-o", "--out", required=True, help="the mp4 to write (and <out>.json beside it)")
+    g.add_argument("--seconds", type=float, help="use the first this-many seconds of the speech")
+    g.add_argument("--steps", type=int, default=20, help="Euler steps per latent frame")
+    g.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance on the speech (1: none)")
+    g.add_argument("--reference-cfg", type=float, default=1.0, help="classifier-free guidance on the face (1: none)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chunk-frames", type=int, default=1, help="latent frames denoised together")
+    g.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    g.add_argument("--hubert", help="override the HuBERT the model's training data was made with")
+    g.add_argument("--hubert-layers", type=int, nargs="+")
+    g.add_argument("--wan-vae", help="override the Wan VAE the model's training data was made with")
+    g.add_argument("--wan-vae-subfolder")
+    g.add_argument("--no-progress", action="store_true")
+    g.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("evaluate", help="an exported model on a shard set's held-out clips: identity, LMD, pose / "
+                                         "expression error, LSE-C/D, FID, FVD, long-sequence drift")
+    ev.add_argument("--model", required=True, help="an exported model folder (dualforce export)")
+    ev.add_argument("--shards", required=True, help="a shard set folder (ROOT/DATASET/shards)")
+    ev.add_argument("-o", "--out", required=True, help="folder for evaluation.json / .md, plots and clips")
+    ev.add_argument("--split", default="test", help="the held-out split (default: test)")
+    ev.add_argument("--clips", type=int, default=16)
+    ev.add_argument("--steps", type=int, default=20, help="Euler steps per latent frame")
+    ev.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance on the speech")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--long-seconds", type=float, default=60.0, help="the long generation (0: none)")
+    ev.add_argument("--liveportrait-root", help="LivePortrait weights: pose / expression error and pose drift")
+    ev.add_argument("--syncnet", help="SyncNet weights (syncnet_v2.model or safetensors): LSE-C / LSE-D")
+    ev.add_argument("--i3d", help="I3D Kinetics-400 weights: FVD")
+    ev.add_argument("--fid-inception", help="pytorch-fid Inception weights: FID")
+    ev.add_argument("--wan-vae", help="override the VAE the model's provenance records")
+    ev.add_argument("--wan-vae-subfolder")
+    ev.add_argument("--device")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
     return p
 
 

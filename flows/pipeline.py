@@ -93,4 +93,16 @@ def training_summary(train_dir: Path, verdict: str, message: Optional[str]) -> d
         "first_loss": steps[0]["loss"] if steps else None,
         "last_loss": steps[-1]["loss"] if steps else None,
         "samples_per_s": steps[-1].get("samples_per_s") if steps else None,
+        "validation": _validation_line(runs[-1].parent) if runs else None,
     }
+
+
+def _validation_line(run_dir: Path) -> Optional[str]:
+    """Where the run's newest validation samples are (training/validation.py), or None."""
+    from training.validation import latest_samples
+
+    latest = latest_samples(run_dir)
+    if latest is None:
+        return None
+    return (f"validation samples at step {latest['step']}: {len(latest['clips'])} clip(s), truth | generated mp4s and "
+            f"the contact sheet {Path(latest['dir']) / latest['sheet']}")

@@ -238,6 +238,8 @@ def extractor_record(infos: dict[str, dict]) -> dict:
         record.update(hubert=infos["audio_features"].get("hubert"), hubert_layers=infos["audio_features"].get("layers"))
     if "vae_latents" in infos:
         record["wan_vae"] = infos["vae_latents"].get("vae")
+        if infos["vae_latents"].get("vae_subfolder"):
+            record["wan_vae_subfolder"] = infos["vae_latents"]["vae_subfolder"]
     return record
 
 

@@ -21,6 +21,7 @@ from prefect.runtime import flow_run
 from prefect.states import Running
 
 from tasks.gates import GateVerdict
+from training.validation import latest_samples
 
 DECISIONS = ("continue", "stop", "adjust")
 
@@ -35,19 +36,20 @@ class ReviewAnswer(RunInput):
     # restored from the checkpoint: steps past the original end run at the final rate)
 
 
-def _image(path: Path) -> str:
+def image_markdown(path: Path) -> str:
     encoded = base64.b64encode(path.read_bytes()).decode()
     return f"![{path.stem}](data:image/png;base64,{encoded})\n\nFile: `{path}`\n"
 
 
 def publish_review_request(step: int, run_dir: Path, plot: Path, timeout_s: int, on_timeout: str) -> None:
-    """What the reviewer looks at: the loss curve and every validation sample image the run has written."""
-    samples = sorted((run_dir / "samples").glob("*.png")) if (run_dir / "samples").is_dir() else []
+    """What the reviewer looks at: the newest validation samples' contact sheet and the loss curve."""
+    latest = latest_samples(run_dir)  # the newest validation round only (training/validation.py)
+    samples = [Path(latest["dir"]) / latest["sheet"]] if latest else []
     lines = [f"## Sample review at step {step}: **waiting for an answer**", "",
              f"Run `{run_dir}`. Answer on the paused flow run (continue / stop / adjust, with a note). "
              f"Without an answer in {timeout_s} s the run will {on_timeout}.", ""]
-    lines += [_image(p) for p in samples] or ["No validation samples were written by this run; its loss curve:", ""]
-    lines.append(_image(plot))
+    lines += [image_markdown(p) for p in samples] or ["No validation samples were written by this run; its loss curve:", ""]
+    lines.append(image_markdown(plot))
     create_markdown_artifact("\n".join(lines), key="train-review-request", description=f"review at step {step}")
 
 

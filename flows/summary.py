@@ -33,7 +33,7 @@ def preprocess_lines(report: dict, seconds: float | None = None) -> list[str]:
 
 def training_lines(t: dict) -> list[str]:
     return [f"training: {t['state']} after {t['steps']} steps, loss {t['first_loss']:.4f} -> {t['last_loss']:.4f}, "
-            f"{t['samples_per_s'] or 0:.1f} samples/s ({t['run_dir']})"]
+            f"{t['samples_per_s'] or 0:.1f} samples/s ({t['run_dir']})"] + ([t["validation"]] if t.get("validation") else [])
 
 
 def run_lines(result: dict, seconds: float | None = None) -> list[str]:

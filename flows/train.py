@@ -37,6 +37,7 @@ from prefect.states import Completed, Failed, State
 
 from flows.gate_artifacts import publish_gate
 from flows.review import ask_reviewer, publish_review_request, review_verdict
+from flows.sample_artifacts import publish_validation_samples
 from tasks import contract
 from tasks.gates import GateVerdict
 from training import checkpoint
@@ -189,6 +190,7 @@ def _run_attempt(
     run_dir = Path(cfg.out_dir)
     fallback_window = contract.window_frames(gate_cfg.fallback_latent_frames - 1)
     memory_judged = False
+    published_samples: set[int] = set()
     stop_index = 0
     while True:
         schedule = gate_steps(gate_cfg, cfg.total_steps)  # a review may change total_steps
@@ -203,6 +205,7 @@ def _run_attempt(
             run = run_trainer(replace(cfg, stop_at_step=stop if stop < cfg.total_steps else None), spec, timeout_s,
                               peer_wait_s)
         records = read_metrics(run_dir / METRICS_FILE)
+        publish_validation_samples(run_dir, published_samples)  # the newest round, as soon as it is there
         statuses = run.statuses if run else []
         kinds = run.kinds if run else set()
 

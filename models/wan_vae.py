@@ -49,6 +49,12 @@ class WanVae:
         s = self.latents_std.to(mean)[None, :, None, None, None]
         return (mean - m) / s
 
+    def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        """normalised latent [B, C, t, h, w] -> the posterior mean the decoder takes (normalise's inverse)."""
+        m = self.latents_mean.to(latents)[None, :, None, None, None]
+        s = self.latents_std.to(latents)[None, :, None, None, None]
+        return latents * s + m
+
 
 def load_wan_vae(
     name_or_dir: str | Path,
@@ -95,6 +101,12 @@ def frames_to_input(frames_uint8: np.ndarray, device: torch.device, dtype: torch
     x = torch.from_numpy(np.array(frames_uint8, copy=True)).to(device)  # decoded frames may be read-only
     x = x.permute(3, 0, 1, 2)[None].to(dtype) / 127.5 - 1.0
     return x
+
+
+def output_to_frames(video: torch.Tensor) -> np.ndarray:
+    """[B, 3, t, H, W] in [-1, 1] -> uint8 [B, t, H, W, 3] (frames_to_input's inverse, rounded)."""
+    x = ((video.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
+    return x.permute(0, 2, 3, 4, 1).to(torch.uint8).cpu().numpy()
 
 
 class CausalStreamEncoder:
@@ -148,3 +160,36 @@ class CausalStreamEncoder:
         self._pending, self._count = [], 0
         self.vae.clear_cache()
         return left
+
+
+class CausalStreamDecoder:
+    """Feed normalised latent frames in any chunking; get video frames as each latent frame is decoded (1 frame
+    for latent frame 0, 4 for each later one), as diffusers' `decode` would make them all at once.
+
+    diffusers' `AutoencoderKLWan._decode` already decodes one latent frame at a time with a feature cache; this
+    drives the same decoder and cache one pushed chunk at a time, so a generator's frames can be written while it
+    still samples the next ones, with memory bounded by one latent frame. Equal to `vae.decode` (tested). Shares
+    the VAE's caches: one stream (encoder or decoder) per VAE at a time.
+    """
+
+    def __init__(self, wan: WanVae):
+        self.wan = wan
+        self.vae = wan.vae
+        self.vae.clear_cache()
+        self.latent_frames = 0
+
+    @torch.inference_mode()
+    def push(self, latents: torch.Tensor) -> np.ndarray:
+        """latents [B, C, n, h, w] (normalised) -> uint8 frames [B, 1 or 4 per latent frame, H, W, 3]."""
+        vae = self.vae
+        x = vae.post_quant_conv(self.wan.denormalise(latents.to(self.wan.device, torch.float32)).to(self.wan.dtype))
+        out = []
+        for i in range(x.shape[2]):
+            vae._conv_idx = [0]
+            out.append(vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                   first_chunk=self.latent_frames == 0))  # [B, 3, 1 or 4, H, W]
+            self.latent_frames += 1
+        return output_to_frames(torch.cat(out, 2))
+
+    def close(self) -> None:
+        self.vae.clear_cache()

@@ -38,7 +38,7 @@ import soundfile as sf
 
 from tasks import contract
 from tasks.crop import CROP_AUDIO, CROP_VIDEO
-from tasks.media import iter_frames, read_frames
+from tasks.media import decode_video_bytes, iter_frames
 from tasks.step_store import StepStore
 from tasks.windows import iter_windows
 
@@ -167,7 +167,7 @@ def _check_sample(sample: dict, crop_frames: np.ndarray, src: _ClipSource, model
              if (rec := src.store.load(s, src.clip_id)) is None or rec.checksum != checksum]
     record("lineage", f"step outputs changed since sharding: {stale}" if stale else None)
 
-    video = _decode_member(sample[contract.VIDEO])
+    video = decode_video_bytes(sample[contract.VIDEO])
     if video.shape != crop_frames.shape:
         record("video", f"{video.shape} frames, the crop window has {crop_frames.shape}")
     else:
@@ -229,15 +229,6 @@ def _check_sample(sample: dict, crop_frames: np.ndarray, src: _ClipSource, model
         if not np.array_equal(stored, src.array("pose_check", HEAD_POSE_FILE)[start:end], equal_nan=True):
             problems.append("head_pose")
     record("features", f"{problems} differ from the step outputs at [{start}, {end})" if problems else None)
-
-
-def _decode_member(data: bytes) -> np.ndarray:
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="dualforce-audit-") as tmp:
-        path = Path(tmp) / "w.mp4"
-        path.write_bytes(data)
-        return read_frames(path)
 
 
 def audit_shards(shard_dir: str | Path, steps_root: str | Path, models: AuditModels = AuditModels(),

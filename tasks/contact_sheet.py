@@ -51,7 +51,7 @@ def _frames_at(video: Path, picks: list[int], size: tuple[int, int]) -> list[np.
     return out
 
 
-def _caption(width: int, text: str, colour=(230, 230, 230)) -> np.ndarray:
+def caption_bar(width: int, text: str, colour=(230, 230, 230)) -> np.ndarray:
     bar = np.full((LABEL, width, 3), 30, np.uint8)
     cv2.putText(bar, text[: width // 8], (4, LABEL - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1, cv2.LINE_AA)
     return bar
@@ -74,7 +74,7 @@ def accepted_row(clip: AcceptedClip, per_clip: int) -> np.ndarray:
     row = np.concatenate(tiles, axis=1)
     segs = len(info.get("segments", [[0, frames]]))
     text = f"{clip.clip_id}  {frames} frames  {info.get('mode', 'follow')}, {segs} segment(s)"
-    return np.concatenate([row, _caption(row.shape[1], text)], axis=0)
+    return np.concatenate([row, caption_bar(row.shape[1], text)], axis=0)
 
 
 def rejected_tile(clip: RejectedClip) -> np.ndarray:
@@ -91,8 +91,8 @@ def rejected_tile(clip: RejectedClip) -> np.ndarray:
         except MediaError:
             pass  # unreadable sources are among the rejected: the grey tile and the reason say it
     tile = np.clip(tile.astype(np.int16) + _REJECT_TINT, 0, 255).astype(np.uint8)
-    return np.concatenate([tile, _caption(TILE, f"{clip.reason}", (255, 140, 140)),
-                           _caption(TILE, clip.clip_id, (200, 200, 200))], axis=0)
+    return np.concatenate([tile, caption_bar(TILE, f"{clip.reason}", (255, 140, 140)),
+                           caption_bar(TILE, clip.clip_id, (200, 200, 200))], axis=0)
 
 
 def contact_sheet(accepted: list[AcceptedClip], rejected: list[RejectedClip], out_png: Path,
@@ -110,7 +110,12 @@ def contact_sheet(accepted: list[AcceptedClip], rejected: list[RejectedClip], ou
     for r in rows:
         sheet[y: y + r.shape[0], : r.shape[1]] = r
         y += r.shape[0]
-    ok, png = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    return write_png(sheet, out_png)
+
+
+def write_png(image: np.ndarray, out_png: Path) -> Path:
+    """An RGB uint8 image as a PNG, written under a temp name and renamed."""
+    ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     if not ok:
         raise RuntimeError("PNG encoding failed")
     out_png.parent.mkdir(parents=True, exist_ok=True)

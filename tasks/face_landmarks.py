@@ -50,8 +50,10 @@ class FaceLandmarker(Protocol):
         """[68, 2] float32 landmarks of the face in `box` (image pixels; gray or RGB)."""
 
 
-def _face_recognition_models_dir() -> Path:
-    # Importing the package needs pkg_resources (gone in setuptools >= 81): locate its files instead.
+def face_recognition_models_dir() -> Path:
+    """The `models/` folder of the face-recognition-models package (dlib's predictors and face-recognition ResNet).
+
+    Importing the package needs pkg_resources (gone in setuptools >= 81): locate its files instead."""
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
         raise MissingLandmarkModel("package face-recognition-models is not installed (it ships dlib's 68-point model)")
@@ -64,7 +66,7 @@ class DlibLandmarker:
     def __init__(self, predictor_path: str | Path | None = None, upsample: int = 0):
         import dlib
 
-        default = _face_recognition_models_dir() / "shape_predictor_68_face_landmarks.dat"
+        default = face_recognition_models_dir() / "shape_predictor_68_face_landmarks.dat"
         path = Path(predictor_path) if predictor_path else default
         if not path.exists():
             raise MissingLandmarkModel(f"dlib 68-point shape predictor not found at {path}")
@@ -79,10 +81,13 @@ class DlibLandmarker:
         boxes = [FaceBox(r.left(), r.top(), r.right(), r.bottom(), float(s)) for r, s in zip(rects, scores)]
         return sorted(boxes, key=lambda b: b.size, reverse=True)
 
-    def landmarks(self, image: np.ndarray, box: FaceBox) -> np.ndarray:
+    def shape(self, image: np.ndarray, box: FaceBox):
+        """dlib's own `full_object_detection` of the face in `box`: what its face-recognition network aligns with."""
         rect = self._dlib.rectangle(int(round(box.x0)), int(round(box.y0)), int(round(box.x1)), int(round(box.y1)))
-        shape = self._predictor(np.ascontiguousarray(image), rect)
-        return np.array([[p.x, p.y] for p in shape.parts()], np.float32)
+        return self._predictor(np.ascontiguousarray(image), rect)
+
+    def landmarks(self, image: np.ndarray, box: FaceBox) -> np.ndarray:
+        return np.array([[p.x, p.y] for p in self.shape(image, box).parts()], np.float32)
 
 
 class FanLandmarker:

@@ -341,6 +341,16 @@ def read_frames(path: str | Path, **kw) -> np.ndarray:
     return np.concatenate(chunks, axis=0)
 
 
+def decode_video_bytes(data: bytes) -> np.ndarray:
+    """uint8 RGB [n, H, W, 3] of an in-memory video (a shard's video.mp4 member); ffmpeg reads it from a temp file."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dualforce-video-") as tmp:
+        path = Path(tmp) / "video.mp4"
+        path.write_bytes(data)
+        return read_frames(path)
+
+
 def read_audio(path: str | Path, sample_rate: int = 16_000, info: Optional[MediaInfo] = None) -> np.ndarray:
     """Mono float32 audio resampled by ffmpeg; empty array when the file has no audio stream."""
     info = info or probe(path)
@@ -369,15 +379,19 @@ class VideoWriter:
     """
 
     def __init__(self, path: str | Path, width: int, height: int, fps: int = 25, crf: int = 18,
-                 preset: str = "veryfast", threads: int = 2, input_pix_fmt: Literal["rgb24", "yuv420p"] = "rgb24"):
+                 preset: str = "veryfast", threads: int = 2, input_pix_fmt: Literal["rgb24", "yuv420p"] = "rgb24",
+                 audio: Optional[str | Path] = None):
+        """`audio`: a sound file muxed in as AAC beside the piped frames (a generated video's speech)."""
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp.mp4")
         self.size = (width, height)
         self.input_pix_fmt = input_pix_fmt
         self.frames = 0
         cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-               "-f", "rawvideo", "-pix_fmt", input_pix_fmt, "-s", f"{width}x{height}", "-r", str(fps), "-i", "-",
-               *x264_args(crf, preset, threads), str(self.tmp)]
+               "-f", "rawvideo", "-pix_fmt", input_pix_fmt, "-s", f"{width}x{height}", "-r", str(fps), "-i", "-"]
+        if audio is not None:
+            cmd += ["-i", str(audio), "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "128k"]
+        cmd += [*x264_args(crf, preset, threads), str(self.tmp)]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def write(self, frames: np.ndarray) -> None:

@@ -494,7 +494,8 @@ def iter_samples(
     files = shard_files(shard_dir, split)
     if not files:
         return
-    for sample in wds.WebDataset([str(f) for f in files], shardshuffle=False, empty_check=False):
+    # every shard, whichever rank of a training run asks (validation reads held-out clips on rank 0 alone)
+    for sample in wds.WebDataset([str(f) for f in files], shardshuffle=False, empty_check=False, nodesplitter=None):
         sample = {k: v for k, v in sample.items() if k != "__url__" and k != "__local_path__"}
         if spec is not None:
             sample["meta"] = contract.validate_sample(sample, spec)

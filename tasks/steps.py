@@ -245,8 +245,11 @@ class VaeLatentsStep:
         latents = encode_clip(iter_frames(crop / CROP_VIDEO, chunk=self.windows.window),
                               feature_models.wan_vae(self.models), cfg, segments=crop_segments(crop))
         save_vae_latents(out_dir / VAE_FILE, latents)
-        return {"windows": int(len(latents.window_starts)), "untrained_dryrun": bool(latents.meta.get("untrained_dryrun")),
+        info = {"windows": int(len(latents.window_starts)), "untrained_dryrun": bool(latents.meta.get("untrained_dryrun")),
                 "vae": latents.meta.get("vae")}
+        if self.models.wan_vae_subfolder:  # generation loads the same VAE (flows/preprocess.extractor_record)
+            info["vae_subfolder"] = self.models.wan_vae_subfolder
+        return info
 
 
 @dataclass

@@ -112,6 +112,13 @@ def test_dry_run_runs_the_training_program_stage_by_stage(dry_run):
     assert [(g["gate"], g["step"], g["verdict"]) for g in joint["gates"]] == [
         ("memory", 1, "GO"), ("joint_progress", 2, "GO"), ("review", 3, "GO"), ("stability", 4, "GO")]
     assert joint["gates"][2]["numbers"]["answered_by"] == "auto-approve"
+    # the review looked at validation samples made at its step: one clip, ground truth | generated, with speech
+    run = next((out / "program" / "joint" / "from-pretrain").glob("run-*/samples/step000003.json")).parent
+    round3 = json.loads((run / "step000003.json").read_text())
+    assert round3["weights"] == "module" and len(round3["clips"]) == 1 and round3["clips"][0]["frames"] == 17
+    video = probe(run / round3["clips"][0]["video"])
+    assert (video.width, video.height, video.has_audio) == (1024, 512, True)
+    assert "validation samples at step 3" in stdout
     # joint started from the weights pretrain saved at its gate step; pretrain trained on video-only samples
     joint_cfg = json.loads(next((out / "program" / "joint" / "from-pretrain").glob("run-*/train_config.json")).read_text())
     assert joint_cfg["init_from"].endswith("pretrain/run-b1-w17-per_frame/checkpoints/step00000002/weights.safetensors")

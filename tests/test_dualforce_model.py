@@ -320,3 +320,22 @@ def test_grad_checkpointing_matches_plain():
         (v.square().mean() + s.square().mean()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("two_way", [True, False])
+def test_one_way_bridge_keeps_struct_blind_to_video(two_way):
+    """The review's bridge ablation: one way, struct predictions do not depend on the video at all (no
+    video_to_struct weights exist); both ways, they do. Video reads struct either way."""
+    torch.manual_seed(0)
+    model = build_model("tiny", bridge_two_way=two_way).eval()
+    activate_zero_paths(model)
+    inp = make_inputs(model)
+    other_video = dict(inp, noisy_video=torch.randn_like(inp["noisy_video"]))
+    other_struct = dict(inp, noisy_struct=torch.randn_like(inp["noisy_struct"]))
+    with torch.no_grad():
+        v, s = run(model, inp)
+        _, s_video_changed = run(model, other_video)
+        v_struct_changed, _ = run(model, other_struct)
+    assert not torch.allclose(v, v_struct_changed)  # video reads struct in both settings
+    assert torch.allclose(s, s_video_changed) is (not two_way)
+    assert any("video_to_struct" in k for k in model.state_dict()) is two_way

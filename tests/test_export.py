@@ -10,7 +10,7 @@ import torch
 from models.dualforce import DualForce, SamplerConfig, build_model, generate
 from models.dualforce.serialization import CONFIG_FILE, WEIGHTS_FILE
 from tests.test_dualforce_model import activate_zero_paths, make_inputs, run
-from tests.training_shards import train_config, write_shards
+from tests.training_shards import train_config, train_in_process, write_shards
 from training import checkpoint
 from training.config import TrainConfig
 from training.export import ExportError, export_run
@@ -54,27 +54,10 @@ def test_a_folder_that_does_not_fit_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A tiny run of 2 steps with EMA and the weights file, as `dualforce train` leaves it."""
-    import os
-
-    from tests.conftest import _free_port
-    from training.launch import environment
-    from training.trainer import run_training
-
     root = tmp_path_factory.mktemp("export")
     write_shards(root / "shards", n_shards=1, per_shard=2, seed=3)
-    cfg = TrainConfig.from_dict(train_config(root / "shards", root / "run", total_steps=2, ckpt_every=2,
-                                             ema_decay=0.5, save_weights=True))
-    (root / "run").mkdir()
-    (root / "run" / "train_config.json").write_text(json.dumps(cfg.to_dict()))
-    env = {k: v for k, v in environment().items() if k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR")}
-    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        assert run_training(cfg).status == "completed"
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    train_in_process(TrainConfig.from_dict(train_config(root / "shards", root / "run", total_steps=2, ckpt_every=2,
+                                                        ema_decay=0.5, save_weights=True)))
     return root / "run"
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tasks.contract import STRUCT_DIM
+from training.validation import ValidationConfig
 
 LIPSYNC_EMBED_DIM = 64  # the lip-sync head's width when a run turns the loss on without choosing one
 DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
@@ -68,10 +69,14 @@ class TrainConfig:
     resampled: bool = False
     shards_per_epoch: Optional[int] = None
     faults: FaultInjection = field(default_factory=FaultInjection)
+    # validation samples every K steps (training/validation.py: held-out clips generated, mp4s + a contact sheet)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.faults, dict):
             self.faults = FaultInjection(**self.faults)
+        if isinstance(self.validation, dict):
+            self.validation = ValidationConfig(**self.validation)
         self.betas = tuple(self.betas)  # type: ignore[assignment]
         if self.noise_mode not in ("per_frame", "per_sample"):
             raise ValueError(f"noise_mode must be per_frame or per_sample, got {self.noise_mode!r}")

@@ -58,12 +58,11 @@ def _ema_state(tag_dir: Path) -> Optional[dict]:
 def training_data(cfg: TrainConfig) -> list[dict[str, Any]]:
     """What each shard set of the run was made with: stats.json facts and the extractors its first sample records."""
     from tasks.shard import iter_samples
+    from training.shard_sets import shard_set_root
 
     sets = []
     for pattern in cfg.shards:
-        root = Path(pattern.split("/train/")[0].split("{")[0]).resolve()
-        while root != root.parent and not (root / "stats.json").is_file():
-            root = root.parent
+        root = shard_set_root(pattern)
         if not (root / "stats.json").is_file():
             sets.append({"shards": pattern})
             continue

@@ -67,3 +67,12 @@ def train_data_fields(shard_dirs: list[str | Path], split: str = "train", video_
                              f"{[(str(i.path), i.audio_dim, i.struct_source, i.struct_dim) for i in infos]}")
         fields["audio_dim"], fields["struct_dim"], _ = dims.pop()
     return fields
+
+
+def shard_set_root(pattern: str) -> Path:
+    """The shard set folder (the one holding stats.json) of a training run's shard pattern or folder."""
+    root = Path(pattern.split("/train/")[0].split("{")[0]).resolve()
+    probe = root
+    while probe != probe.parent and not (probe / STATS_FILE).is_file():
+        probe = probe.parent
+    return probe if (probe / STATS_FILE).is_file() else root

@@ -134,6 +134,8 @@ class Trainer:
             **data_position,
         )
         self.metrics = MetricsWriter(self.out_dir, resume_step=self.step) if self.rank == 0 else None
+        self.validator = None  # built at the first validation step (rank 0)
+        self.validation_model = None
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def _save(self) -> None:
@@ -287,6 +289,33 @@ class Trainer:
             record["memory_mb"],
         )
 
+    # ---- validation samples --------------------------------------------------------------------------
+    def _validate(self) -> None:
+        """Rank 0 generates the held-out clips (training/validation.py) from a copy of the weights one samples from
+        (the EMA when kept); the other ranks go on to the next collective and wait there."""
+        if self.rank != 0:
+            return
+        if self.zero_stage == 3:
+            log.warning("validation samples at step %d skipped: ZeRO-3 partitions the weights (export a checkpoint "
+                        "and run `dualforce generate`)", self.step)
+            return
+        from training.export import training_data
+        from training.validation import Validator
+
+        started = time.perf_counter()
+        if self.validator is None:
+            self.validator = Validator(self.cfg.validation, self.cfg.shards[0], training_data(self.cfg), self.device)
+            self.validation_model = build_model(self.cfg.model_config()).to(self.device).eval()
+        state = {k: v.detach().float() for k, v in self.engine.module.state_dict().items()}
+        if self.ema is not None:
+            state.update(self.ema.state_dict())
+        self.validation_model.load_state_dict(state, strict=True)
+        self.validation_model.to(torch.bfloat16 if self.use_cuda else torch.float32)
+        files = self.validator.run(self.validation_model, self.step, self.out_dir, "ema" if self.ema else "module",
+                                   self.metrics.tb if self.metrics is not None else None)
+        log.info("validation samples at step %d: %d files in %s (%.1f s)", self.step, len(files),
+                 files[0].parent, time.perf_counter() - started)
+
     def _record_nonfinite(self) -> None:
         if self.rank == 0:
             self.metrics.write({"step": self.step + 1, "loss": float("nan"), "nonfinite": True})
@@ -306,6 +335,8 @@ class Trainer:
             self.step += 1
             if self.step % self.cfg.log_every == 0 or self.step == end:
                 self._record(result, time.perf_counter() - start)
+            if self.cfg.validation.every and self.step % self.cfg.validation.every == 0:
+                self._validate()
             if self.step % self.cfg.ckpt_every == 0 or self.step == end:
                 self._save()
         return RunStatus(self.rank, COMPLETED if self.step >= self.cfg.total_steps else STOPPED, self.step)

@@ -40,6 +40,7 @@ class DualForceConfig:
     # bridge (video <-> struct cross-attention)
     bridge_strategy: str = "shallow_focus"
     bridge_shallow_blocks: int = 8  # shallow_focus: bridge after the first N video blocks
+    bridge_two_way: bool = True  # False: video reads struct only (the review's one-way bridge ablation)
     # audio conditioning
     audio_context_frames: int = 8  # past video frames seen by a latent frame's audio window (besides its own)
     audio_tokens_per_frame: int = 4

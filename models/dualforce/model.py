@@ -67,7 +67,8 @@ class DualForce(nn.Module):
         # audio + bridge
         self.audio = AudioProjector(c.audio_dim, c.audio_window, c.audio_tokens_per_frame, c.video_dim, c.eps)
         self.bridges = nn.ModuleDict(
-            {str(i): Bridge(c.video_dim, c.video_heads, c.struct_model_dim, c.struct_heads, c.qk_norm, c.eps)
+            {str(i): Bridge(c.video_dim, c.video_heads, c.struct_model_dim, c.struct_heads, c.qk_norm, c.eps,
+                           two_way=c.bridge_two_way)
              for i in c.bridge_blocks()}
         )
         for j, i in enumerate(c.struct_schedule()):

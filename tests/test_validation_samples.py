@@ -1,0 +1,119 @@
+"""Validation samples during training: every K steps rank 0 generates the fixed held-out clips from the EMA weights
+and writes ground truth | generated mp4s (the clip's speech muxed in), a contact sheet, a record and a TensorBoard
+image; the flow publishes the newest round and the review shows it.
+
+Content: the mp4's left half is the clip's own frames, its right half exactly what the sampler makes from the
+exported EMA weights with the clip's reference latent, HuBERT rows and the validation seed."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.feature_models import dryrun_models
+from tasks.media import VideoWriter, read_audio, read_frames
+from tests.training_shards import CROP, WINDOW, real_media, train_config, train_in_process, write_shards
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def validated_run(tmp_path_factory, samples_dir):
+    from training.config import TrainConfig
+
+    root = tmp_path_factory.mktemp("validation")
+    models = dryrun_models()
+    meta = {"extractors": {"wan_vae": models.wan_vae, "hubert": models.hubert},
+            "untrained_dryrun_models": ["audio_features", "vae_latents"]}
+    shards = root / "shards"
+    media = real_media(samples_dir / "yongen.mp4")
+    write_shards(shards / "train", n_shards=1, per_shard=2, seed=3, media=media, meta_extra=meta)
+    write_shards(shards / "val", n_shards=1, per_shard=3, seed=4, split="val", media=media, meta_extra=meta)
+    (shards / "stats.json").write_text(json.dumps({"profile": "talking_head", "window_frames": WINDOW}))
+    train_in_process(TrainConfig.from_dict(train_config(
+        shards / "train", root / "run", total_steps=2, ckpt_every=2, ema_decay=0.5, save_weights=True,
+        validation={"every": 2, "clips": 2, "sampler_steps": 2, "seed": 5})))
+    return root, models
+
+
+def test_files_of_a_validation_round(validated_run):
+    root, _ = validated_run
+    samples = root / "run" / "samples"
+    record = json.loads((samples / "step000002.json").read_text())
+    assert record["step"] == 2 and record["weights"] == "ema" and record["sampler"]["steps"] == 2
+    assert [c["split"] for c in record["clips"]] == ["val", "val"]  # the held-out split, not the training one
+    assert [c["key"] for c in record["clips"]] == ["clip000_w000000", "clip000_w000001"]  # the first two, fixed
+    assert sorted(p.name for p in samples.glob("*.mp4")) == [f"step000002-{c['key']}.mp4" for c in record["clips"]]
+    import cv2
+
+    png = cv2.imread(str(samples / "step000002.png"))
+    assert png.shape[0] == 2 * (2 * 160 + 22) and png.shape[1] == 6 * 160
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(root / "run" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("validation/samples")] == [2]
+
+
+def test_side_by_side_is_truth_and_the_ema_models_sample(validated_run, tmp_path):
+    from models.dualforce import DualForce
+    from models.dualforce.sampler import SamplerConfig, generate
+    from models.wan_vae import load_wan_vae, output_to_frames
+    from training.export import export_run
+    from training.heldout import held_out_clips
+
+    root, models = validated_run
+    export_run(root / "run", tmp_path / "ema")  # the EMA weights of step 2, as a user would sample from them
+    model = DualForce.from_pretrained(tmp_path / "ema")
+    wan = load_wan_vae(models.wan_vae)
+    clips = held_out_clips(root / "shards", 2)
+    for clip in clips:
+        written = read_frames(root / "run" / "samples" / f"step000002-{clip.key}.mp4")
+        assert written.shape == (WINDOW, CROP, 2 * CROP, 3)
+        truth_error = np.abs(written[:, :, :CROP].astype(int) - clip.frames).mean()
+        assert truth_error < 4.0  # the clip's own frames (two H.264 passes apart)
+
+        def side_by_side(seed):
+            latents, _ = generate(model, torch.from_numpy(clip.reference_latent)[None],
+                                  torch.from_numpy(clip.audio_features)[None], SamplerConfig(steps=2),
+                                  torch.Generator().manual_seed(seed))
+            with torch.inference_mode():
+                made = output_to_frames(wan.vae.decode(wan.denormalise(latents)).sample)[0][:WINDOW]
+            with VideoWriter(tmp_path / f"{clip.key}-{seed}.mp4", 2 * CROP, CROP) as writer:
+                writer.write(np.concatenate([clip.frames, made], axis=2))
+            return read_frames(tmp_path / f"{clip.key}-{seed}.mp4")
+
+        assert np.array_equal(written, side_by_side(5))  # bit-exact H.264: the same frames in, the same out
+        assert not np.array_equal(written, side_by_side(6))
+        muxed = read_audio(root / "run" / "samples" / f"step000002-{clip.key}.mp4")
+        n = min(len(muxed), len(clip.audio))
+        assert np.corrcoef(muxed[:n], clip.audio[:n])[0, 1] > 0.95  # the clip's own speech
+
+
+def test_latest_round_is_what_the_flow_publishes_and_the_review_shows(validated_run, prefect_test_server):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from flows.review import publish_review_request
+    from flows.sample_artifacts import publish_validation_samples
+
+    root, _ = validated_run
+    run_dir = root / "run"
+    (run_dir / "samples" / "step000001.png").write_bytes((run_dir / "samples" / "step000002.png").read_bytes())
+
+    @flow
+    def publish():
+        first = publish_validation_samples(run_dir, set())
+        again = publish_validation_samples(run_dir, {2})
+        publish_review_request(2, run_dir, run_dir / "samples" / "step000002.png", 60, "continue")
+        return first, again
+
+    assert publish() == (2, None)
+    with get_client(sync_client=True) as client:  # the session's server holds other tests' artifacts too
+        mine = [a for a in client.read_artifacts() if a.key and str(run_dir) in str(a.data)]
+    samples = next(a for a in mine if a.key == f"{run_dir.name}-validation-samples")
+    assert "step 2" in samples.description and "clip000_w000000" in samples.data
+    review = next(a for a in mine if a.key == "train-review-request").data
+    assert "step000002.png" in review and "step000001.png" not in review  # the newest round only

@@ -1,0 +1,220 @@
+"""`dualforce evaluate`: an exported model on a shard set's test split -> metrics, a table and plots.
+
+Each held-out clip (training/heldout.py: the first window of each of the first `clips` clips of the split) is
+generated from its own first frame (the shard's reference latent) and its own HuBERT rows, with a fixed seed,
+through the streaming sampler and VAE decoder of `dualforce generate`, then measured against its ground truth by
+training/eval_metrics (identity, LMD, pose / expression error, LSE-C / LSE-D, FID, FVD; a metric whose weights
+are absent is reported as skipped with the reason, never guessed). The identity reference is the reference latent
+image the model was given: the clip's frame 0 (what the reference latent encodes) when the window starts the clip,
+else that latent decoded by the same VAE.
+
+Long-sequence consistency (the review's ablation): one long generation of `long_seconds` driven by the split's
+windows' HuBERT rows laid end to end (real speech, as many windows as it takes; the reference is the first
+clip's), its identity similarity and head-pose drift per second. Windows are independent stretches, so the
+speech jumps at window borders: the measure is the model's drift over time, not lip sync.
+
+Written to OUT: evaluation.json (summary, per clip, long series), evaluation.md (the table), metric-*.png (a plot
+per metric over time: frames for per-frame metrics, seconds for the long generation) and clips/<key>.mp4
+(ground truth | generated, with the speech).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from training.heldout import HeldOutClip, held_out_clips
+
+log = logging.getLogger(__name__)
+REPORT_FILE = "evaluation.json"
+TABLE_FILE = "evaluation.md"
+
+
+@dataclass
+class EvaluateOptions:
+    split: Optional[str] = "test"  # None: val, then test, else train (a toy set)
+    clips: int = 16
+    sampler_steps: int = 20
+    audio_guidance: float = 1.0
+    seed: int = 0
+    long_seconds: float = 60.0  # the long generation for long-sequence consistency (0: none)
+    liveportrait: Optional[str] = None  # LivePortrait root: pose / expression error, pose drift
+    syncnet: Optional[str] = None  # SyncNet weights: LSE-C / LSE-D
+    i3d: Optional[str] = None  # I3D (Kinetics-400) weights: FVD
+    fid_inception: Optional[str] = None  # pytorch-fid's Inception weights: FID
+    wan_vae: Optional[str] = None  # override the VAE the model's provenance records
+    wan_vae_subfolder: Optional[str] = None
+    device: Optional[str] = None
+    progress: bool = True
+    i3d_size: Optional[int] = None  # input sizes other than the standard 224 / 299: quick tests only
+    inception_size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.clips < 1 or self.sampler_steps < 1 or self.long_seconds < 0:
+            raise ValueError(f"evaluate needs clips >= 1, sampler_steps >= 1, long_seconds >= 0; got {asdict(self)}")
+
+
+@dataclass
+class EvaluationReport:
+    out_dir: Path
+    summary: list[dict[str, Any]]  # MetricResult.to_json() per metric (set level)
+    clips: list[dict[str, Any]]
+    long_sequence: list[dict[str, Any]]
+    seconds: float
+    generate_s_per_clip: float
+
+    def value(self, name: str) -> Optional[float]:
+        for r in self.summary + self.long_sequence:
+            if r["name"] == name:
+                return r["value"]
+        raise KeyError(name)
+
+
+def _load(model_dir: str | Path, options: EvaluateOptions):
+    from models.dualforce import DualForce
+    from models.wan_vae import load_wan_vae
+    from training.generate import GenerateError, recorded_extractors
+
+    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = DualForce.from_pretrained(model_dir, device=device,
+                                      dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if model.config.video_only:
+        raise GenerateError(f"{model_dir} is a video-only model: it takes no speech")
+    record = recorded_extractors(model.provenance.get("training_data", []), overridden=bool(options.wan_vae))
+    vae = options.wan_vae or record.get("wan_vae")
+    if not vae:
+        raise GenerateError(f"{model_dir}'s provenance does not record its Wan VAE; pass --wan-vae")
+    wan = load_wan_vae(vae, options.wan_vae_subfolder or record.get("wan_vae_subfolder"), device=device)
+    return model, wan, device
+
+
+def _sampler(options: EvaluateOptions):
+    from models.dualforce.sampler import SamplerConfig
+
+    return SamplerConfig(steps=options.sampler_steps, audio_guidance=options.audio_guidance)
+
+
+def _generated(model, wan, device, reference_latent: np.ndarray, features: np.ndarray, options: EvaluateOptions,
+               bar=None) -> Iterator[np.ndarray]:
+    from training.generate import stream_frames
+
+    generator = torch.Generator(device=device).manual_seed(options.seed)
+    yield from stream_frames(model, wan, torch.from_numpy(reference_latent)[None].to(device),
+                             torch.from_numpy(features)[None].to(device), _sampler(options), generator,
+                             on_latent_frame=bar.update if bar is not None else None)
+
+
+def decode_reference(wan, reference_latent: np.ndarray) -> np.ndarray:
+    """The reference image the model was given: its latent [16, 1, h, w] through the VAE decoder, uint8 [H, W, 3]."""
+    from models.wan_vae import CausalStreamDecoder
+
+    decoder = CausalStreamDecoder(wan)
+    try:
+        return decoder.push(torch.from_numpy(reference_latent)[None])[0, 0]
+    finally:
+        decoder.close()
+
+
+def reference_image(wan, clip: HeldOutClip) -> np.ndarray:
+    """The image the clip's reference latent was encoded from: its frame 0 when the window starts the clip (the
+    held-out window usually does), else the latent decoded."""
+    window = clip.meta.get("window") or [None]
+    return clip.frames[0] if window[0] == 0 else decode_reference(wan, clip.reference_latent)
+
+
+def long_drive(clips: list[HeldOutClip], frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """HuBERT rows and speech for `frames` frames: the clips' windows end to end, cycled as often as needed."""
+    rows, audio, have = [], [], 0
+    while have < frames:
+        for clip in clips:
+            rows.append(clip.audio_features)
+            audio.append(clip.audio)
+            have += len(clip.audio_features)
+            if have >= frames:
+                break
+    return np.concatenate(rows)[:frames], np.concatenate(audio)[: frames * 640]
+
+
+def evaluate_model(model_dir: str | Path, shards: str | Path, out_dir: str | Path,
+                   options: EvaluateOptions = EvaluateOptions()) -> EvaluationReport:
+    """See the module docstring; returns the report also written to OUT/evaluation.json."""
+    from tqdm.auto import tqdm
+
+    from training.eval_metrics import EvalClip, EvalModels, EvalWeights, FeatureInputs, evaluate_set, long_sequence_consistency
+    from training.shard_sets import shard_set_root
+    from training.validation import write_side_by_side
+
+    started = time.perf_counter()
+    out = Path(out_dir)
+    (out / "clips").mkdir(parents=True, exist_ok=True)
+    model, wan, device = _load(model_dir, options)
+    held = held_out_clips(shard_set_root(str(shards)), options.clips, options.split)
+    if not held:
+        raise ValueError(f"{shards}: no talking-head sample to evaluate on")
+    weights = EvalWeights(*(Path(p) if p else None for p in (options.liveportrait, options.syncnet, options.i3d,
+                                                              options.fid_inception)))
+    networks = EvalModels.load(weights, device="cpu")
+    eval_clips, generate_s = [], 0.0
+    for clip in tqdm(held, desc="evaluate: generate", unit="clip", disable=not options.progress):
+        t0 = time.perf_counter()
+        generated = np.concatenate(list(_generated(model, wan, device, clip.reference_latent, clip.audio_features,
+                                                   options)))[: len(clip.frames)]
+        generate_s += time.perf_counter() - t0
+        write_side_by_side(out / "clips" / f"{clip.key}.mp4", clip.frames, generated, clip.audio)
+        eval_clips.append(EvalClip(clip.key, generated, reference_image(wan, clip), clip.frames, clip.audio))
+    sizes = {k: v for k, v in (("i3d_size", options.i3d_size), ("inception_size", options.inception_size)) if v}
+    evaluations, summary = evaluate_set(eval_clips, networks, FeatureInputs(**sizes))
+    long_results = []
+    if options.long_seconds > 0:
+        frames = 4 * math.ceil((round(options.long_seconds * 25) - 1) / 4) + 1
+        features, _ = long_drive(held, frames)
+        with tqdm(total=(frames - 1) // 4 + 1, desc="evaluate: long generation", unit="latent frame",
+                  disable=not options.progress) as bar:
+            long_results = long_sequence_consistency(
+                _generated(model, wan, device, held[0].reference_latent, features, options, bar),
+                reference_image(wan, held[0]), networks.motion_extractor)
+    report = EvaluationReport(
+        out, [r.to_json() for r in summary],
+        [{"key": e.name, "results": [r.to_json() for r in e.results]} for e in evaluations],
+        [r.to_json() for r in long_results], time.perf_counter() - started, generate_s / len(held))
+    _write_report(report, model_dir, shards, options, [c.split for c in held][0], model.provenance)
+    return report
+
+
+def _write_report(report: EvaluationReport, model_dir, shards, options: EvaluateOptions, split: str,
+                  provenance: dict) -> None:
+    from training.eval_plots import plot_metric_series
+
+    data = {"model": str(Path(model_dir).resolve()), "shards": str(shards), "split": split,
+            "step": provenance.get("step"), "weights": provenance.get("weights"), "options": asdict(options),
+            "summary": report.summary, "clips": report.clips, "long_sequence": report.long_sequence,
+            "seconds": report.seconds, "generate_s_per_clip": report.generate_s_per_clip,
+            "untrained_dryrun_models": sorted({m for d in provenance.get("training_data", [])
+                                               for m in d.get("untrained_dryrun_models", [])})}
+    out = report.out_dir
+    tmp = out / f".{REPORT_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(out / REPORT_FILE)
+    (out / TABLE_FILE).write_text(table_markdown(data) + "\n")
+    plot_metric_series(data, out)
+
+
+def table_markdown(data: dict[str, Any]) -> str:
+    """The evaluation table: one row per metric (set level, then the long generation's), value or why skipped."""
+    lines = [f"## Evaluation of step {data.get('step')} on {data['split']} ({len(data['clips'])} clips)", ""]
+    if data.get("untrained_dryrun_models"):
+        lines += [f"Trained on shards from untrained dry-run extractors ({', '.join(data['untrained_dryrun_models'])}): "
+                  "the numbers test the plumbing.", ""]
+    lines += ["| metric | value | status | note | seconds |", "|---|---|---|---|---|"]
+    for r in data["summary"] + data["long_sequence"]:
+        value = "" if r["value"] is None else f"{r['value']:.4g}"
+        lines.append(f"| {r['name']} | {value} | {r['status']} | {r['reason']} | {r['seconds']:.2f} |")
+    return "\n".join(lines)

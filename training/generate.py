@@ -1,0 +1,276 @@
+"""`dualforce generate`: an exported model + one face image + speech -> an mp4, streamed.
+
+The face image is cut as the crop step cuts clips (tasks/face_image.py) and VAE-encoded as the reference; the speech
+(any file ffmpeg reads, any rate and channels -> 16 kHz mono) becomes HuBERT rows aligned to video frames exactly
+as the audio step aligns them; the KV-cache sampler makes latent frames chunk by chunk, the Wan VAE decodes each as
+it comes (CausalStreamDecoder) and the frames go straight to the encoder with the speech muxed in. Which HuBERT,
+Wan VAE and crop size come from the model's provenance.json (written by `dualforce export`), so the model, the
+image and the speech are enough; flags override them. T = round(speech seconds x 25) frames are written: the
+sampler makes 4(L-1)+1 >= T (whole latent frames; the audio rows past the speech are zero-padded as the audio step
+pads) and the writer keeps the first T. A beside-file `<out>.json` records what was used and how long it took.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from models.dualforce import DualForce
+from models.dualforce.frames import num_latent_frames
+from models.dualforce.sampler import SamplerConfig, stream
+from models.wan_vae import CausalStreamDecoder, WanVae
+from tasks.contract import AUDIO_SAMPLES_PER_FRAME, FPS, SAMPLE_RATE
+from tasks.errors import ClipRejected
+
+log = logging.getLogger(__name__)
+
+
+class GenerateError(ValueError):
+    """The model cannot generate as asked (a video-only model, unknown extractors, widths that do not fit)."""
+
+
+@dataclass
+class GenerateOptions:
+    seconds: Optional[float] = None  # use the first this-many seconds of the speech (None: all of it)
+    steps: int = 20  # Euler steps per latent frame
+    audio_guidance: float = 1.0  # classifier-free guidance scale on the speech (1: none)
+    reference_guidance: float = 1.0  # ... on the reference image (1: none)
+    seed: int = 0
+    chunk_frames: int = 1  # latent frames denoised together
+    device: Optional[str] = None  # None: CUDA when available
+    hubert: Optional[str] = None  # override the provenance's extractors
+    hubert_layers: Optional[tuple[int, ...]] = None
+    wan_vae: Optional[str] = None
+    wan_vae_subfolder: Optional[str] = None
+    progress: bool = True
+
+    def sampler(self) -> SamplerConfig:
+        return SamplerConfig(steps=self.steps, chunk_frames=self.chunk_frames, audio_guidance=self.audio_guidance,
+                             reference_guidance=self.reference_guidance)
+
+
+@dataclass
+class Extractors:
+    """What the model's training data was made with (provenance.json), after any override."""
+
+    hubert: str
+    hubert_layers: tuple[int, ...]
+    wan_vae: str
+    wan_vae_subfolder: Optional[str]
+    crop_size: int
+    untrained_dryrun_models: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StreamStats:
+    latent_frames: int = 0
+    frames: int = 0
+    sampling_s: float = 0.0
+    decode_s: float = 0.0
+
+
+@dataclass
+class GenerateResult:
+    path: Path
+    frames: int
+    latent_frames: int
+    seconds: float  # wall time, all of it
+    sampling_s: float
+    decode_s: float
+    prepare_s: float  # models loaded, image cropped and encoded, speech features
+    dryrun: bool
+    record: Path  # the beside-file <out>.json
+
+    @property
+    def latent_frames_per_s(self) -> float:
+        return self.latent_frames / max(self.sampling_s + self.decode_s, 1e-9)
+
+
+def talking_head_data(training_data: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The shard sets (export.training_data's entries) that record the extractors their samples were made with."""
+    return [d for d in training_data if d.get("profile", "talking_head") == "talking_head" and d.get("extractors")]
+
+
+def recorded_extractors(training_data: list[dict[str, Any]], overridden: bool = False) -> dict[str, Any]:
+    """The one extractor record of a run's talking-head shard sets ({} when none records it); sets made with
+    different extractors are an error unless the caller names its own (`overridden`)."""
+    records = talking_head_data(training_data)
+    distinct = {json.dumps(d["extractors"], sort_keys=True) for d in records}
+    if len(distinct) > 1 and not overridden:
+        raise GenerateError(f"the model was trained on shard sets made with different extractors ({sorted(distinct)}); "
+                            "name the ones to use with --hubert and --wan-vae")
+    return records[0]["extractors"] if records else {}
+
+
+def extractors_for(provenance: dict[str, Any], options: GenerateOptions) -> Extractors:
+    """The talking-head training data's extractors from provenance.json, each overridable by an option."""
+    records = talking_head_data(provenance.get("training_data", []))
+    found = recorded_extractors(records, overridden=bool(options.hubert and options.wan_vae))
+    hubert = options.hubert or found.get("hubert")
+    wan_vae = options.wan_vae or found.get("wan_vae")
+    if not hubert or not wan_vae:
+        missing = " and ".join(n for n, v in (("--hubert", hubert), ("--wan-vae", wan_vae)) if not v)
+        raise GenerateError(f"the model's provenance.json does not record which HuBERT / Wan VAE made its training "
+                            f"data; pass {missing}")
+    layers = options.hubert_layers or tuple(found.get("hubert_layers") or (-1,))
+    crop_sizes = {int(d.get("crop_size") or provenance.get("crop_size") or 512) for d in records} or {
+        int(provenance.get("crop_size") or 512)}
+    dryrun = sorted({m for d in records for m in d.get("untrained_dryrun_models", [])})
+    return Extractors(hubert, tuple(layers), wan_vae, options.wan_vae_subfolder or found.get("wan_vae_subfolder"),
+                      max(crop_sizes), dryrun)
+
+
+def speech_for_frames(path: str | Path, seconds: Optional[float] = None) -> tuple[np.ndarray, int]:
+    """16 kHz mono float32 speech (cut to `seconds`) and its frame count T = round(duration x 25)."""
+    from tasks.media import MediaError, read_audio
+
+    try:
+        audio = read_audio(path, SAMPLE_RATE)
+    except MediaError as exc:
+        raise ClipRejected("unreadable_audio", str(exc)) from exc
+    if seconds is not None:
+        audio = audio[: int(round(seconds * SAMPLE_RATE))]
+    frames = int(round(len(audio) / AUDIO_SAMPLES_PER_FRAME))
+    if frames < 1:
+        raise ClipRejected("no_audio", f"{path}: no speech to drive the video ({len(audio)} samples)")
+    return audio, frames
+
+
+def speech_features(audio: np.ndarray, frames: int, hubert, layers: tuple[int, ...]) -> np.ndarray:
+    """HuBERT rows [4(L-1)+1, D] for the whole latent frames covering `frames` video frames (the audio step's
+    alignment; rows past the speech are of zero padding, as the audio step pads)."""
+    from models.hubert_features import HubertLayers
+    from tasks.audio_features import AudioFeatureConfig, extract_audio_features
+
+    covered = 4 * ((frames + 2) // 4) + 1  # the fewest 4(L-1)+1 frames >= frames
+    result = extract_audio_features(audio, covered, hubert, AudioFeatureConfig(layers=HubertLayers(tuple(layers))))
+    if result.status in ("no_audio", "silent"):
+        raise ClipRejected("silent_audio" if result.status == "silent" else "no_audio",
+                           f"the speech is {result.status} (RMS {result.rms:.2e}): nothing to drive the mouth")
+    return result.features
+
+
+def stream_frames(model: DualForce, wan: WanVae, reference_latent: torch.Tensor, audio_features: torch.Tensor,
+                  cfg: SamplerConfig, generator: torch.Generator, stats: Optional[StreamStats] = None,
+                  on_latent_frame: Optional[Callable[[int], None]] = None) -> Iterator[np.ndarray]:
+    """Decoded uint8 frames [n, H, W, 3] of the sampler's chunks, as each chunk finishes (batch 1).
+
+    reference_latent [1, 16, 1, h, w], audio_features [1, T, A] with T = 4(L-1)+1."""
+    stats = stats if stats is not None else StreamStats()
+    decoder = CausalStreamDecoder(wan)
+    chunks = stream(model, reference_latent, audio_features, cfg, generator)
+    try:
+        while True:
+            start = time.perf_counter()
+            chunk = next(chunks, None)
+            stats.sampling_s += time.perf_counter() - start
+            if chunk is None:
+                break
+            start = time.perf_counter()
+            frames = decoder.push(chunk.video_latents)[0]
+            stats.decode_s += time.perf_counter() - start
+            stats.latent_frames += chunk.video_latents.shape[2]
+            stats.frames += len(frames)
+            if on_latent_frame is not None:
+                on_latent_frame(chunk.video_latents.shape[2])
+            yield frames
+    finally:
+        decoder.close()
+
+
+def _device(options: GenerateOptions) -> torch.device:
+    return torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_generation_models(model_dir: str | Path, options: GenerateOptions):
+    """(model, extractors, hubert, wan) for a model folder; every width checked against the others."""
+    from models.hubert_features import load_hubert
+    from models.wan_vae import load_wan_vae
+
+    device = _device(options)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = DualForce.from_pretrained(model_dir, device=device, dtype=dtype)
+    if model.config.video_only:
+        raise GenerateError(f"{model_dir} is a video-only model (the pretrain stage): it takes no speech; export "
+                            "a joint-stage run to generate talking heads")
+    extractors = extractors_for(model.provenance, options)
+    hubert = load_hubert(extractors.hubert, device=device)
+    wan = load_wan_vae(extractors.wan_vae, extractors.wan_vae_subfolder, device=device)
+    if hubert.hidden_size != model.config.audio_dim:
+        raise GenerateError(f"HuBERT {extractors.hubert} gives {hubert.hidden_size}-wide features; the model takes "
+                            f"{model.config.audio_dim}")
+    if wan.z_dim != model.config.latent_channels:
+        raise GenerateError(f"the Wan VAE has {wan.z_dim} latent channels; the model takes {model.config.latent_channels}")
+    return model, extractors, hubert, wan
+
+
+def generate_video(model_dir: str | Path, image: str | Path, speech: str | Path, out: str | Path,
+                   options: GenerateOptions = GenerateOptions()) -> GenerateResult:
+    """Write `out` (H.264 + AAC, 25 fps, crop_size^2) and `<out>.json`; see the module docstring."""
+    from tqdm.auto import tqdm
+
+    from tasks.crop import CropConfig
+    from tasks.crop_geometry import CropParams
+    from tasks.face_image import crop_face_image, read_image
+    from tasks.media import VideoWriter, write_wav
+    from tasks.vae_latents import encode_reference
+
+    started = time.perf_counter()
+    out = Path(out)
+    model, extractors, hubert, wan = load_generation_models(model_dir, options)
+    dryrun = bool(extractors.untrained_dryrun_models) or hubert.untrained_dryrun or wan.untrained_dryrun
+    if dryrun:
+        log.warning("DRY-RUN model: the extractors (and the model) are small random or toy-trained ones; the video "
+                    "is noise, the plumbing is real")
+    size = extractors.crop_size
+    face = crop_face_image(read_image(image), CropConfig(params=CropParams(dsize=size)))
+    reference = torch.from_numpy(encode_reference(wan, face.crop).astype(np.float32))[None]  # [1, 16, 1, h, w]
+    audio, frames = speech_for_frames(speech, options.seconds)
+    features = speech_features(audio, frames, hubert, extractors.hubert_layers)  # [4(L-1)+1, D]
+    device = next(model.parameters()).device
+    audio_features = torch.from_numpy(features.astype(np.float32))[None].to(device)
+    latent_frames = num_latent_frames(len(features))
+    prepared = time.perf_counter()
+
+    generator = torch.Generator(device=device).manual_seed(options.seed)
+    stats = StreamStats()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with tempfile.TemporaryDirectory(prefix=".generate-", dir=out.parent) as tmp:
+        speech_wav = write_wav(Path(tmp) / "speech.wav", audio[: frames * AUDIO_SAMPLES_PER_FRAME])
+        with tqdm(total=latent_frames, unit="latent frame", desc="generate", disable=not options.progress) as bar, \
+                VideoWriter(out, size, size, fps=FPS, audio=speech_wav) as writer:
+            for chunk_frames in stream_frames(model, wan, reference.to(device), audio_features, options.sampler(),
+                                              generator, stats, bar.update):
+                keep = chunk_frames[: frames - written]
+                if len(keep):
+                    writer.write(keep)
+                    written += len(keep)
+    result = GenerateResult(out, written, stats.latent_frames, time.perf_counter() - started, stats.sampling_s,
+                            stats.decode_s, prepared - started, dryrun, out.with_name(out.name + ".json"))
+    _write_record(result, model_dir, image, speech, options, extractors, model.provenance)
+    return result
+
+
+def _write_record(result: GenerateResult, model_dir, image, speech, options: GenerateOptions, extractors: Extractors,
+                  provenance: dict) -> None:
+    record = {
+        "video": str(result.path), "frames": result.frames, "fps": FPS, "latent_frames": result.latent_frames,
+        "model": str(Path(model_dir).resolve()), "image": str(image), "speech": str(speech),
+        "checkpoint": provenance.get("checkpoint"), "step": provenance.get("step"), "weights": provenance.get("weights"),
+        "options": asdict(options), "extractors": asdict(extractors), "untrained_dryrun": result.dryrun,
+        "seconds": {"total": result.seconds, "prepare": result.prepare_s, "sampling": result.sampling_s,
+                    "decode": result.decode_s},
+        "latent_frames_per_s": result.latent_frames_per_s,
+    }
+    tmp = result.record.with_name(f".{result.record.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    tmp.replace(result.record)

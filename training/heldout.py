@@ -1,0 +1,74 @@
+"""Held-out clips of a shard set, decoded for generation: one window per clip, its reference latent (the clip's
+first frame), its HuBERT rows, its frames and its speech. Validation samples and `evaluate` both read them.
+
+The first window of each clip in shard order, for the first `count` clips: the same clips at every validation
+step and in every run on the same shard set, so samples are comparable across steps and runs.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from tasks import contract
+
+log = logging.getLogger(__name__)
+HELD_OUT_SPLITS = ("val", "test")
+
+
+@dataclass
+class HeldOutClip:
+    key: str  # the sample's key (clip id + window start)
+    clip_id: str
+    reference_latent: np.ndarray  # [16, 1, h, w] float32
+    audio_features: np.ndarray  # [T, A] float32, row i = frame i
+    frames: np.ndarray  # uint8 [T, H, W, 3]: the ground truth
+    audio: np.ndarray  # float32 [T * 640], 16 kHz mono
+    split: str
+    meta: dict = field(default_factory=dict)
+
+
+def _npy(sample: dict, member: str) -> np.ndarray:
+    return contract.load_npy(sample[member]).astype(np.float32)
+
+
+def decode_clip(sample: dict, split: str) -> HeldOutClip:
+    import soundfile as sf
+
+    from tasks.media import decode_video_bytes
+
+    audio, _ = sf.read(io.BytesIO(sample[contract.AUDIO]), dtype="float32")
+    meta = sample["meta"]
+    return HeldOutClip(sample["__key__"], str(meta.get("clip_id", sample["__key__"])),
+                       _npy(sample, contract.REFERENCE_LATENT), _npy(sample, contract.AUDIO_FEATURES),
+                       decode_video_bytes(sample[contract.VIDEO]), audio.reshape(-1), split, meta)
+
+
+def held_out_clips(shard_root: str | Path, count: int, split: Optional[str] = None) -> list[HeldOutClip]:
+    """The first window of each of the first `count` clips of `split` (default: val, then test; a set with neither
+    gives its training clips, and says so: a toy set of two clips has no held-out identity)."""
+    from tasks.shard import iter_samples
+
+    splits = (split,) if split else (*HELD_OUT_SPLITS, "train")
+    for name in splits:
+        clips, seen = [], set()
+        for sample in iter_samples(shard_root, split=name):
+            if sample["meta"].get("profile", contract.TALKING_HEAD) != contract.TALKING_HEAD:
+                continue
+            clip_id = sample["meta"].get("clip_id")
+            if clip_id in seen:
+                continue
+            seen.add(clip_id)
+            clips.append(decode_clip(sample, name))
+            if len(clips) == count:
+                break
+        if clips:
+            if name == "train":
+                log.warning("%s has no held-out split: validation uses %d training clips", shard_root, len(clips))
+            return clips
+    return []
+

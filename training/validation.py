@@ -1,0 +1,151 @@
+"""Validation samples during training: every K steps rank 0 generates a few fixed held-out clips and writes what a
+person needs to judge them.
+
+Each clip (training/heldout.py: the first window of each of the first clips of the val split) is generated from
+its own first frame (the shard's reference latent) and its own HuBERT rows, with a fixed seed, by the weights one
+would sample from (the EMA when the run keeps one), through the same streaming sampler + VAE decoder as
+`dualforce generate`. Written under RUN_DIR/samples/:
+  step{N:06d}-{key}.mp4   ground truth | generated, side by side, the clip's speech muxed in
+  step{N:06d}.png         contact sheet: per clip a row of ground-truth frames over the generated ones
+  step{N:06d}.json        what was generated (clips, weights, sampler settings, seconds)
+and the sheet goes to TensorBoard. The flow publishes the newest as artifacts; the review gate shows them.
+ZeRO-3 partitions the weights across ranks, so rank 0 alone cannot sample: such a run says so and writes none
+(export a checkpoint and `dualforce generate` instead).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+
+from training.heldout import HeldOutClip, held_out_clips
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+SAMPLES_DIR = "samples"
+SHEET_FRAMES = 6  # frames per clip in the contact sheet
+TILE = 160
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 0  # steps between validation samples (0: none)
+    clips: int = 2  # held-out clips generated each time
+    split: Optional[str] = None  # None: val, then test, else (a toy set) train
+    shards: Optional[str] = None  # a shard set folder (default: the run's first shard set)
+    sampler_steps: int = 10  # Euler steps per latent frame
+    audio_guidance: float = 1.0
+    seed: int = 0
+    wan_vae: Optional[str] = None  # override the VAE the shard set records
+    wan_vae_subfolder: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.clips < 1 or self.sampler_steps < 1:
+            raise ValueError(f"validation needs every >= 0, clips >= 1, sampler_steps >= 1; got {asdict(self)}")
+
+
+def sample_stem(step: int) -> str:
+    return f"step{step:06d}"
+
+
+def sheet_row(truth: np.ndarray, generated: np.ndarray, label: str) -> np.ndarray:
+    """Ground-truth frames over generated frames at the same SHEET_FRAMES times, with a caption."""
+    import cv2
+
+    from tasks.contact_sheet import caption_bar
+
+    picks = np.linspace(0, len(truth) - 1, SHEET_FRAMES).round().astype(int)
+
+    def strip(frames):
+        return np.concatenate([cv2.resize(frames[i], (TILE, TILE), interpolation=cv2.INTER_AREA) for i in picks], 1)
+
+    return np.concatenate([strip(truth), strip(generated), caption_bar(TILE * SHEET_FRAMES, label)], 0)
+
+
+def write_side_by_side(path: Path, truth: np.ndarray, generated: np.ndarray, audio: np.ndarray) -> Path:
+    """ground truth | generated as one H.264 video with the speech (16 kHz mono float) muxed in, written atomically."""
+    from tasks.media import VideoWriter, write_wav
+
+    height, width = truth.shape[1:3]
+    with tempfile.TemporaryDirectory(prefix=".side-by-side-", dir=path.parent) as tmp:
+        speech = write_wav(Path(tmp) / "speech.wav", audio)
+        with VideoWriter(path, 2 * width, height, audio=speech) as writer:
+            writer.write(np.concatenate([truth, generated[: len(truth)]], axis=2))
+    return path
+
+
+class Validator:
+    """The held-out clips and the VAE, loaded once; `run` writes one validation round."""
+
+    def __init__(self, vcfg: ValidationConfig, shard_pattern: str, training_data: list[dict[str, Any]],
+                 device: "torch.device"):
+        from models.wan_vae import load_wan_vae
+        from training.generate import recorded_extractors
+        from training.shard_sets import shard_set_root
+
+        self.cfg, self.device = vcfg, device
+        root = shard_set_root(vcfg.shards or shard_pattern)
+        self.clips: list[HeldOutClip] = held_out_clips(root, vcfg.clips, vcfg.split)
+        if not self.clips:
+            raise ValueError(f"validation: {root} has no talking-head sample to generate")
+        record = recorded_extractors(training_data, overridden=bool(vcfg.wan_vae))
+        vae = vcfg.wan_vae or record.get("wan_vae")
+        if not vae:
+            raise ValueError(f"validation: {root}'s samples do not record their Wan VAE; set validation.wan_vae")
+        self.wan = load_wan_vae(vae, vcfg.wan_vae_subfolder or record.get("wan_vae_subfolder"), device=device)
+        self.untrained_dryrun = sorted({m for d in training_data for m in d.get("untrained_dryrun_models", [])})
+
+    def run(self, model, step: int, out_dir: Path, weights: str, tensorboard=None) -> list[Path]:
+        """Generate every clip with `model` (eval mode, no grad) and write the files; returns them."""
+        import torch
+
+        from models.dualforce.sampler import SamplerConfig
+        from tasks.contact_sheet import write_png
+        from training.generate import StreamStats, stream_frames
+
+        samples = Path(out_dir) / SAMPLES_DIR
+        samples.mkdir(parents=True, exist_ok=True)
+        stem = sample_stem(step)
+        sampler = SamplerConfig(steps=self.cfg.sampler_steps, audio_guidance=self.cfg.audio_guidance)
+        rows, files, clips = [], [], []
+        for clip in self.clips:
+            started = time.perf_counter()
+            reference = torch.from_numpy(clip.reference_latent)[None].to(self.device)
+            features = torch.from_numpy(clip.audio_features)[None].to(self.device)
+            generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+            stats = StreamStats()
+            generated = np.concatenate(list(stream_frames(model, self.wan, reference, features, sampler, generator,
+                                                          stats)))[: len(clip.frames)]
+            path = write_side_by_side(samples / f"{stem}-{clip.key}.mp4", clip.frames, generated, clip.audio)
+            rows.append(sheet_row(clip.frames, generated, f"{clip.key} ({clip.split}) step {step}: truth / generated"))
+            files.append(path)
+            clips.append({"key": clip.key, "clip_id": clip.clip_id, "split": clip.split, "video": path.name,
+                          "frames": int(len(generated)), "seconds": time.perf_counter() - started,
+                          "sampling_s": stats.sampling_s, "decode_s": stats.decode_s})
+        sheet = np.concatenate(rows, axis=0)
+        files.append(write_png(sheet, samples / f"{stem}.png"))
+        if tensorboard is not None:
+            tensorboard.add_image("validation/samples", sheet, step, dataformats="HWC")
+        record = {"step": step, "weights": weights, "clips": clips, "sheet": f"{stem}.png",
+                  "sampler": asdict(sampler), "untrained_dryrun_models": self.untrained_dryrun}
+        tmp = samples / f".{stem}.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        files.append(tmp.replace(samples / f"{stem}.json"))
+        return files
+
+
+def latest_samples(run_dir: Path) -> Optional[dict[str, Any]]:
+    """The newest validation round of a run (its json record, with `dir`), or None."""
+    records = sorted((Path(run_dir) / SAMPLES_DIR).glob("step*.json"))
+    if not records:
+        return None
+    return dict(json.loads(records[-1].read_text()), dir=str(records[-1].parent))

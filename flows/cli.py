@@ -255,6 +255,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    _prefect_env()
+    from flows.ablate import ablation_flow
+
+    state = ablation_flow(args.matrix, return_state=True)
+    if not state.is_completed():
+        print(f"ablation matrix failed: {state.message}", file=sys.stderr)
+        return _failed_exit_code(state)
+    result = state.result()
+    print(result["table"])
+    print(f"\nwritten to {result['out_dir']} (ablation.json, ablation.md, ablation.png; per variant: train/, model/, "
+          f"evaluation/)")
+    return 0
+
+
 def _add_dataset_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset")
     p.add_argument("--manifest", required=True)
@@ -418,6 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
+
+    ab = sub.add_parser("ablate", help="the review's ablation matrix: train each variant, evaluate it, one comparison "
+                                       "table and plot")
+    ab.add_argument("matrix", help="a matrix file (configs/ablations/review.yaml; training/ablation.py documents it)")
+    ab.set_defaults(func=cmd_ablate)
     return p
 
 

@@ -52,9 +52,15 @@ def _generate(root, out, **kw):
                           GenerateOptions(steps=2, progress=False, **kw))
 
 
-def test_mp4_frames_are_speech_seconds_times_25_with_the_speech(inputs, tmp_path):
+@pytest.fixture(scope="module")
+def generated(inputs):
     root, _, _ = inputs
-    result = _generate(root, tmp_path / "out.mp4")
+    return _generate(root, root / "out.mp4", seed=3)
+
+
+def test_mp4_frames_are_speech_seconds_times_25_with_the_speech(inputs, generated):
+    root, _, _ = inputs
+    result = generated
     info = probe(result.path)
     frames = read_frames(result.path)
     assert result.frames == len(frames) == round(SECONDS * 25) == 28 and frames.shape[1:] == (64, 64, 3)
@@ -72,7 +78,7 @@ def test_mp4_frames_are_speech_seconds_times_25_with_the_speech(inputs, tmp_path
     assert record["extractors"]["crop_size"] == 64 and result.dryrun
 
 
-def test_mp4_holds_the_samplers_frames(inputs, tmp_path):
+def test_mp4_holds_the_samplers_frames(inputs, generated, tmp_path):
     """The written frames are the VAE decode of what the sampler makes from this face's latent and this speech's
     HuBERT rows with this seed (up to H.264), not some other seed's."""
     from models.dualforce.sampler import SamplerConfig, generate
@@ -86,8 +92,7 @@ def test_mp4_holds_the_samplers_frames(inputs, tmp_path):
     from training.generate import speech_features, speech_for_frames
 
     root, models, model = inputs
-    result = _generate(root, tmp_path / "out.mp4", seed=3)
-    written = read_frames(result.path)
+    written = read_frames(generated.path)
     wan = load_wan_vae(models.wan_vae)
     face = crop_face_image(read_image(root / "face.png"), CropConfig(params=CropParams(dsize=64)))
     reference = torch.from_numpy(encode_reference(wan, face.crop).astype(np.float32))[None]

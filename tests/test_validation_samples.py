@@ -95,6 +95,7 @@ def test_side_by_side_is_truth_and_the_ema_models_sample(validated_run, tmp_path
 def test_latest_round_is_what_the_flow_publishes_and_the_review_shows(validated_run, prefect_test_server):
     from prefect import flow
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     from flows.review import publish_review_request
     from flows.sample_artifacts import publish_validation_samples
@@ -110,10 +111,13 @@ def test_latest_round_is_what_the_flow_publishes_and_the_review_shows(validated_
         publish_review_request(2, run_dir, run_dir / "samples" / "step000002.png", 60, "continue")
         return first, again
 
-    assert publish() == (2, None)
-    with get_client(sync_client=True) as client:  # the session's server holds other tests' artifacts too
-        mine = [a for a in client.read_artifacts() if a.key and str(run_dir) in str(a.data)]
-    samples = next(a for a in mine if a.key == f"{run_dir.name}-validation-samples")
+    state = publish(return_state=True)
+    assert state.result() == (2, None)
+    # the session's server holds other tests' artifacts too: this flow run's only
+    flt = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        mine = {a.key: a for a in client.read_artifacts(artifact_filter=flt)}
+    samples = mine[f"{run_dir.name}-validation-samples"]
     assert "step 2" in samples.description and "clip000_w000000" in samples.data
-    review = next(a for a in mine if a.key == "train-review-request").data
+    review = mine["train-review-request"].data
     assert "step000002.png" in review and "step000001.png" not in review  # the newest round only

@@ -270,6 +270,17 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """What generate and evaluate share: the sampler, the seed, the VAE override, the device."""
+    p.add_argument("--steps", type=int, default=20, help="Euler steps per latent frame")
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance on the speech (1: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wan-vae", help="override the Wan VAE the model's training data was made with")
+    p.add_argument("--wan-vae-subfolder")
+    p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def _add_dataset_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset")
     p.add_argument("--manifest", required=True)
@@ -400,17 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--audio", required=True, help="the speech (any file ffmpeg reads; any rate and channels)")
     g.add_argument("-o", "--out", required=True, help="the mp4 to write (and <out>.json beside it)")
     g.add_argument("--seconds", type=float, help="use the first this-many seconds of the speech")
-    g.add_argument("--steps", type=int, default=20, help="Euler steps per latent frame")
-    g.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance on the speech (1: none)")
     g.add_argument("--reference-cfg", type=float, default=1.0, help="classifier-free guidance on the face (1: none)")
-    g.add_argument("--seed", type=int, default=0)
     g.add_argument("--chunk-frames", type=int, default=1, help="latent frames denoised together")
-    g.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     g.add_argument("--hubert", help="override the HuBERT the model's training data was made with")
     g.add_argument("--hubert-layers", type=int, nargs="+")
-    g.add_argument("--wan-vae", help="override the Wan VAE the model's training data was made with")
-    g.add_argument("--wan-vae-subfolder")
-    g.add_argument("--no-progress", action="store_true")
+    _add_sampling_arguments(g)
     g.set_defaults(func=cmd_generate)
 
     ev = sub.add_parser("evaluate", help="an exported model on a shard set's held-out clips: identity, LMD, pose / "
@@ -420,18 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-o", "--out", required=True, help="folder for evaluation.json / .md, plots and clips")
     ev.add_argument("--split", default="test", help="the held-out split (default: test)")
     ev.add_argument("--clips", type=int, default=16)
-    ev.add_argument("--steps", type=int, default=20, help="Euler steps per latent frame")
-    ev.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance on the speech")
-    ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--long-seconds", type=float, default=60.0, help="the long generation (0: none)")
     ev.add_argument("--liveportrait-root", help="LivePortrait weights: pose / expression error and pose drift")
     ev.add_argument("--syncnet", help="SyncNet weights (syncnet_v2.model or safetensors): LSE-C / LSE-D")
     ev.add_argument("--i3d", help="I3D Kinetics-400 weights: FVD")
     ev.add_argument("--fid-inception", help="pytorch-fid Inception weights: FID")
-    ev.add_argument("--wan-vae", help="override the VAE the model's provenance records")
-    ev.add_argument("--wan-vae-subfolder")
-    ev.add_argument("--device")
-    ev.add_argument("--no-progress", action="store_true")
+    _add_sampling_arguments(ev)
     ev.set_defaults(func=cmd_evaluate)
 
     ab = sub.add_parser("ablate", help="the review's ablation matrix: train each variant, evaluate it, one comparison "

@@ -19,16 +19,14 @@ Validated before anything runs (pydantic, and every variant's TrainConfig built)
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from training.config import TrainConfig
 from training.gates import TrainingGateConfig
-from training.program import STAGE_OWNED, LaunchSpecFields
+from training.program import STAGE_OWNED, LaunchSpecFields, read_config_file, resolve_path
 
 REVIEW_ITEMS = ("baseline", "3d_stream", "bridge", "fusion_depth", "sigma_s_max", "long_sequence", "struct_tokens",
                 "flame_loss", "lipsync_loss")
@@ -79,13 +77,9 @@ class AblationMatrix(_Strict):
         return self
 
     def resolved(self, base: Path) -> "AblationMatrix":
-        def fix(p: str) -> str:
-            path = Path(p).expanduser()
-            return str(path if path.is_absolute() else (base / path).resolve())
-
         data = self.model_dump()
-        data["out_dir"] = fix(self.out_dir)
-        data["shards"] = [fix(s) for s in self.shards]
+        data["out_dir"] = resolve_path(base, self.out_dir)
+        data["shards"] = [resolve_path(base, s) for s in self.shards]
         return AblationMatrix.model_validate(data)
 
     def variant(self, name: str) -> VariantSpec:
@@ -102,14 +96,8 @@ def variant_train(matrix: AblationMatrix, variant: VariantSpec) -> dict[str, Any
 
 def load_matrix(source: str | Path | dict[str, Any]) -> AblationMatrix:
     """A matrix file (.yaml / .json) or a parsed dict; paths resolved against the file's folder."""
-    if isinstance(source, dict):
-        return AblationMatrix.model_validate(source).resolved(Path.cwd())
-    path = Path(source)
-    text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: an ablation matrix holds a mapping, got {type(data).__name__}")
-    return AblationMatrix.model_validate(data).resolved(path.resolve().parent)
+    data, base = read_config_file(source, "an ablation matrix")
+    return AblationMatrix.model_validate(data).resolved(base)
 
 
 def comparison_rows(matrix: AblationMatrix, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

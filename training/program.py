@@ -113,25 +113,33 @@ class ProgramConfig(_Strict):
 
     def resolved(self, base: Path) -> "ProgramConfig":
         """Paths relative to `base` (the program file's folder) made absolute."""
-        def fix(p: str) -> str:
-            path = Path(p).expanduser()
-            return str(path if path.is_absolute() else (base / path).resolve())
-
         data = self.model_dump()
-        data["out_dir"] = fix(self.out_dir)
+        data["out_dir"] = resolve_path(base, self.out_dir)
         for stage in ("concept", "pretrain", "joint"):
             if data.get(stage):
-                data[stage]["shards"] = [fix(s) for s in data[stage]["shards"]]
+                data[stage]["shards"] = [resolve_path(base, s) for s in data[stage]["shards"]]
         return ProgramConfig.model_validate(data)
 
 
-def load_program(source: str | Path | dict[str, Any]) -> ProgramConfig:
-    """A program file (.yaml / .yml / .json) or an already-parsed dict; paths resolved against the file's folder."""
+def resolve_path(base: Path, p: str) -> str:
+    """`p` made absolute against `base` (a config file's folder); ~ expanded."""
+    path = Path(p).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def read_config_file(source: str | Path | dict[str, Any], what: str) -> tuple[dict[str, Any], Path]:
+    """(the mapping, the folder its relative paths are relative to) of a .yaml / .yml / .json file or a parsed dict."""
     if isinstance(source, dict):
-        return ProgramConfig.model_validate(source).resolved(Path.cwd())
+        return source, Path.cwd()
     path = Path(source)
     text = path.read_text()
     data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a program file holds a mapping, got {type(data).__name__}")
-    return ProgramConfig.model_validate(data).resolved(path.resolve().parent)
+        raise ValueError(f"{path}: {what} holds a mapping, got {type(data).__name__}")
+    return data, path.resolve().parent
+
+
+def load_program(source: str | Path | dict[str, Any]) -> ProgramConfig:
+    """A program file (.yaml / .yml / .json) or an already-parsed dict; paths resolved against the file's folder."""
+    data, base = read_config_file(source, "a program file")
+    return ProgramConfig.model_validate(data).resolved(base)

@@ -61,7 +61,8 @@ def run_variant(matrix: AblationMatrix, variant: VariantSpec, data: dict[str, An
 
 
 def comparison_markdown(matrix: AblationMatrix, rows: list[dict[str, Any]], plot: Path | None) -> str:
-    columns = list(dict.fromkeys(k for r in rows for k in r))
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    columns = [c for k in keys if not k.endswith(" vs baseline") for c in (k, f"{k} vs baseline") if c in keys]
     lines = [f"## Ablation matrix {matrix.name}: {len(rows)} variants", "",
              "Each variant is the base run with one thing changed (same shards, same seed); `vs baseline` is the "
              "variant's value minus the baseline's. Empty: the metric was skipped (no weights) or the variant did "

@@ -89,13 +89,16 @@ def test_two_variants_end_to_end(tmp_path, samples_dir, prefect_test_server):
         "train": {"model_variant": "tiny", "total_steps": 2, "ckpt_every": 2, "warmup_steps": 1, "num_workers": 0,
                   "shuffle_buffer": 4, "ema_decay": 0.5},
         "gates": {"memory_step": 1, "convergence_step": None, "joint_step": None, "review_step": None},
-        "evaluate": {"split": "test", "clips": 1, "sampler_steps": 1, "long_seconds": 0.0},
+        "evaluate": {"split": "test", "clips": 1, "sampler_steps": 1, "long_seconds": 1.2,
+                     "liveportrait": models.liveportrait_root},
         "variants": [{"name": "baseline", "review_item": "baseline"},
                      {"name": "one-way-bridge", "review_item": "bridge",
                       "train": {"model_overrides": {"bridge_two_way": False}}}]})
     rows = {r["variant"]: r for r in result["rows"]}
     assert [r["training"] for r in rows.values()] == ["GO", "GO"]
-    assert rows["one-way-bridge"]["pose_error_deg"] is None and "lmd_face" in rows["baseline"]  # skipped: no weights
+    assert rows["baseline"]["fid"] is None and rows["baseline"]["lse_d"] is None  # skipped: no weights given
+    assert rows["baseline"]["pose_error_deg"] >= 0 and "pose_error_deg vs baseline" in rows["one-way-bridge"]
+    assert len(rows["baseline"]) and rows["one-way-bridge"]["pose_drift_deg_per_second"] is not None
     table = (tmp_path / "out" / "ablation.md").read_text()
     assert "| baseline | baseline | GO |" in table and "| one-way-bridge | bridge | GO |" in table
     exported = json.loads((tmp_path / "out" / "one-way-bridge" / "model" / "config.json").read_text())

@@ -111,7 +111,9 @@ def load_clips(manifest: str, limit: Optional[int]) -> tuple[list[ClipState], li
         rows = rows[:limit]
     now = time.time()
     errors = [
-        LedgerEntry(f"row-{e.index}", "", "manifest", "rejected", "ran", "malformed_row", e.reason, "", "", "", 0.0, "", now)
+        LedgerEntry(clip_id=f"row-{e.index}", dataset="", step="manifest", status="rejected", action="ran",
+                    reason="malformed_row", detail=e.reason, version="", key="", checksum="", seconds=0.0, run_id="",
+                    finished_at=now)
         for e in bad
     ]
     return [ClipState(r) for r in rows], errors
@@ -341,10 +343,11 @@ def shard_clips(states: list[ClipState], layout: DatasetLayout, shard_cfg: Shard
         for s in planned[r.group]:
             n = r.clips[s.row.clip_id][1]
             entries.append(LedgerEntry(
-                s.row.clip_id, s.row.dataset, "shard", "ok" if n else "rejected", "skipped" if r.skipped else "ran",
-                "" if n else "too_short", "" if n else f"no {shard_cfg.window}-frame window in its stable segments",
-                SHARD_VERSION, r.key,
-                "", 0.0 if r.skipped else r.seconds / max(1, len(r.clips)), run_id, now))
+                clip_id=s.row.clip_id, dataset=s.row.dataset, step="shard", status="ok" if n else "rejected",
+                action="skipped" if r.skipped else "ran", reason="" if n else "too_short",
+                detail="" if n else f"no {shard_cfg.window}-frame window in its stable segments",
+                version=SHARD_VERSION, key=r.key, checksum="",
+                seconds=0.0 if r.skipped else r.seconds / max(1, len(r.clips)), run_id=run_id, finished_at=now))
     return {**stats, "skipped": skipped, "seconds": seconds, "out_dir": layout.shards_url, "groups": len(planned)}, entries
 
 

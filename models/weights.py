@@ -24,7 +24,11 @@ def _raise_if_unfit(source: str, model_name: str, **found: list[str]) -> None:
 
 
 def check_state_dict(model: nn.Module, state: dict, source: str) -> None:
-    """Raise WeightsError listing missing and unexpected keys, shape and dtype-kind mismatches (all at once)."""
+    """Raise WeightsError listing missing and unexpected keys, shape and dtype-kind mismatches (all at once).
+
+    Kept beside `load_state_dict(strict=True)`, which names missing/unexpected keys and wrong shapes too but copies
+    an integer tensor into a float parameter (or the reverse) without a word, and raises a RuntimeError that the
+    run's fail-fast check (exit 7, every extractor's problems in one message) could not tell from a bug of ours."""
     import torch
 
     expected = model.state_dict()

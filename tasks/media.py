@@ -1,7 +1,12 @@
 """ffmpeg access shared by every step: the binary, probing, frame decoding and writing.
 
-We use the ffmpeg that ships inside `imageio-ffmpeg` (no system ffmpeg, no ffprobe) and drive it through
-ffmpeg-python with argument lists, so no manifest string ever reaches a shell.
+We use the ffmpeg that ships inside `imageio-ffmpeg` (no system ffmpeg, no ffprobe) and run it with argument
+lists (`subprocess`, never a shell), so no manifest string ever reaches a shell. Not through ffmpeg-python (the
+design card's choice, dropped from the dependencies): what we need from ffmpeg is raw frames streamed through
+pipes in bounded chunks with a reader thread, stderr parsed for concealed decode errors, and one filter graph
+(the static crop's per-segment trim/crop/scale/concat) that is clearer as the string ffmpeg documents than as
+ffmpeg-python's node calls; ffmpeg-python would only assemble the same argument list, and its last release
+(0.2.0) is from 2019.
 """
 from __future__ import annotations
 

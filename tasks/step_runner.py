@@ -53,8 +53,10 @@ class ClipState:
         return next((r for r in self.records.values() if r.status != "ok"), None)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LedgerEntry:
+    """One clip's outcome at one step (one ledger row); built by keyword: thirteen fields are easy to misplace."""
+
     clip_id: str
     dataset: str
     step: str

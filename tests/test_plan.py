@@ -124,8 +124,9 @@ def test_needs_workers():
 def _finished_run(root):
     """A dataset output folder as a preprocess run leaves it: ledger parts + steps/<step>/<clip>/_status.json."""
     now = time.time()
-    entries = [LedgerEntry(e["clip_id"], "hdtf", e["step"], e["status"], e["action"], "", "", "1", "k", "",
-                           e["seconds"], "run", now) for e in LEDGER]
+    entries = [LedgerEntry(clip_id=e["clip_id"], dataset="hdtf", step=e["step"], status=e["status"], action=e["action"],
+                           reason="", detail="", version="1", key="k", checksum="", seconds=e["seconds"], run_id="run",
+                           finished_at=now) for e in LEDGER]
     write_ledger_part(root, entries, "run-1")
     for clip, seconds in DURATIONS.items():
         d = root / "steps" / "download" / clip

@@ -145,7 +145,8 @@ def test_fsspec_output_roots_round_trip(clips, ref, tmp_path, url):
     assert write_shards(clips, url, CFG, key="k", groups=GROUPS).skipped
     assert not [p for p in fs.find(root) if ".tmp-" in p]
 
-    entry = LedgerEntry("c", "t", "shard", "ok", "ran", "", "", "2", "key", "", 1.0, "r1", 1.0)
+    entry = LedgerEntry(clip_id="c", dataset="t", step="shard", status="ok", action="ran", reason="", detail="",
+                        version="2", key="key", checksum="", seconds=1.0, run_id="r1", finished_at=1.0)
     write_ledger_part(url, [entry], "run-1")
     assert read_ledger(url).to_pylist() == [{**entry.__dict__}]
     table = pq.read_table(io.BytesIO(fs.cat_file(f"{root}/{INDEX_FILE}")))

@@ -701,3 +701,30 @@ def test_fetchers_mark_transient_failures_retryable_and_permanent_ones_not(serve
                                ("ERROR: [youtube] abcdefghijk: Video unavailable", False)):
         _FakeYoutubeDL.error = message
         assert isinstance(failure("youtube:abcdefghijk"), ClipRetryable) == retryable, message
+
+
+def test_retry_waits_grow_with_jitter_and_honour_retry_after():
+    """tenacity's full-jitter exponential wait, capped; a server's Retry-After is waited at least (within the cap)."""
+    from tenacity import RetryCallState
+
+    from tasks.fetchers.retry import RetryPolicy
+
+    policy = RetryPolicy(attempts=5, backoff_s=1.0, max_backoff_s=8.0)
+
+    def after(attempt: int, exc: Exception) -> RetryCallState:
+        state = RetryCallState(None, None, (), {})
+        state.attempt_number = attempt
+        state.set_exception((type(exc), exc, None))
+        return state
+
+    for attempt, cap in ((1, 1.0), (2, 2.0), (3, 4.0), (5, 8.0)):
+        waits = [policy.wait_s(after(attempt, OSError("reset"))) for _ in range(200)]
+        assert 0.0 <= min(waits) and max(waits) <= cap + 1e-9 and max(waits) > cap / 2  # spread over [0, cap]
+
+    class Busy(Exception):
+        def __init__(self, seconds):
+            super().__init__("503")
+            self.retry_after_s = seconds
+
+    assert all(policy.wait_s(after(1, Busy(5.0))) >= 5.0 for _ in range(50))
+    assert policy.wait_s(after(1, Busy(100.0))) == 8.0

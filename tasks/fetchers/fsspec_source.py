@@ -8,7 +8,6 @@ fsspec reports is checked.
 from __future__ import annotations
 
 import re
-import time
 from typing import Optional
 
 import fsspec
@@ -39,27 +38,31 @@ def fetch_fsspec(url: str, entry: CacheEntry, *, policy: RetryPolicy, chunk_byte
         raise ClipRejected("unreachable", f"{url}: {exc}") from exc
     suffix = safe_suffix(path)
     final, part = entry.data_path(suffix), entry.part_path(suffix)
-    last_error, transient = "", False
-    for attempt in range(1, policy.attempts + 1):
-        try:
-            _copy(fs, path, part, chunk_bytes)
-            part.replace(final)
-            fetched = entry.commit(final, "fsspec")
-            if expected_sha256 and fetched.sha256 != expected_sha256.lower():
-                entry.evict()
-                raise ClipRejected("download_failed", f"{url}: sha256 mismatch: got {fetched.sha256}, "
-                                                      f"expected {expected_sha256}")
-            return fetched
-        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-            raise ClipRejected("unreachable", f"{url}: {type(exc).__name__}: {exc}") from exc
-        except ClipRejected:
-            raise
-        except Exception as exc:  # backends raise their own types (botocore, aiohttp, ...): retry them all
-            last_error, transient = f"{type(exc).__name__}: {exc}", _transient(exc)
-        if attempt < policy.attempts:
-            time.sleep(policy.delay_s(attempt))
-    error = ClipRetryable if transient else ClipRejected
-    raise error("download_failed", f"{url}: gave up after {policy.attempts} attempts; last error: {last_error}")
+    try:
+        for attempt in policy.retrying(_worth_retrying):
+            with attempt:
+                _copy(fs, path, part, chunk_bytes)
+                part.replace(final)
+                fetched = entry.commit(final, "fsspec")
+                if expected_sha256 and fetched.sha256 != expected_sha256.lower():
+                    entry.evict()
+                    raise ClipRejected("download_failed", f"{url}: sha256 mismatch: got {fetched.sha256}, "
+                                                          f"expected {expected_sha256}")
+                return fetched
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        raise ClipRejected("unreachable", f"{url}: {type(exc).__name__}: {exc}") from exc
+    except ClipRejected:
+        raise
+    except Exception as exc:  # backends raise their own types (botocore, aiohttp, ...): all were retried
+        error = ClipRetryable if _transient(exc) else ClipRejected
+        raise error("download_failed", f"{url}: gave up after {policy.attempts} attempts; last error: "
+                                       f"{type(exc).__name__}: {exc}") from exc
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    """Every backend error but a missing or unreadable path and our own rejection (a checksum that does not match)."""
+    return isinstance(exc, Exception) and not isinstance(
+        exc, (FileNotFoundError, IsADirectoryError, PermissionError, ClipRejected))
 
 
 def _copy(fs, path: str, part, chunk_bytes: int) -> None:

@@ -21,7 +21,6 @@ import binascii
 import hashlib
 import json
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -147,30 +146,37 @@ def fetch_http(
             sess.close()
 
 
+def _worth_retrying(exc: BaseException) -> bool:
+    """A server that asked us to wait or failed for now, a dropped connection, a timeout, or a resumed download
+    whose bytes did not add up (fetched whole next time); anything else ends the fetch at once."""
+    return isinstance(exc, (_Retry, requests.ConnectionError, requests.Timeout)) or (
+        isinstance(exc, _Mismatch) and exc.resumed)
+
+
 def _fetch_with_retries(url, entry, sess, final, part, state_path, policy, timeout_s, chunk_bytes,
                         verify_checksum, expected_sha256) -> FetchedSource:
     reached_server = False
-    last_error = "no attempt made"
-    transient = True  # False when the last try ended in a checksum mismatch
-    for attempt in range(1, policy.attempts + 1):
-        try:
-            resumed, state = _attempt(sess, url, part, state_path, timeout_s, chunk_bytes)
-            reached_server = True
-            part.replace(final)
-            return _verified_commit(entry, final, state, expected_sha256, verify_checksum, resumed, state_path)
-        except _Mismatch as exc:
-            if not exc.resumed:
-                raise ClipRejected("download_failed", f"{url}: {exc}") from None
-            last_error, retry_after, transient = f"{exc} (resumed download; fetching it whole)", None, False
-        except _Retry as exc:
-            reached_server = True
-            last_error, retry_after, transient = str(exc), exc.retry_after_s, True
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            last_error, retry_after, transient = f"{type(exc).__name__}: {exc}", None, True
-        except requests.RequestException as exc:  # invalid URL, too many redirects, ...
-            raise ClipRejected("unreachable", f"{url}: {type(exc).__name__}: {exc}") from exc
-        if attempt < policy.attempts:
-            time.sleep(policy.delay_s(attempt, retry_after))
+    try:
+        for attempt in policy.retrying(_worth_retrying):
+            with attempt:
+                try:
+                    resumed, state = _attempt(sess, url, part, state_path, timeout_s, chunk_bytes)
+                except _Retry:  # the server answered (5xx, 429): the final reason is download_failed
+                    reached_server = True
+                    raise
+                reached_server = True
+                part.replace(final)
+                return _verified_commit(entry, final, state, expected_sha256, verify_checksum, resumed, state_path)
+    except _Mismatch as exc:
+        if not exc.resumed:
+            raise ClipRejected("download_failed", f"{url}: {exc}") from None
+        last_error, transient = f"{exc} (resumed download; fetching it whole)", False
+    except _Retry as exc:
+        last_error, transient = str(exc), True
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        last_error, transient = f"{type(exc).__name__}: {exc}", True
+    except requests.RequestException as exc:  # invalid URL, too many redirects, ...
+        raise ClipRejected("unreachable", f"{url}: {type(exc).__name__}: {exc}") from exc
     reason = "download_failed" if reached_server else "unreachable"
     error = ClipRetryable if transient else ClipRejected
     raise error(reason, f"{url}: gave up after {policy.attempts} attempts; last error: {last_error}")

@@ -70,3 +70,19 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     cfg = TrainConfig.from_dict({**base, "faults": {"crash_at_step": 3}, "train_window": 5})
     assert cfg.faults.crash_at_step == 3 and cfg.effective_window == 5
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_stale_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path):
+    """A build killed midway leaves torch's `lock`; every later load would wait on it forever."""
+    import os
+    import time
+
+    from training.prebuild_ops import STALE_LOCK_S, clear_stale_lock
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert not clear_stale_lock(tmp_path) and lock.exists()  # a build may be running right now
+    old = time.time() - STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    assert clear_stale_lock(tmp_path) and not lock.exists()
+    assert not clear_stale_lock(tmp_path)  # nothing there: nothing to do

@@ -79,20 +79,12 @@ class EvaluationReport:
 
 
 def _load(model_dir: str | Path, options: EvaluateOptions):
-    from models.dualforce import DualForce
-    from models.wan_vae import load_wan_vae
-    from training.generate import GenerateError, recorded_extractors
+    from training.generate import load_recorded_wan_vae, load_speaking_model, pick_device
 
-    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = DualForce.from_pretrained(model_dir, device=device,
-                                      dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if model.config.video_only:
-        raise GenerateError(f"{model_dir} is a video-only model: it takes no speech")
-    record = recorded_extractors(model.provenance.get("training_data", []), overridden=bool(options.wan_vae))
-    vae = options.wan_vae or record.get("wan_vae")
-    if not vae:
-        raise GenerateError(f"{model_dir}'s provenance does not record its Wan VAE; pass --wan-vae")
-    wan = load_wan_vae(vae, options.wan_vae_subfolder or record.get("wan_vae_subfolder"), device=device)
+    device = pick_device(options.device)
+    model = load_speaking_model(model_dir, device)
+    wan = load_recorded_wan_vae(model.provenance.get("training_data", []), options.wan_vae, options.wan_vae_subfolder,
+                                device, "pass --wan-vae")
     return model, wan, device
 
 
@@ -130,17 +122,16 @@ def reference_image(wan, clip: HeldOutClip) -> np.ndarray:
     return clip.frames[0] if window[0] == 0 else decode_reference(wan, clip.reference_latent)
 
 
-def long_drive(clips: list[HeldOutClip], frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """HuBERT rows and speech for `frames` frames: the clips' windows end to end, cycled as often as needed."""
-    rows, audio, have = [], [], 0
+def long_drive(clips: list[HeldOutClip], frames: int) -> np.ndarray:
+    """HuBERT rows for `frames` frames: the clips' windows end to end, cycled as often as needed."""
+    rows, have = [], 0
     while have < frames:
         for clip in clips:
             rows.append(clip.audio_features)
-            audio.append(clip.audio)
             have += len(clip.audio_features)
             if have >= frames:
                 break
-    return np.concatenate(rows)[:frames], np.concatenate(audio)[: frames * 640]
+    return np.concatenate(rows)[:frames]
 
 
 def evaluate_model(model_dir: str | Path, shards: str | Path, out_dir: str | Path,
@@ -175,7 +166,7 @@ def evaluate_model(model_dir: str | Path, shards: str | Path, out_dir: str | Pat
     long_results = []
     if options.long_seconds > 0:
         frames = 4 * math.ceil((round(options.long_seconds * 25) - 1) / 4) + 1
-        features, _ = long_drive(held, frames)
+        features = long_drive(held, frames)
         with tqdm(total=(frames - 1) // 4 + 1, desc="evaluate: long generation", unit="latent frame",
                   disable=not options.progress) as bar:
             long_results = long_sequence_consistency(
@@ -192,13 +183,13 @@ def evaluate_model(model_dir: str | Path, shards: str | Path, out_dir: str | Pat
 def _write_report(report: EvaluationReport, model_dir, shards, options: EvaluateOptions, split: str,
                   provenance: dict) -> None:
     from training.eval_plots import plot_metric_series
+    from training.generate import untrained_dryrun_of
 
     data = {"model": str(Path(model_dir).resolve()), "shards": str(shards), "split": split,
             "step": provenance.get("step"), "weights": provenance.get("weights"), "options": asdict(options),
             "summary": report.summary, "clips": report.clips, "long_sequence": report.long_sequence,
             "seconds": report.seconds, "generate_s_per_clip": report.generate_s_per_clip,
-            "untrained_dryrun_models": sorted({m for d in provenance.get("training_data", [])
-                                               for m in d.get("untrained_dryrun_models", [])})}
+            "untrained_dryrun_models": untrained_dryrun_of(provenance.get("training_data", []))}
     out = report.out_dir
     tmp = out / f".{REPORT_FILE}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(data, indent=2) + "\n")

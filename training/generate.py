@@ -72,7 +72,6 @@ class Extractors:
 @dataclass
 class StreamStats:
     latent_frames: int = 0
-    frames: int = 0
     sampling_s: float = 0.0
     decode_s: float = 0.0
 
@@ -123,7 +122,7 @@ def extractors_for(provenance: dict[str, Any], options: GenerateOptions) -> Extr
     layers = options.hubert_layers or tuple(found.get("hubert_layers") or (-1,))
     crop_sizes = {int(d.get("crop_size") or provenance.get("crop_size") or 512) for d in records} or {
         int(provenance.get("crop_size") or 512)}
-    dryrun = sorted({m for d in records for m in d.get("untrained_dryrun_models", [])})
+    dryrun = untrained_dryrun_of(records)
     return Extractors(hubert, tuple(layers), wan_vae, options.wan_vae_subfolder or found.get("wan_vae_subfolder"),
                       max(crop_sizes), dryrun)
 
@@ -178,7 +177,6 @@ def stream_frames(model: DualForce, wan: WanVae, reference_latent: torch.Tensor,
             frames = decoder.push(chunk.video_latents)[0]
             stats.decode_s += time.perf_counter() - start
             stats.latent_frames += chunk.video_latents.shape[2]
-            stats.frames += len(frames)
             if on_latent_frame is not None:
                 on_latent_frame(chunk.video_latents.shape[2])
             yield frames
@@ -186,8 +184,35 @@ def stream_frames(model: DualForce, wan: WanVae, reference_latent: torch.Tensor,
         decoder.close()
 
 
-def _device(options: GenerateOptions) -> torch.device:
-    return torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def pick_device(device: Optional[str]) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_speaking_model(model_dir: str | Path, device: torch.device) -> DualForce:
+    """An exported model in bf16 on CUDA (fp32 on CPU); a video-only (pretrain) model takes no speech: refused."""
+    model = DualForce.from_pretrained(model_dir, device=device,
+                                      dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if model.config.video_only:
+        raise GenerateError(f"{model_dir} is a video-only model (the pretrain stage): it takes no speech; export "
+                            "a joint-stage run to generate talking heads")
+    return model
+
+
+def load_recorded_wan_vae(training_data: list[dict[str, Any]], override: Optional[str], subfolder: Optional[str],
+                          device: torch.device, where: str) -> WanVae:
+    """The Wan VAE the talking-head training data records (or `override`); `where` names what to set when absent."""
+    from models.wan_vae import load_wan_vae
+
+    record = recorded_extractors(training_data, overridden=bool(override))
+    vae = override or record.get("wan_vae")
+    if not vae:
+        raise GenerateError(f"the training data does not record its Wan VAE; {where}")
+    return load_wan_vae(vae, subfolder or record.get("wan_vae_subfolder"), device=device)
+
+
+def untrained_dryrun_of(training_data: list[dict[str, Any]]) -> list[str]:
+    """The steps whose extractors were the dry-run's untrained ones, over every shard set of the training data."""
+    return sorted({m for d in training_data for m in d.get("untrained_dryrun_models", [])})
 
 
 def load_generation_models(model_dir: str | Path, options: GenerateOptions):
@@ -195,12 +220,8 @@ def load_generation_models(model_dir: str | Path, options: GenerateOptions):
     from models.hubert_features import load_hubert
     from models.wan_vae import load_wan_vae
 
-    device = _device(options)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = DualForce.from_pretrained(model_dir, device=device, dtype=dtype)
-    if model.config.video_only:
-        raise GenerateError(f"{model_dir} is a video-only model (the pretrain stage): it takes no speech; export "
-                            "a joint-stage run to generate talking heads")
+    device = pick_device(options.device)
+    model = load_speaking_model(model_dir, device)
     extractors = extractors_for(model.provenance, options)
     hubert = load_hubert(extractors.hubert, device=device)
     wan = load_wan_vae(extractors.wan_vae, extractors.wan_vae_subfolder, device=device)

@@ -88,8 +88,7 @@ class Validator:
 
     def __init__(self, vcfg: ValidationConfig, shard_pattern: str, training_data: list[dict[str, Any]],
                  device: "torch.device"):
-        from models.wan_vae import load_wan_vae
-        from training.generate import recorded_extractors
+        from training.generate import load_recorded_wan_vae, untrained_dryrun_of
         from training.shard_sets import shard_set_root
 
         self.cfg, self.device = vcfg, device
@@ -97,12 +96,9 @@ class Validator:
         self.clips: list[HeldOutClip] = held_out_clips(root, vcfg.clips, vcfg.split)
         if not self.clips:
             raise ValueError(f"validation: {root} has no talking-head sample to generate")
-        record = recorded_extractors(training_data, overridden=bool(vcfg.wan_vae))
-        vae = vcfg.wan_vae or record.get("wan_vae")
-        if not vae:
-            raise ValueError(f"validation: {root}'s samples do not record their Wan VAE; set validation.wan_vae")
-        self.wan = load_wan_vae(vae, vcfg.wan_vae_subfolder or record.get("wan_vae_subfolder"), device=device)
-        self.untrained_dryrun = sorted({m for d in training_data for m in d.get("untrained_dryrun_models", [])})
+        self.wan = load_recorded_wan_vae(training_data, vcfg.wan_vae, vcfg.wan_vae_subfolder, device,
+                                         f"set validation.wan_vae (validation on {root})")
+        self.untrained_dryrun = untrained_dryrun_of(training_data)
 
     def run(self, model, step: int, out_dir: Path, weights: str, tensorboard=None) -> list[Path]:
         """Generate every clip with `model` (eval mode, no grad) and write the files; returns them."""

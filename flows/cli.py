@@ -209,7 +209,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     options = GenerateOptions(
         seconds=args.seconds, steps=args.steps, audio_guidance=args.cfg, reference_guidance=args.reference_cfg,
-        seed=args.seed, chunk_frames=args.chunk_frames, device=args.device, hubert=args.hubert,
+        seed=args.seed, chunk_frames=args.chunk_frames, cache_window=args.cache_window, sink_frames=args.sink_frames,
+        attention=args.attention, device=args.device, hubert=args.hubert,
         hubert_layers=tuple(args.hubert_layers) if args.hubert_layers else None, wan_vae=args.wan_vae,
         wan_vae_subfolder=args.wan_vae_subfolder, progress=not args.no_progress)
     try:
@@ -240,7 +241,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     options = dict(split=args.split, clips=args.clips, sampler_steps=args.steps, audio_guidance=args.cfg,
                    seed=args.seed, long_seconds=args.long_seconds, liveportrait=args.liveportrait_root,
                    syncnet=args.syncnet, i3d=args.i3d, fid_inception=args.fid_inception, wan_vae=args.wan_vae,
-                   wan_vae_subfolder=args.wan_vae_subfolder, device=args.device, progress=not args.no_progress)
+                   wan_vae_subfolder=args.wan_vae_subfolder, device=args.device, progress=not args.no_progress,
+                   cache_window=args.cache_window, sink_frames=args.sink_frames, attention=args.attention)
     try:
         result = evaluate_flow(args.model, args.shards, args.out, options)
     except WeightsError as exc:
@@ -275,6 +277,12 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20, help="Euler steps per latent frame")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance on the speech (1: none)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-window", type=int,
+                   help="latent frames the KV cache keeps besides the sinks (default: as many as the model's training "
+                        "window allows, so memory stays flat; 0: all)")
+    p.add_argument("--sink-frames", type=int, default=1,
+                   help="first latent frames a bounded cache keeps for good (the reference always stays)")
+    p.add_argument("--attention", choices=("sdpa", "flex"), help="masked attention path (default: the model's)")
     p.add_argument("--wan-vae", help="override the Wan VAE the model's training data was made with")
     p.add_argument("--wan-vae-subfolder")
     p.add_argument("--device", help="cuda / cpu (default: cuda when available)")

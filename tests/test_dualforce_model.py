@@ -84,10 +84,11 @@ def _perturb_frame(inp, c, f):
     return out
 
 
-@pytest.mark.parametrize("strategy,given", [("full", False), ("shallow_focus", False), ("none", False),
-                                            ("full", True)])
-def test_frame_causality(strategy, given):
-    model = build_model("tiny", bridge_strategy=strategy).eval()
+@pytest.mark.parametrize("strategy,given,backend", [("full", False, "sdpa"), ("shallow_focus", False, "sdpa"),
+                                                    ("none", False, "sdpa"), ("full", True, "sdpa"),
+                                                    ("full", False, "flex"), ("full", True, "flex")])
+def test_frame_causality(strategy, given, backend):
+    model = build_model("tiny", bridge_strategy=strategy, attention_backend=backend).eval()
     activate_zero_paths(model)
     inp = make_inputs(model, seed=1)
     if given:  # given frames (mask channels) on: still frame-causal
@@ -220,7 +221,7 @@ def test_reference_is_its_own_frame_visible_to_every_frame_and_never_a_given_fra
 
 
 def test_cached_reference_equals_prepended_reference():
-    from models.dualforce.attention import KVCache
+    from models.dualforce.kv_cache import KVCache
 
     model = build_model("tiny", bridge_strategy="full").eval()
     activate_zero_paths(model)

@@ -1,11 +1,13 @@
 """Causal sampler: the KV-cached path equals full recomputation; streaming yields frames in order."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from models.dualforce import SamplerConfig, build_model, generate, stream
-from models.dualforce.attention import KVCache
+from models.dualforce.kv_cache import KVCache
 
 torch.set_num_threads(1)
 B, L, H, W = 1, 4, 4, 4
@@ -28,10 +30,11 @@ def _cond(seed=0):
     return torch.randn(B, 16, 1, H, W, generator=g), torch.randn(B, T, 32, generator=g)
 
 
-@pytest.mark.parametrize("chunk", [1, 2])
-def test_cached_equals_uncached(model, chunk):
+@pytest.mark.parametrize("chunk,backend", [(1, "sdpa"), (2, "sdpa"), (2, "flex")])
+def test_cached_equals_uncached(model, chunk, backend):
     ref, audio = _cond()
     outs = []
+    model = copy.deepcopy(model).set_attention_backend(backend)
     for use_cache in (True, False):
         cfg = SamplerConfig(steps=4, chunk_frames=chunk, use_cache=use_cache)
         outs.append(generate(model, ref, audio, cfg, torch.Generator().manual_seed(11)))

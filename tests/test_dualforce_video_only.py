@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models.dualforce import DiffusionForcingConfig, build_model, diffusion_forcing_loss
-from models.dualforce.attention import KVCache
+from models.dualforce.kv_cache import KVCache
 from models.dualforce.pretrained import WeightTransferError, load_video_dit
 from tests.test_dualforce_model import B, H, L, W, activate_zero_paths, make_inputs
 

@@ -129,6 +129,20 @@ def test_extractors_from_provenance_and_overrides(inputs):
         extractors_for(two, GenerateOptions())
 
 
+def test_streaming_sampler_bounds_the_cache_by_the_training_window(inputs):
+    from training.generate import GenerateError, streaming_sampler
+
+    _, models, _ = inputs
+    trained = _provenance(models)
+    trained["training_data"][0]["window_frames"] = 21  # 6 latent frames
+    assert streaming_sampler(trained, 4).cache_window == 4  # sink 1 + window 4 + chunk 1 = 6
+    assert streaming_sampler(trained, 4, chunk_frames=2, sink_frames=0).cache_window == 4
+    assert streaming_sampler(trained, 4, cache_window=0).cache_window is None  # asked for: unbounded
+    assert streaming_sampler(_provenance(models), 4).cache_window is None  # window not recorded: unbounded
+    with pytest.raises(GenerateError, match="more than the 6 the model was trained on"):
+        streaming_sampler(trained, 4, cache_window=5)
+
+
 def test_cli_exit_codes_for_bad_inputs(inputs, tmp_path, capsys):
     from flows.cli import main
 

@@ -46,6 +46,9 @@ class EvaluateOptions:
     audio_guidance: float = 1.0
     seed: int = 0
     long_seconds: float = 60.0  # the long generation for long-sequence consistency (0: none)
+    cache_window: Optional[int] = None  # the KV cache (training/generate.streaming_sampler; 0: unbounded)
+    sink_frames: int = 1
+    attention: Optional[str] = None  # "sdpa" / "flex" (None: the model's config)
     liveportrait: Optional[str] = None  # LivePortrait root: pose / expression error, pose drift
     syncnet: Optional[str] = None  # SyncNet weights: LSE-C / LSE-D
     i3d: Optional[str] = None  # I3D (Kinetics-400) weights: FVD
@@ -82,16 +85,17 @@ def _load(model_dir: str | Path, options: EvaluateOptions):
     from training.generate import load_recorded_wan_vae, load_speaking_model, pick_device
 
     device = pick_device(options.device)
-    model = load_speaking_model(model_dir, device)
+    model = load_speaking_model(model_dir, device, options.attention)
     wan = load_recorded_wan_vae(model.provenance.get("training_data", []), options.wan_vae, options.wan_vae_subfolder,
                                 device, "pass --wan-vae")
     return model, wan, device
 
 
-def _sampler(options: EvaluateOptions):
-    from models.dualforce.sampler import SamplerConfig
+def _sampler(options: EvaluateOptions, provenance: dict):
+    from training.generate import streaming_sampler
 
-    return SamplerConfig(steps=options.sampler_steps, audio_guidance=options.audio_guidance)
+    return streaming_sampler(provenance, options.sampler_steps, audio_guidance=options.audio_guidance,
+                             cache_window=options.cache_window, sink_frames=options.sink_frames)
 
 
 def _generated(model, wan, device, reference_latent: np.ndarray, features: np.ndarray, options: EvaluateOptions,
@@ -100,7 +104,7 @@ def _generated(model, wan, device, reference_latent: np.ndarray, features: np.nd
 
     generator = torch.Generator(device=device).manual_seed(options.seed)
     yield from stream_frames(model, wan, torch.from_numpy(reference_latent)[None].to(device),
-                             torch.from_numpy(features)[None].to(device), _sampler(options), generator,
+                             torch.from_numpy(features)[None].to(device), _sampler(options, model.provenance), generator,
                              on_latent_frame=bar.update if bar is not None else None)
 
 

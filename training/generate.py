@@ -25,7 +25,7 @@ import torch
 
 from models.dualforce import DualForce
 from models.dualforce.frames import num_latent_frames
-from models.dualforce.sampler import SamplerConfig, stream
+from models.dualforce.sampler import SamplerConfig, check_cache_fits, default_cache_window, stream
 from models.wan_vae import CausalStreamDecoder, WanVae
 from tasks.contract import AUDIO_SAMPLES_PER_FRAME, FPS, SAMPLE_RATE
 from tasks.errors import ClipRejected
@@ -45,6 +45,9 @@ class GenerateOptions:
     reference_guidance: float = 1.0  # ... on the reference image (1: none)
     seed: int = 0
     chunk_frames: int = 1  # latent frames denoised together
+    cache_window: Optional[int] = None  # latent frames the KV cache keeps (None: what the training window allows; 0: all)
+    sink_frames: int = 1  # first latent frames a bounded cache keeps (the reference always stays)
+    attention: Optional[str] = None  # "sdpa" / "flex" (None: the model's config)
     device: Optional[str] = None  # None: CUDA when available
     hubert: Optional[str] = None  # override the provenance's extractors
     hubert_layers: Optional[tuple[int, ...]] = None
@@ -52,9 +55,36 @@ class GenerateOptions:
     wan_vae_subfolder: Optional[str] = None
     progress: bool = True
 
-    def sampler(self) -> SamplerConfig:
-        return SamplerConfig(steps=self.steps, chunk_frames=self.chunk_frames, audio_guidance=self.audio_guidance,
-                             reference_guidance=self.reference_guidance)
+    def sampler(self, provenance: dict[str, Any]) -> SamplerConfig:
+        return streaming_sampler(provenance, steps=self.steps, chunk_frames=self.chunk_frames,
+                                 audio_guidance=self.audio_guidance, reference_guidance=self.reference_guidance,
+                                 cache_window=self.cache_window, sink_frames=self.sink_frames)
+
+
+def trained_latent_frames(provenance: dict[str, Any]) -> Optional[int]:
+    """Latent frames of the shortest talking-head training window (provenance.json); None when not recorded."""
+    windows = [int(d["window_frames"]) for d in talking_head_data(provenance.get("training_data", []))
+               if d.get("window_frames")]
+    return num_latent_frames(min(windows)) if windows else None
+
+
+def streaming_sampler(provenance: dict[str, Any], steps: int, chunk_frames: int = 1, audio_guidance: float = 1.0,
+                      reference_guidance: float = 1.0, cache_window: Optional[int] = None,
+                      sink_frames: int = 1) -> SamplerConfig:
+    """The sampler for a long stream: a bounded KV cache as wide as the model's training window allows (memory flat,
+    frame distances within what training saw), unless `cache_window` says otherwise (0: unbounded)."""
+    trained = trained_latent_frames(provenance)
+    window = cache_window or None
+    if cache_window is None and trained is not None:
+        window = default_cache_window(trained, sink_frames, chunk_frames)
+    cfg = SamplerConfig(steps=steps, chunk_frames=chunk_frames, audio_guidance=audio_guidance,
+                        reference_guidance=reference_guidance, cache_window=window, sink_frames=sink_frames)
+    if trained is not None:
+        try:
+            check_cache_fits(cfg, trained)
+        except ValueError as exc:
+            raise GenerateError(str(exc)) from None
+    return cfg
 
 
 @dataclass
@@ -188,10 +218,13 @@ def pick_device(device: Optional[str]) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def load_speaking_model(model_dir: str | Path, device: torch.device) -> DualForce:
-    """An exported model in bf16 on CUDA (fp32 on CPU); a video-only (pretrain) model takes no speech: refused."""
+def load_speaking_model(model_dir: str | Path, device: torch.device, attention: Optional[str] = None) -> DualForce:
+    """An exported model in bf16 on CUDA (fp32 on CPU), on the `attention` path if named; a video-only (pretrain)
+    model takes no speech: refused."""
     model = DualForce.from_pretrained(model_dir, device=device,
                                       dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if attention:
+        model.set_attention_backend(attention)
     if model.config.video_only:
         raise GenerateError(f"{model_dir} is a video-only model (the pretrain stage): it takes no speech; export "
                             "a joint-stage run to generate talking heads")
@@ -221,7 +254,7 @@ def load_generation_models(model_dir: str | Path, options: GenerateOptions):
     from models.wan_vae import load_wan_vae
 
     device = pick_device(options.device)
-    model = load_speaking_model(model_dir, device)
+    model = load_speaking_model(model_dir, device, options.attention)
     extractors = extractors_for(model.provenance, options)
     hubert = load_hubert(extractors.hubert, device=device)
     wan = load_wan_vae(extractors.wan_vae, extractors.wan_vae_subfolder, device=device)
@@ -269,7 +302,8 @@ def generate_video(model_dir: str | Path, image: str | Path, speech: str | Path,
         speech_wav = write_wav(Path(tmp) / "speech.wav", audio[: frames * AUDIO_SAMPLES_PER_FRAME])
         with tqdm(total=latent_frames, unit="latent frame", desc="generate", disable=not options.progress) as bar, \
                 VideoWriter(out, size, size, fps=FPS, audio=speech_wav) as writer:
-            for chunk_frames in stream_frames(model, wan, reference.to(device), audio_features, options.sampler(),
+            for chunk_frames in stream_frames(model, wan, reference.to(device), audio_features,
+                                              options.sampler(model.provenance),
                                               generator, stats, bar.update):
                 keep = chunk_frames[: frames - written]
                 if len(keep):

@@ -1,94 +1,70 @@
-"""Multi-head attention with frame-causal masks and a KV cache of clean context frames.
+"""Multi-head attention with frame-causal masks (SDPA or FlexAttention) and a KV cache of clean context frames.
 
-Every token carries the index of the latent frame it belongs to. A query of frame t may attend a key of frame s iff
-s <= t (`frame_causal_mask`); with all keys visible the mask is dropped so SDPA can pick the flash kernel. The
-reference's tokens carry frame REFERENCE_FRAME = -1: visible to every frame, seeing only themselves.
+Every token carries the index of the latent frame it belongs to; masking.py turns query and key frame ids into the
+mask each path needs. The reference's tokens carry frame REFERENCE_FRAME = -1: visible to every frame, seeing only
+themselves.
+
+Two attention paths, one result: "sdpa" (the reference: a dense boolean mask) and "flex" (FlexAttention with a
+BlockMask: the tiles above the frame diagonal are skipped, not computed and masked). Unmasked attention (all keys
+visible, the audio cross-attention) always goes to SDPA, which may then pick the flash kernel. FlexAttention is
+compiled on accelerators (its eager form materialises the whole score matrix) and has no backward on CPU (torch
+2.13: "FlexAttention does not support backward on CPU"): there the flex path applies the BlockMask's own mask_mod,
+evaluated elementwise, through SDPA.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
+from .kv_cache import KVCache
+from .masking import FrameMask, record_attention
 from .rope import apply_rope
 
 Rope = tuple[torch.Tensor, torch.Tensor]
-REFERENCE_FRAME = -1
+ATTENTION_BACKENDS = ("sdpa", "flex")
+_compiled_flex = None
 
 
-def frame_causal_mask(q_frames: torch.Tensor, k_frames: torch.Tensor, device=None) -> Optional[torch.Tensor]:
-    """[Nq], [Nk] CPU frame indices -> bool mask [Nq, Nk] on `device` (True = may attend), or None if all visible."""
-    mask = k_frames[None, :] <= q_frames[:, None]
-    return None if bool(mask.all()) else mask.to(device)
+def _flex_kernel(device: torch.device):
+    """flex_attention, compiled once per process on accelerators (eager on CPU: forward only, for tests)."""
+    global _compiled_flex
+    if device.type == "cpu":
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
 
 
-class KVCache:
-    """Keys/values of the clean (fully denoised) context, per attention layer, plus frame ids per token stream.
-
-    A forward pass with `recording` on stages the keys/values it computes; `commit()` appends them. Denoising passes
-    do not record, so the cache only ever holds clean frames.
-    """
-
-    def __init__(self) -> None:
-        self._kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._frames: dict[str, torch.Tensor] = {}
-        self._staged_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._staged_frames: dict[str, torch.Tensor] = {}
-        self.recording = False
-
-    @property
-    def num_frames(self) -> int:
-        """Latent frames held (the reference, at frame -1, is not one of them)."""
-        frames = self._frames.get("video")
-        return 0 if frames is None else int(frames.max()) + 1
-
-    @property
-    def has_reference(self) -> bool:
-        frames = self._frames.get("video")
-        return frames is not None and bool((frames == REFERENCE_FRAME).any())
-
-    def key_frames(self, stream: str, current: torch.Tensor) -> torch.Tensor:
-        """Frame ids of the keys a layer over `stream` sees: cached tokens then the current ones."""
-        if self.recording:
-            self._staged_frames[stream] = current
-        cached = self._frames.get(stream)
-        return current if cached is None else torch.cat([cached, current])
-
-    def extend(self, name: str, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v [B, H, N, d] of the current tokens -> cached + current along N."""
-        if self.recording:
-            self._staged_kv[name] = (k, v)
-        cached = self._kv.get(name)
-        if cached is None:
-            return k, v
-        return torch.cat([cached[0], k], dim=2), torch.cat([cached[1], v], dim=2)
-
-    def commit(self) -> None:
-        for name, (k, v) in self._staged_kv.items():
-            old = self._kv.get(name)
-            self._kv[name] = (k, v) if old is None else (torch.cat([old[0], k], 2), torch.cat([old[1], v], 2))
-        for stream, frames in self._staged_frames.items():
-            old = self._frames.get(stream)
-            self._frames[stream] = frames if old is None else torch.cat([old, frames])
-        self._staged_kv.clear()
-        self._staged_frames.clear()
-        self.recording = False
-
-    def discard(self) -> None:
-        self._staged_kv.clear()
-        self._staged_frames.clear()
-        self.recording = False
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[FrameMask], backend: str) -> torch.Tensor:
+    """q [B, H, Nq, d], k/v [B, H, Nk, d] -> [B, H, Nq, d] through the chosen path."""
+    record_attention(q, k, mask)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense())
+    if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.elementwise_from_block_mask())
+    with warnings.catch_warnings():  # the eager (CPU) form warns that it is unfused: known, it is the test path
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return _flex_kernel(q.device)(q, k, v, block_mask=mask.block_mask())
 
 
 class Attention(nn.Module):
     """q from `dim`-wide queries, k/v from `kv_dim`-wide context; RMS-normed q/k (Wan), optional RoPE and cache."""
 
-    def __init__(self, dim: int, heads: int, kv_dim: Optional[int] = None, qk_norm: bool = True, eps: float = 1e-6):
+    def __init__(self, dim: int, heads: int, kv_dim: Optional[int] = None, qk_norm: bool = True, eps: float = 1e-6,
+                 backend: str = "sdpa"):
         super().__init__()
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
         kv_dim = kv_dim or dim
         self.heads = heads
+        self.backend = backend
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(kv_dim, dim)
         self.v = nn.Linear(kv_dim, dim)
@@ -105,7 +81,7 @@ class Attention(nn.Module):
         context: Optional[torch.Tensor] = None,  # [B, Nk, kv_dim]; None = self-attention
         q_rope: Optional[Rope] = None,
         k_rope: Optional[Rope] = None,
-        mask: Optional[torch.Tensor] = None,  # [Nq, Nk_total] bool
+        mask: Optional[FrameMask] = None,  # [Nq, Nk_total] visibility; None = all visible
         cache: Optional[KVCache] = None,
         cache_name: str = "",
     ) -> torch.Tensor:
@@ -119,5 +95,5 @@ class Attention(nn.Module):
             k = apply_rope(k, k_rope)
         if cache is not None:
             k, v = cache.extend(cache_name, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attend(q, k, v, mask, self.backend)
         return self.o(out.transpose(1, 2).flatten(2))

@@ -17,16 +17,18 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .attention import Attention, KVCache, Rope
+from .attention import Attention, Rope
+from .kv_cache import KVCache
+from .masking import FrameMask
 from .modulation import modulate, norm_fp32, to_weight_dtype
 
 
 class DiTBlock(nn.Module):
     def __init__(self, dim: int, heads: int, ffn_dim: int, audio_token_dim: Optional[int], qk_norm: bool = True,
-                 eps: float = 1e-6):
+                 eps: float = 1e-6, attention_backend: str = "sdpa"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
-        self.self_attn = Attention(dim, heads, qk_norm=qk_norm, eps=eps)
+        self.self_attn = Attention(dim, heads, qk_norm=qk_norm, eps=eps, backend=attention_backend)
         self.has_audio = audio_token_dim is not None
         if self.has_audio:
             self.norm_audio = nn.LayerNorm(dim, eps=eps)
@@ -42,7 +44,7 @@ class DiTBlock(nn.Module):
         mods: torch.Tensor,  # [B, L, 6, D] float32 timestep + audio modulation per frame
         audio_tokens: Optional[torch.Tensor],  # [B, La, Na, Da], La <= L (the last La frames); None: no audio path
         rope: Rope,
-        mask: Optional[torch.Tensor],
+        mask: Optional[FrameMask],
         cache: Optional[KVCache] = None,
         cache_name: str = "",
     ) -> torch.Tensor:

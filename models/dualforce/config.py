@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields
 from models.latent_geometry import LATENT_CHANNELS, VAE_TIME_STRIDE
 from models.struct_layout import STRUCT_DIM
 
+from .attention import ATTENTION_BACKENDS
+
 BRIDGE_STRATEGIES = ("full", "shallow_focus", "none")
 
 
@@ -49,6 +51,8 @@ class DualForceConfig:
     eps: float = 1e-6
     rope_theta: float = 10000.0
     grad_checkpointing: bool = False
+    # masked attention path (attention.py): "sdpa" dense boolean mask (the reference), "flex" FlexAttention BlockMask
+    attention_backend: str = "sdpa"
     # the video DiT alone (no struct stream, bridge or audio path): video-only Diffusion Forcing pretraining
     # on general video; its weights are exactly the full model's video-DiT weights (models/dualforce/pretrained.py)
     video_only: bool = False
@@ -59,6 +63,8 @@ class DualForceConfig:
         self.patch_size = tuple(self.patch_size)
         if self.bridge_strategy not in BRIDGE_STRATEGIES:
             raise ValueError(f"bridge_strategy must be one of {BRIDGE_STRATEGIES}, got {self.bridge_strategy!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.patch_size[0] != 1:
             raise ValueError(f"temporal patch must be 1 (frame-causal attention needs it), got {self.patch_size}")
         for dim_name, heads_name in (("video_dim", "video_heads"), ("struct_model_dim", "struct_heads")):

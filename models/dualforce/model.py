@@ -20,13 +20,15 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import REFERENCE_FRAME, KVCache, frame_causal_mask
+from .attention import Attention
 from .audio import AudioProjector
 from .aux_losses import LipSyncHead, mouth_columns
 from .block import DiTBlock
 from .bridge import Bridge
 from .config import DualForceConfig, get_config
 from .frames import audio_windows
+from .kv_cache import KVCache
+from .masking import REFERENCE_FRAME, frame_causal_mask
 from .modulation import AudioModulation, TimestepEmbedding
 from .rope import grid_positions, rope_angles
 from .serialization import read_pretrained, write_pretrained
@@ -46,7 +48,7 @@ class DualForce(nn.Module):
         self.reference_embed = ReferenceEmbed(c.video_dim, c.mask_channels)
         self.video_time = TimestepEmbedding(c.freq_dim, c.video_dim)
         self.video_blocks = nn.ModuleList(
-            DiTBlock(c.video_dim, c.video_heads, c.video_ffn_dim, audio_token_dim, c.qk_norm, c.eps)
+            DiTBlock(c.video_dim, c.video_heads, c.video_ffn_dim, audio_token_dim, c.qk_norm, c.eps, c.attention_backend)
             for _ in range(c.video_blocks)
         )
         self.video_head = VideoHead(c.video_dim, c.latent_channels, c.patch_size, c.eps)
@@ -60,7 +62,8 @@ class DualForce(nn.Module):
         self.struct_time = TimestepEmbedding(c.freq_dim, c.struct_model_dim)
         self.struct_audio_mod = AudioModulation(c.video_dim, c.struct_model_dim)
         self.struct_blocks = nn.ModuleList(
-            DiTBlock(c.struct_model_dim, c.struct_heads, c.struct_ffn_dim, c.video_dim, c.qk_norm, c.eps)
+            DiTBlock(c.struct_model_dim, c.struct_heads, c.struct_ffn_dim, c.video_dim, c.qk_norm, c.eps,
+                     c.attention_backend)
             for _ in range(c.struct_blocks)
         )
         self.struct_head = StructHead(G, c.struct_dim, c.struct_tokens_per_frame, c.struct_model_dim, c.eps)
@@ -68,7 +71,7 @@ class DualForce(nn.Module):
         self.audio = AudioProjector(c.audio_dim, c.audio_window, c.audio_tokens_per_frame, c.video_dim, c.eps)
         self.bridges = nn.ModuleDict(
             {str(i): Bridge(c.video_dim, c.video_heads, c.struct_model_dim, c.struct_heads, c.qk_norm, c.eps,
-                           two_way=c.bridge_two_way)
+                           two_way=c.bridge_two_way, backend=c.attention_backend)
              for i in c.bridge_blocks()}
         )
         for j, i in enumerate(c.struct_schedule()):
@@ -90,6 +93,14 @@ class DualForce(nn.Module):
         model.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True, assign=True)
         model.provenance = provenance
         return model.to(device=device, dtype=dtype).eval()
+
+    def set_attention_backend(self, backend: str) -> "DualForce":
+        """Switch every masked attention between "sdpa" and "flex" (same weights, same result; attention.py)."""
+        self.config = replace(self.config, attention_backend=backend)  # validates the name
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.backend = backend
+        return self
 
     def save_pretrained(self, path, provenance: Optional[dict] = None):
         """Export config.json + model.safetensors (+ provenance.json), atomically."""
@@ -184,13 +195,13 @@ class DualForce(nn.Module):
 
         run = self._block_runner(cache)
         for i, vblock in enumerate(self.video_blocks):
-            xv = run(lambda x, blk=vblock, i=i: block(blk, x, mod_v, audio_tokens, v_rope, v_mask, f"video{i}"), xv)
+            xv = run(lambda x, blk=vblock, i=i: block(blk, x, mod_v, audio_tokens, v_rope, v_mask, f"video:{i}"), xv)
             if xs is None:
                 continue
             s_rope, s_mask, bridge_ropes, bridge_masks = struct_setup
             for j in self._struct_after.get(i, ()):
                 sblock = self.struct_blocks[j]
-                xs = run(lambda x, blk=sblock, j=j: block(blk, x, mod_s, audio_tokens, s_rope, s_mask, f"struct{j}"), xs)
+                xs = run(lambda x, blk=sblock, j=j: block(blk, x, mod_s, audio_tokens, s_rope, s_mask, f"struct:{j}"), xs)
             if str(i) in self.bridges:  # the bridge joins the real frames; the reference frame stays out
                 bridge = self.bridges[str(i)]
                 x_frames, xs = run(
@@ -218,7 +229,7 @@ class DualForce(nn.Module):
         cache.recording = True
         cache.key_frames("video", ref_frames.repeat_interleave(x.shape[2]))
         for i, blk in enumerate(self.video_blocks):
-            x = blk(x, mods, None, rope, None, cache, f"video{i}")
+            x = blk(x, mods, None, rope, None, cache, f"video:{i}")
         cache.commit()
 
     def _reference_modulation(self, batch: int, device) -> torch.Tensor:

@@ -15,6 +15,11 @@ or a zero reference latent: the nulls condition dropout trained) with a KV cache
 v = v_full + sum_i (s_i - 1) (v_full - v_null_i). A scale of 1 runs no branch at all, so guidance 1 is exactly no
 guidance; each guided condition costs one more model pass per step.
 
+A bounded cache (`cache_window=W`, `sink_frames=S`; kv_cache.py) keeps the reference, the first S frames and the
+last W frames: memory stays flat over a stream of any length, and with W >= the stream's frames it is the unbounded
+cache exactly. A query then spans S + W + chunk_frames latent frames (plus the reference), which must fit the
+window the model was trained on (`check_cache_fits`).
+
 `use_cache=False` recomputes the reference, the whole context (as the cache would hold it) and the current chunk at
 every step instead: the reference the cached path is checked against.
 """
@@ -25,9 +30,9 @@ from typing import Iterator, Optional
 
 import torch
 
-from .attention import KVCache
 from .diffusion_forcing import shift_sigma
 from .frames import num_latent_frames, tie_pad_rows, video_frames_of
+from .kv_cache import KVCache
 
 
 @dataclass
@@ -40,6 +45,8 @@ class SamplerConfig:
     context_noise: float = 0.02  # sigma of the context written into the cache (0: clean context)
     audio_guidance: float = 1.0  # CFG scale on audio (1: no guidance, no extra pass)
     reference_guidance: float = 1.0  # CFG scale on the reference (1: no guidance, no extra pass)
+    cache_window: Optional[int] = None  # latent frames the cache keeps besides the sinks (None: all of them)
+    sink_frames: int = 1  # first latent frames a bounded cache keeps for good (the reference always stays)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.chunk_frames < 1:
@@ -48,6 +55,30 @@ class SamplerConfig:
             raise ValueError(f"struct_sigma_start must be in (0, 1], got {self.struct_sigma_start}")
         if not 0.0 <= self.context_noise < 1.0:
             raise ValueError(f"context_noise must be in [0, 1), got {self.context_noise}")
+        if self.cache_window is not None and (self.cache_window < 1 or not self.use_cache):
+            raise ValueError(f"cache_window needs use_cache and must be >= 1, got {self.cache_window}")
+        if self.sink_frames < 0:
+            raise ValueError(f"sink_frames must be >= 0, got {self.sink_frames}")
+
+    @property
+    def attention_span(self) -> Optional[int]:
+        """Latent frames a query sees besides the reference with a bounded cache (None: unbounded)."""
+        return None if self.cache_window is None else self.sink_frames + self.cache_window + self.chunk_frames
+
+
+def check_cache_fits(cfg: SamplerConfig, trained_latent_frames: int) -> None:
+    """A bounded cache must not show a query frame distances training never did (RoPE extrapolation)."""
+    span = cfg.attention_span
+    if span is not None and span > trained_latent_frames:
+        raise ValueError(
+            f"sink_frames {cfg.sink_frames} + cache_window {cfg.cache_window} + chunk_frames {cfg.chunk_frames} = "
+            f"{span} latent frames, more than the {trained_latent_frames} the model was trained on: lower the window"
+        )
+
+
+def default_cache_window(trained_latent_frames: int, sink_frames: int = 1, chunk_frames: int = 1) -> int:
+    """The widest window whose span fits the trained one (at least 1 frame)."""
+    return max(1, trained_latent_frames - sink_frames - chunk_frames)
 
 
 @dataclass
@@ -56,6 +87,7 @@ class GeneratedChunk:
     video_latents: torch.Tensor  # [B, 16, n, h, w]
     struct: torch.Tensor  # [B, n, G, S] grouped
     struct_rows: torch.Tensor  # [B, rows, S]: one row per video frame of the chunk
+    cache_bytes: int = 0  # keys/values held by the caches of every branch once the chunk is written
 
     @property
     def video_frames(self) -> range:
@@ -72,9 +104,10 @@ class _Branch:
     """One conditioning of the model (full, or with a null condition), with its KV cache, or the context history
     it recomputes every pass when sampling without a cache."""
 
-    def __init__(self, model, reference: torch.Tensor, windows: torch.Tensor, guidance: float, use_cache: bool):
+    def __init__(self, model, reference: torch.Tensor, windows: torch.Tensor, guidance: float, cfg: SamplerConfig):
         self.model, self.reference, self.windows, self.guidance = model, reference, windows, guidance
-        self.cache = KVCache() if use_cache else None
+        self.cache = (KVCache(cfg.cache_window, cfg.sink_frames, model.config.rope_theta) if cfg.use_cache
+                      else None)
         if self.cache is not None:
             model.cache_reference(reference, self.cache)
 
@@ -98,14 +131,18 @@ class _Branch:
 
 @dataclass
 class _History:
-    """The context as the model sees it (given frames clean, generated ones at the context-noise level)."""
+    """The context as the model sees it (given frames clean, generated ones at the context-noise level): kept only
+    when sampling without a cache, which recomputes it every pass (a cached stream would grow without bound)."""
 
+    enabled: bool
     video: list
     struct: list
     sigma: list
     given: list
 
     def add(self, x_v, x_s, sigma, given) -> None:
+        if not self.enabled:
+            return
         self.video.append(x_v)
         self.struct.append(x_s)
         self.sigma.append(sigma)
@@ -140,12 +177,12 @@ def stream(
     ctx_noise_struct = tie_pad_rows(torch.randn((B, L, G, S), generator=generator, device=device, dtype=dtype))
     windows = model.audio_windows(audio_features.to(dtype))  # [B, L, W, A]
     reference = reference_latent.to(dtype)
-    branches = [_Branch(model, reference, windows, 1.0, cfg.use_cache)]
+    branches = [_Branch(model, reference, windows, 1.0, cfg)]
     if cfg.audio_guidance != 1.0:
-        branches.append(_Branch(model, reference, torch.zeros_like(windows), cfg.audio_guidance, cfg.use_cache))
+        branches.append(_Branch(model, reference, torch.zeros_like(windows), cfg.audio_guidance, cfg))
     if cfg.reference_guidance != 1.0:
-        branches.append(_Branch(model, torch.zeros_like(reference), windows, cfg.reference_guidance, cfg.use_cache))
-    history = _History([], [], [], [])
+        branches.append(_Branch(model, torch.zeros_like(reference), windows, cfg.reference_guidance, cfg))
+    history = _History(not cfg.use_cache, [], [], [], [])
     prior = (torch.zeros(B, 1, G, S, device=device) if reference_struct is None
              else reference_struct[:, None, None].expand(B, 1, G, S).float())
     grid = sigma_grid(cfg.steps, cfg.shift).tolist()
@@ -191,7 +228,7 @@ def stream(
         history.add(ctx_v, ctx_s, level, not_given)
         prior = x_s[:, -1:]
         rows = x_s.flatten(1, 2)[:, G - 1 :] if a == 0 else x_s.flatten(1, 2)
-        yield GeneratedChunk(a, x_v, x_s, rows)
+        yield GeneratedChunk(a, x_v, x_s, rows, sum(br.cache.nbytes for br in branches if br.cache is not None))
 
 
 def _check_context(context_video, context_struct, video_shape, struct_shape, L: int) -> int:

@@ -4,7 +4,7 @@ Two roles, kept apart (DESIGN.md, model notes):
 - **Context frames** (continuation): the input has 36 channels = 16 noisy latent + 4 mask + 16 given latent (Wan
   i2v layout). A frame whose content is really given (a user's frames, the end of a previous window) has its 4 mask
   channels = 1 and its clean latent in the last 16; every other frame has zeros there. `given_condition` builds it.
-- **The reference** (identity): one clean latent with its own tokens at frame id REFERENCE_FRAME (-1), embedded
+- **The reference** (identity): one clean latent with its own tokens at frame id masking.REFERENCE_FRAME (-1), embedded
   by the same patch embedding as a given frame plus a learned reference embedding, prepended to the video stream.
   Frame-causal masks make it visible to every frame (-1 <= t) while it sees only itself; with a KV cache it is
   computed once (model.DualForce.cache_reference).
@@ -17,8 +17,6 @@ import torch
 import torch.nn as nn
 
 from .modulation import modulate, to_weight_dtype
-
-REFERENCE_FRAME = -1
 
 
 def given_condition(latents: torch.Tensor, given: Optional[torch.Tensor], mask_channels: int) -> torch.Tensor:

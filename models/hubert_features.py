@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from models.precision import extractor_autocast
 from models.weights import HF_DRYRUN_MARKER, WeightsError, check_loading_info
 
 # HubertForCTC checkpoints (hubert-large-ls960-ft) carry a CTC head the base model does not use.
@@ -92,21 +93,26 @@ class HubertFeatureModel:
             layer0.layer_norm = norm
 
     @torch.inference_mode()
-    def hidden_states(self, audio: np.ndarray, layers: HubertLayers, device: torch.device) -> np.ndarray:
-        """audio float32 [L] (already normalised if needed) -> [num_features(L), D] float32, mean of the chosen layers.
+    def hidden_states(self, audio: np.ndarray, layers: HubertLayers, device: torch.device,
+                      bf16: bool = True) -> np.ndarray:
+        """audio float32 [L] (already normalised if needed) -> [num_features(L), D] float32, mean of the chosen layers;
+        a batch of equal-length pieces [N, L] -> [N, num_features(L), D] (no padding, so no attention mask: each
+        piece is computed as it would be alone). On CUDA under bf16 autocast unless `bf16=False` (precision.py).
 
         The last index always reads `last_hidden_state` (see HubertLayers), whatever this transformers version puts
         in `hidden_states[-1]`.
         """
         idx = self.resolve(layers)
-        x = torch.from_numpy(np.ascontiguousarray(audio, np.float32))[None].to(device)
-        out = self.model(x, output_hidden_states=True, return_dict=True)
+        x = torch.from_numpy(np.ascontiguousarray(audio, np.float32)).to(device)
+        single = x.ndim == 1
+        with extractor_autocast(device, bf16):
+            out = self.model(x[None] if single else x, output_hidden_states=True, return_dict=True)
         hs = list(out.hidden_states)
         if len(hs) != self.num_layers + 1:
             raise RuntimeError(f"expected {self.num_layers + 1} hidden states, got {len(hs)}")
         hs[self.num_layers] = out.last_hidden_state  # after the encoder's final LayerNorm (HuBERT large)
-        stacked = torch.stack([hs[i][0].float() for i in idx]).mean(0)  # [F, D]
-        return stacked.cpu().numpy()
+        stacked = torch.stack([hs[i].float() for i in idx]).mean(0)  # [N, F, D]
+        return stacked[0].cpu().numpy() if single else stacked.cpu().numpy()
 
 
 class _FixedGroupNorm(nn.Module):

@@ -4,8 +4,10 @@ diffusers' `AutoencoderKLWan._encode` is already causal and chunked in time: it 
 then on groups of 4 frames, carrying a feature cache (the last 2 frames of every causal conv) between calls.
 But it takes the whole video tensor at once. `CausalStreamEncoder` drives the same encoder, the same cache
 and the same grouping one group at a time, so a clip of any length is encoded with memory bounded by one
-group of frames; the result equals `vae.encode(video).latent_dist.mean` (tested). Spatial tiling is not
-needed at 512x512 and is not used.
+group of frames; the result equals `vae.encode(video).latent_dist.mean` (tested). Several equal-length clips
+(a clip's training windows) go through it as one batch, [B, n, H, W, 3], to fill a GPU. Spatial tiling is not
+needed at 512x512 and is not used. The VAE runs in float32 on every device: the precision diffusers' Wan
+pipelines load it in (`torch_dtype=torch.float32`), i.e. what its users trained their latents with.
 
 Latents are the posterior mean, normalised with the config's per-channel statistics:
 z = (mean - latents_mean) / latents_std (the Wan pipelines' convention).
@@ -95,12 +97,14 @@ def load_wan_vae(
 
 
 def frames_to_input(frames_uint8: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 [t, H, W, 3] -> [1, 3, t, H, W] in [-1, 1]."""
-    if frames_uint8.dtype != np.uint8 or frames_uint8.ndim != 4 or frames_uint8.shape[-1] != 3:
-        raise ValueError(f"frames must be uint8 [t, H, W, 3], got {frames_uint8.dtype} {frames_uint8.shape}")
+    """uint8 [t, H, W, 3] (or a batch [B, t, H, W, 3]) -> [B, 3, t, H, W] in [-1, 1]."""
+    if frames_uint8.ndim == 4:
+        frames_uint8 = frames_uint8[None]
+    if frames_uint8.dtype != np.uint8 or frames_uint8.ndim != 5 or frames_uint8.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 [t, H, W, 3] or [B, t, H, W, 3], got {frames_uint8.dtype} "
+                         f"{frames_uint8.shape}")
     x = torch.from_numpy(np.array(frames_uint8, copy=True)).to(device)  # decoded frames may be read-only
-    x = x.permute(3, 0, 1, 2)[None].to(dtype) / 127.5 - 1.0
-    return x
+    return x.permute(0, 4, 1, 2, 3).to(dtype) / 127.5 - 1.0
 
 
 def output_to_frames(video: torch.Tensor) -> np.ndarray:
@@ -132,26 +136,30 @@ class CausalStreamEncoder:
         vae._enc_conv_idx = [0]
         out = vae.encoder(x, feat_cache=vae._enc_feat_map, feat_idx=vae._enc_conv_idx)
         mean = vae.quant_conv(out)[:, : self.wan.z_dim]  # quant_conv is 1x1x1: per-group == on the whole
-        self.frames_encoded += len(frames)
-        return self.wan.normalise(mean.float())  # [1, C, 1, h, w]
+        self.frames_encoded += frames.shape[1]
+        return self.wan.normalise(mean.float())  # [B, C, 1, h, w]
 
     def push(self, frames: np.ndarray) -> list[torch.Tensor]:
-        """Add frames [n, H, W, 3] uint8; returns the latent frames completed by them (each [1, C, 1, h, w])."""
+        """Add frames [n, H, W, 3] uint8 (or B streams at once, [B, n, H, W, 3]); returns the latent frames
+        completed by them (each [B, C, 1, h, w], B = 1 for unbatched frames)."""
         if frames.ndim == 3:
             frames = frames[None]
-        self.frames_in += len(frames)
+        if frames.ndim == 4:
+            frames = frames[None]
+        n = frames.shape[1]
+        self.frames_in += n
         self._pending.append(frames)
-        self._count += len(frames)
+        self._count += n
         done = []
         while True:
             need = TIME_STRIDE if self._started else 1
             if self._count < need:
                 break
-            buf = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
-            done.append(self._encode_group(buf[:need]))
+            buf = np.concatenate(self._pending, axis=1) if len(self._pending) > 1 else self._pending[0]
+            done.append(self._encode_group(buf[:, :need]))
             self._started = True
-            rest = buf[need:]
-            self._pending, self._count = ([rest] if len(rest) else []), len(rest)
+            rest = buf[:, need:]
+            self._pending, self._count = ([rest] if rest.shape[1] else []), rest.shape[1]
         return done
 
     def close(self) -> int:

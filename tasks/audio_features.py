@@ -31,9 +31,11 @@ import numpy as np
 import torch
 
 from models.hubert_features import HOP, RECEPTIVE_FIELD, HubertFeatureModel, HubertLayers, num_features
+from models.precision import extractor_precision
 from tasks.contract import AUDIO_SAMPLES_PER_FRAME, SAMPLE_RATE
 from tasks.errors import ClipRejected
 
+CHUNK_BATCH = 4  # long clips' equal-length chunks per HuBERT forward (a GPU's batch; memory ~ 4 x 34 s of audio)
 EDGE_PAD = (RECEPTIVE_FIELD - HOP) // 2 + (AUDIO_SAMPLES_PER_FRAME // 2 - HOP) // 2  # 40 + 0 = 40 samples a side
 assert num_features(AUDIO_SAMPLES_PER_FRAME + 2 * EDGE_PAD) == 2
 
@@ -81,21 +83,30 @@ def _normalise(audio: np.ndarray, real: int) -> np.ndarray:
 
 
 def hubert_50hz(audio_padded: np.ndarray, model: HubertFeatureModel, cfg: AudioFeatureConfig,
-                device: torch.device) -> np.ndarray:
-    """[L] samples -> [num_features(L), D] float32, chunked along whole hops when long."""
+                device: torch.device, bf16: bool = True) -> np.ndarray:
+    """[L] samples -> [num_features(L), D] float32, chunked along whole hops when long; consecutive chunks of
+    equal length (all but the first and last) go through HuBERT as one batch of up to CHUNK_BATCH."""
     total = num_features(len(audio_padded))
     chunk = max(1, int(round(cfg.chunk_seconds * SAMPLE_RATE / HOP)))
     ctx = int(round(cfg.context_seconds * SAMPLE_RATE / HOP))
     if total <= chunk:
-        return model.hidden_states(audio_padded, cfg.layers, device)
+        return model.hidden_states(audio_padded, cfg.layers, device, bf16)
+    pieces = []  # (segment samples, rows of its features to keep)
+    for a in range(0, total, chunk):
+        b = min(a + chunk, total)
+        a0, b0 = max(0, a - ctx), min(total, b + ctx)
+        seg = audio_padded[a0 * HOP: (b0 - 1) * HOP + RECEPTIVE_FIELD]  # exactly b0 - a0 features
+        pieces.append((seg, slice(a - a0, b - a0)))
     parts = []
     with model.utterance_front_end_norm(audio_padded, device):
-        for a in range(0, total, chunk):
-            b = min(a + chunk, total)
-            a0, b0 = max(0, a - ctx), min(total, b + ctx)
-            seg = audio_padded[a0 * HOP: (b0 - 1) * HOP + RECEPTIVE_FIELD]  # exactly b0 - a0 features
-            feats = model.hidden_states(seg, cfg.layers, device)
-            parts.append(feats[a - a0: b - a0])
+        i = 0
+        while i < len(pieces):
+            j = i + 1
+            while j < len(pieces) and j - i < CHUNK_BATCH and len(pieces[j][0]) == len(pieces[i][0]):
+                j += 1
+            feats = model.hidden_states(np.stack([seg for seg, _ in pieces[i:j]]), cfg.layers, device, bf16)
+            parts.extend(f[keep] for f, (_, keep) in zip(feats, pieces[i:j]))
+            i = j
     return np.concatenate(parts)
 
 
@@ -105,13 +116,15 @@ def extract_audio_features(
     model: HubertFeatureModel,
     cfg: AudioFeatureConfig = AudioFeatureConfig(),
     device: str | torch.device | None = None,
+    bf16: bool = True,
 ) -> AudioFeatures:
     """16 kHz mono float audio + T video frames -> exactly T rows of HuBERT features (see module docstring)."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     dev = torch.device(device) if device is not None else next(model.model.parameters()).device
     meta = {"untrained_dryrun": model.untrained_dryrun, "hubert": model.source,
-            "layers": list(model.resolve(cfg.layers)), "audio_dim": model.hidden_size}
+            "layers": list(model.resolve(cfg.layers)), "audio_dim": model.hidden_size,
+            "precision": extractor_precision(dev, bf16)}
     if audio is None or len(audio) == 0:
         return AudioFeatures(None, num_frames, "no_audio", np.zeros(num_frames, bool), meta=meta)
     audio = np.asarray(audio, np.float32).reshape(-1)
@@ -123,7 +136,7 @@ def extract_audio_features(
     if model.do_normalize:
         fitted = _normalise(fitted, real_len)
     padded = np.pad(fitted, (EDGE_PAD, EDGE_PAD))
-    f50 = hubert_50hz(padded, model, cfg, dev)  # [2T, D]
+    f50 = hubert_50hz(padded, model, cfg, dev, bf16)  # [2T, D]
     assert f50.shape[0] == 2 * num_frames, (f50.shape, num_frames)
     f25 = f50.reshape(num_frames, 2, -1).mean(1)  # [T, D]
     if rms < cfg.silence_rms:
@@ -156,6 +169,7 @@ def audio_features_for_clip(
     model: HubertFeatureModel,
     cfg: AudioFeatureConfig = AudioFeatureConfig(),
     device: str | torch.device | None = None,
+    bf16: bool = True,
 ) -> AudioFeatures:
     """Read the crop step's audio.wav (None or a missing file means no audio) and extract aligned features."""
     from tasks.media import read_audio
@@ -163,4 +177,4 @@ def audio_features_for_clip(
     audio = None
     if wav_path is not None and Path(wav_path).is_file():
         audio = read_audio(wav_path, SAMPLE_RATE)
-    return extract_audio_features(audio, num_frames, model, cfg, device)
+    return extract_audio_features(audio, num_frames, model, cfg, device, bf16)

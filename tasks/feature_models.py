@@ -28,6 +28,7 @@ class FeatureModels:
     hubert_layers: tuple[int, ...] = (-1,)
     device: Optional[str] = None  # None: CUDA when available
     dryrun: bool = False
+    bf16: bool = True  # HuBERT and the motion extractor under bf16 autocast on CUDA (models/precision.py)
 
     def check(self) -> None:
         """Raise WeightsError listing every missing weight path, before any clip is touched. An empty path is a
@@ -109,6 +110,15 @@ def _device(models: FeatureModels) -> str:
     import torch
 
     return models.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def precision_tag(models: FeatureModels) -> tuple[str, ...]:
+    """What a step's fingerprint adds for reduced precision: () at float32 (so CPU results keep their cache
+    keys), ("bf16-autocast",) where the extractors run under it."""
+    from models.precision import extractor_precision
+
+    precision = extractor_precision(_device(models), models.bf16)
+    return () if precision == "fp32" else (precision,)
 
 
 def motion_extractor(models: FeatureModels):

@@ -1,6 +1,7 @@
 """Step 3: per-frame LivePortrait motion (kp, exp, pitch/yaw/roll, scale, t) from the 512x512 crop."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -9,7 +10,9 @@ import numpy as np
 import torch
 
 from models.motion_extractor import INPUT_SIZE, MotionExtractor
+from models.precision import extractor_autocast, extractor_precision
 from models.struct_layout import MotionLatents, load_motion, save_motion
+from tasks.prefetch import prefetched
 
 __all__ = ["MotionLatents", "extract_motion", "extract_motion_from_video", "save_motion", "load_motion",
            "prepare_frames", "pick_device"]
@@ -32,6 +35,11 @@ def prepare_frames(frames_uint8: np.ndarray) -> torch.Tensor:
                                  for f in frames_uint8])
     x = torch.from_numpy(np.ascontiguousarray(frames_uint8)).permute(0, 3, 1, 2).float() / 255.0
     return x.clamp_(0.0, 1.0)
+
+
+def _pinned(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Page-locked on the CPU when bound for CUDA, so the copy overlaps the previous batch's compute."""
+    return x.pin_memory() if device.type == "cuda" else x
 
 
 def _batches(frames: np.ndarray | Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
@@ -60,25 +68,32 @@ def extract_motion(
     extractor: MotionExtractor,
     batch_size: int = 64,
     device: str | torch.device | None = None,
+    bf16: bool = True,
 ) -> MotionLatents:
     """Run the motion extractor over uint8 RGB frames [T, H, W, 3] (or an iterator of such chunks).
 
-    Memory stays bounded by batch_size frames on the device; outputs are float32 numpy, one row per frame.
+    Batches are decoded and resized on a CPU thread while the device runs the previous one (tasks/prefetch.py);
+    on CUDA the extractor runs under bf16 autocast (models/precision.py) unless `bf16=False`. Memory stays
+    bounded by a few batches of frames; outputs are float32 numpy, one row per frame.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dev = pick_device(device)
     extractor = extractor.to(dev).eval()
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("kp", "exp", "pitch", "yaw", "roll", "scale", "t")}
-    for batch in _batches(frames, batch_size):
-        out = extractor(prepare_frames(batch).to(dev))
-        for k in parts:
-            parts[k].append(out[k].float().cpu().numpy())
+    batches = prefetched(_pinned(prepare_frames(batch), dev) for batch in _batches(frames, batch_size))
+    with contextlib.closing(batches):
+        for x in batches:
+            with extractor_autocast(dev, bf16):
+                out = extractor(x.to(dev, non_blocking=True))
+            for k in parts:
+                parts[k].append(out[k].float().cpu().numpy())
     if not parts["kp"]:
         raise ValueError("no frames given to extract_motion")
     arrays = {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
     meta = {"untrained_dryrun": bool(getattr(extractor, "untrained_dryrun", False)),
-            "input_size": INPUT_SIZE, "dims": list(extractor.cfg.dims), "depths": list(extractor.cfg.depths)}
+            "precision": extractor_precision(dev, bf16), "input_size": INPUT_SIZE, "dims": list(extractor.cfg.dims),
+            "depths": list(extractor.cfg.depths)}
     return MotionLatents(**arrays, meta=meta)
 
 
@@ -88,11 +103,12 @@ def extract_motion_from_video(
     out_path: str | Path | None = None,
     batch_size: int = 64,
     device: str | torch.device | None = None,
+    bf16: bool = True,
 ) -> MotionLatents:
     """Decode the crop by streaming (bounded memory), extract motion, optionally save float16 .npz."""
     from tasks.media import iter_frames
 
-    motion = extract_motion(iter_frames(crop_mp4, chunk=batch_size), extractor, batch_size, device)
+    motion = extract_motion(iter_frames(crop_mp4, chunk=batch_size), extractor, batch_size, device, bf16)
     if out_path is not None:
         save_motion(out_path, motion)
     return motion

@@ -133,7 +133,7 @@ class MotionStep:
     requires: tuple[str, ...] = ("crop",)
 
     def fingerprint(self) -> str:
-        return fingerprint(self.models.liveportrait_root, self.models.dryrun)
+        return fingerprint(self.models.liveportrait_root, self.models.dryrun, *feature_models.precision_tag(self.models))
 
     def run(self, row: ClipRow, inputs: dict[str, Path], out_dir: Path) -> dict:
         from models.struct_layout import to_struct
@@ -141,7 +141,7 @@ class MotionStep:
 
         motion = extract_motion_from_video(inputs["crop"] / CROP_VIDEO, feature_models.motion_extractor(self.models),
                                            out_dir / MOTION_FILE, batch_size=self.batch_size,
-                                           device=feature_models._device(self.models))
+                                           device=feature_models._device(self.models), bf16=self.models.bf16)
         if motion.num_frames != crop_frames(inputs["crop"]):
             raise ClipRejected("corrupt", f"motion has {motion.num_frames} rows for {crop_frames(inputs['crop'])} frames")
         _save_npy(out_dir / STRUCT_FILE, to_struct(motion))
@@ -198,7 +198,8 @@ class AudioFeaturesStep:
     requires: tuple[str, ...] = ("crop",)
 
     def fingerprint(self) -> str:
-        return fingerprint(self.models.hubert, self.models.hubert_layers, self.config)
+        return fingerprint(self.models.hubert, self.models.hubert_layers, self.config,
+                           *feature_models.precision_tag(self.models))
 
     def run(self, row: ClipRow, inputs: dict[str, Path], out_dir: Path) -> dict:
         import json
@@ -207,7 +208,7 @@ class AudioFeaturesStep:
 
         T = crop_frames(inputs["crop"])
         result = audio_features_for_clip(inputs["crop"] / CROP_AUDIO, T, feature_models.hubert(self.models),
-                                         self.config, feature_models._device(self.models))
+                                         self.config, feature_models._device(self.models), bf16=self.models.bf16)
         features = require_usable(result, self.config)
         _save_npy(out_dir / AUDIO_FEATURES_FILE, features)
         info = {"status": result.status, "audio_dim": int(features.shape[1]), "rms": round(result.rms, 6),

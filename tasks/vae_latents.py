@@ -6,12 +6,15 @@ for that window as a video (first latent frame = its first video frame alone), t
 needs. Frames after the last whole window are dropped and counted. With `window_frames=None` the whole clip
 is one stream, trimmed to the largest 4n+1 <= T.
 
-Memory stays bounded: frames arrive as an iterator of chunks, only the current window's frames are held, and
-the encoder runs one group of 4 frames at a time (models/wan_vae.py). The reference latent is frame 0 encoded
-as a 1-frame video. Everything is stored float16.
+Memory stays bounded: frames arrive as an iterator of chunks, decoded on a CPU thread (tasks/prefetch.py) while
+the VAE encodes; `batch_windows` windows are encoded as one batch (one group of 4 frames of each at a time,
+models/wan_vae.py), so at most about 3 x batch_windows windows of frames are held (in flight, being batched, being
+encoded). A window's latent does not depend on its batch (tested). The reference latent is frame 0 encoded as a
+1-frame video. Everything is stored float16.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -22,12 +25,14 @@ import torch
 from models.wan_vae import TIME_STRIDE, CausalStreamEncoder, WanVae
 from tasks import windows
 from tasks.errors import ClipRejected
+from tasks.prefetch import prefetched
 
 
 @dataclass(frozen=True)
 class VaeLatentConfig:
     window_frames: Optional[int] = 81  # 4n+1 video frames per window; None = whole clip as one stream
     stride: Optional[int] = None  # frames between window starts; None = window_frames (no overlap)
+    batch_windows: int = 4  # windows encoded together (a GPU's batch); 1: one at a time
 
     def __post_init__(self):
         w = self.window_frames
@@ -35,6 +40,8 @@ class VaeLatentConfig:
             raise ValueError(f"window_frames must be 4n+1, got {w}")
         if self.stride is not None and self.stride < 1:
             raise ValueError(f"stride must be >= 1, got {self.stride}")
+        if self.batch_windows < 1:
+            raise ValueError(f"batch_windows must be >= 1, got {self.batch_windows}")
 
 
 @dataclass
@@ -57,16 +64,18 @@ def _iter_chunks(frames: np.ndarray | Iterable[np.ndarray]) -> Iterable[np.ndarr
         yield from frames
 
 
-def _encode_window(wan: WanVae, frames: np.ndarray) -> torch.Tensor:
+def encode_windows(wan: WanVae, clips: Sequence[np.ndarray]) -> torch.Tensor:
+    """Equal-length clips, each [t, H, W, 3] uint8 and encoded as a video of its own, in one batch ->
+    [B, C, n+1, h, w]."""
     enc = CausalStreamEncoder(wan)
-    parts = enc.push(frames)
+    parts = enc.push(np.stack(clips))
     enc.close()
-    return torch.cat(parts, dim=2)[0]  # [C, n+1, h, w]
+    return torch.cat(parts, dim=2)
 
 
 def encode_reference(wan: WanVae, frame: np.ndarray) -> np.ndarray:
     """One frame [H, W, 3] uint8 -> [16, 1, h, w] float16."""
-    return _encode_window(wan, frame[None]).cpu().numpy().astype(np.float16)
+    return encode_windows(wan, [frame[None]])[0].cpu().numpy().astype(np.float16)
 
 
 def encode_clip(
@@ -112,9 +121,21 @@ def encode_clip(
 
         chunks = counted(frames)
         wanted = windows.iter_window_starts(window, cfg.stride, segments=segments)
-        for start, clip in windows.iter_windows(chunks, wanted, window):
-            windows_out.append(_encode_window(wan, clip).cpu().numpy().astype(np.float16))
-            starts.append(start)
+        batch: list[np.ndarray] = []
+
+        def encode_batch() -> None:
+            windows_out.extend(encode_windows(wan, batch).cpu().numpy().astype(np.float16))
+            batch.clear()
+
+        cut = prefetched(windows.iter_windows(chunks, wanted, window), depth=cfg.batch_windows)
+        with contextlib.closing(cut):
+            for start, clip in cut:
+                batch.append(clip)
+                starts.append(start)
+                if len(batch) == cfg.batch_windows:
+                    encode_batch()
+        if batch:
+            encode_batch()
         for _ in chunks:  # drain: the count of frames after the last window
             pass
         if not windows_out:

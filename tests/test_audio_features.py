@@ -151,3 +151,22 @@ def test_chunked_group_norm_front_end_uses_utterance_stats(hubert, samples_dir):
     fb = extract_audio_features(audio, T, hubert, dataclasses.replace(full, chunk_seconds=0.6, context_seconds=0.4))
     rel = np.linalg.norm(fb.features.astype(np.float32) - fa) / np.linalg.norm(fa)
     assert 0 < rel < 0.1, rel
+
+
+def test_equal_length_chunks_batched_equal_chunks_one_at_a_time(hubert, samples_dir, monkeypatch):
+    """4 s in 0.6 s chunks: the middle chunks share one length and go through HuBERT as batches of up to 4; each
+    chunk's rows are the same as when it runs alone, and land at the same place."""
+    import tasks.audio_features as af
+
+    T = 100
+    cfg = AudioFeatureConfig(layers=HubertLayers((0, 1, 2)), chunk_seconds=0.6, context_seconds=0.4)
+    audio = _speech(samples_dir, 4.0)
+    batched = extract_audio_features(audio, T, hubert, cfg).features.astype(np.float32)
+    monkeypatch.setattr(af, "CHUNK_BATCH", 1)
+    alone = extract_audio_features(audio, T, hubert, cfg).features.astype(np.float32)
+    np.testing.assert_allclose(batched, alone, atol=2e-3)  # float16 storage: one rounding step
+    assert np.abs(batched - alone).mean() < 1e-4
+    pieces = np.stack([audio[:16000], audio[16000:32000], audio[32000:48000]]).astype(np.float32)
+    together = hubert.hidden_states(pieces, cfg.layers, torch.device("cpu"))
+    for piece, rows in zip(pieces, together):
+        np.testing.assert_allclose(rows, hubert.hidden_states(piece, cfg.layers, torch.device("cpu")), atol=1e-5)

@@ -55,7 +55,8 @@ class TimedRun:
 
 
 def run_preprocess(manifest: Path, out: Path, steps: list[str], workers: int, batch_size: int, **extra) -> TimedRun:
-    """One preprocess run with `workers` parallel batches; wall time and the ledger's compute seconds."""
+    """One preprocess run with `workers` parallel batches; wall time and the ledger's compute seconds. `extra`:
+    further runner options (flows/preprocess_options.RunnerOptions: runner, processes, ray_address, ...)."""
     from flows.layout import DatasetLayout
     from flows.preprocess import preprocess, with_workers
     from tasks.ledger import read_ledger
@@ -64,8 +65,8 @@ def run_preprocess(manifest: Path, out: Path, steps: list[str], workers: int, ba
     flow = preprocess if extra.get("runner") else with_workers(workers)
     t0 = time.perf_counter()
     report = flow(dataset="bench", manifest=str(manifest), output_root=str(out), steps=steps,
-                  batch_size=batch_size, progress=False,
-                  shard_features=any(s in FEATURE_STEPS for s in steps), **extra)
+                  runner={"batch_size": batch_size, "progress": False, **extra},
+                  windows={"shard_features": any(s in FEATURE_STEPS for s in steps)})
     wall = time.perf_counter() - t0
     if not isinstance(report, dict):
         raise RuntimeError(f"preprocess run did not complete: {report}")

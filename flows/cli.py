@@ -77,23 +77,43 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     _prefect_env()
     from flows.preprocess import with_workers
 
+    return _run_preprocess(with_workers(args.workers), args)
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    _prefect_env()
+    from functools import partial
+
+    from flows.backfill import backfill
+
+    return _run_preprocess(partial(backfill, workers=args.workers), args)
+
+
+def _run_preprocess(flow, args: argparse.Namespace) -> int:
+    """Run the preprocess flow (or one wrapping it) with the CLI's arguments in the flow's parameter groups."""
+    from flows.preprocess_options import ModelWeights, QualityChecks, RunnerOptions, StorageOptions, WindowOptions
+
     t0 = time.perf_counter()
-    state = with_workers(args.workers)(
-        dataset=args.dataset, manifest=args.manifest, output_root=args.out, steps=args.steps or None,
-        limit=args.limit, batch_size=args.batch_size, window_n=args.window_n, window_stride=args.window_stride,
-        models=args.models, liveportrait_root=args.liveportrait_root, hubert=args.hubert, wan_vae=args.wan_vae,
-        wan_vae_subfolder=args.wan_vae_subfolder, device=args.device, flame_dir=args.flame_dir,
-        runner=args.runner, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
-        processes=args.workers if args.runner == "processes" else None,
-        cpus_per_batch=args.cpus_per_batch, gpus_per_batch=args.gpus_per_batch, shard_groups=args.shard_groups,
-        work_root=args.work_root, scratch_root=args.scratch_root, progress=not args.no_progress,
-        retry_rejected=args.retry_rejected, audit_fraction=args.audit_fraction, profile=args.profile,
+    state = flow(
+        dataset=args.dataset, manifest=args.manifest, output_root=args.out, profile=args.profile,
+        steps=args.steps or None, limit=args.limit,
+        weights=ModelWeights(models=args.models, liveportrait_root=args.liveportrait_root, hubert=args.hubert,
+                             wan_vae=args.wan_vae, wan_vae_subfolder=args.wan_vae_subfolder, device=args.device,
+                             flame_dir=args.flame_dir),
+        windows=WindowOptions(window_n=args.window_n, window_stride=args.window_stride,
+                              shard_groups=args.shard_groups),
+        runner=RunnerOptions(runner=args.runner, batch_size=args.batch_size, ray_address=args.ray_address,
+                             ray_num_cpus=args.ray_num_cpus, cpus_per_batch=args.cpus_per_batch,
+                             gpus_per_batch=args.gpus_per_batch, progress=not args.no_progress,
+                             processes=args.workers if args.runner == "processes" else None),
+        storage=StorageOptions(work_root=args.work_root, scratch_root=args.scratch_root),
+        checks=QualityChecks(retry_rejected=args.retry_rejected, audit_fraction=args.audit_fraction),
         return_state=True,
     )
-    report = _finish(state, time.perf_counter() - t0)
-    if report is None:
+    result = _finish(state, time.perf_counter() - t0)
+    if result is None:
         return _failed_exit_code(state)
-    return _done_exit_code(report)
+    return _done_exit_code(result.get("preprocess", result))
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -146,7 +166,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     state = pipeline(dataset=args.dataset, manifest=args.manifest, output_root=args.out,
-                     preprocess_options=_json_arg(args.preprocess), train=_json_arg(args.train),
+                     preprocess_options=_json_arg(args.preprocess) or {}, train=_json_arg(args.train),
                      gates=_json_arg(args.gates), nproc_per_node=args.nproc_per_node, launcher=args.launcher,
                      workers=args.workers, return_state=True)
     result = _finish(state, time.perf_counter() - t0)
@@ -295,6 +315,43 @@ def _add_dataset_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output root (a folder or an fsspec URL)")
 
 
+def _add_preprocess_arguments(p: argparse.ArgumentParser) -> None:
+    """The preprocess flow's parameters (shared by `preprocess` and `backfill`), grouped as the flow groups them."""
+    _add_dataset_arguments(p)
+    p.add_argument("--profile", choices=["talking_head", "general"], default="talking_head",
+                    help="talking_head: face crop and every feature; general: centre crop + VAE, video-only shards "
+                         "for the pretrain stage (Panda-70M, VoxCeleb2)")
+    p.add_argument("--steps", nargs="*")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--window-n", type=int, default=8, help="windows of 4n+1 frames")
+    p.add_argument("--window-stride", type=int, help="frames between window starts (default: the window)")
+    p.add_argument("--models", choices=["real", "dryrun"], default="real")
+    p.add_argument("--liveportrait-root", help="folder holding LivePortrait's pretrained_weights/")
+    p.add_argument("--hubert", help="HuBERT save_pretrained folder or a repo id in the HF cache")
+    p.add_argument("--wan-vae", help="Wan VAE folder (or pipeline folder with --wan-vae-subfolder vae) or cached repo id")
+    p.add_argument("--wan-vae-subfolder")
+    p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--flame-dir", help="per-clip FLAME parameter files <clip_id>.npz for the pose cross-check")
+    p.add_argument("--runner", choices=["local", "processes", "ray"], default="local",
+                    help="local: threads of this process; processes: --workers worker processes on this machine; "
+                         "ray: one Ray task per batch")
+    p.add_argument("--ray-address", help="'auto', a cluster address, or none for a local Ray instance")
+    p.add_argument("--ray-num-cpus", type=int, help="CPUs of a local Ray instance")
+    p.add_argument("--cpus-per-batch", type=float, default=1.0)
+    p.add_argument("--gpus-per-batch", type=float, default=1.0, help="for the GPU steps, when the cluster has GPUs")
+    p.add_argument("--shard-groups", type=int, default=16, help="independent shard writers, merged at the end")
+    p.add_argument("--work-root", help="folder or fsspec URL for step outputs (default: under --out)")
+    p.add_argument("--scratch-root", help="local folder where workers stage step files when the step outputs are "
+                                           "remote (default: a per-user folder in the system temp dir)")
+    p.add_argument("--retry-rejected", action="store_true",
+                    help="run clips whose cached result is a rejection again (after fixing what rejected them)")
+    p.add_argument("--audit-fraction", type=float, default=0.02,
+                    help="share of the new shard set's samples re-derived and compared member by member (0: none)")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dualforce", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -312,40 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_dry_run)
 
     pp = sub.add_parser("preprocess", help="run the preprocess flow on a manifest")
-    _add_dataset_arguments(pp)
-    pp.add_argument("--profile", choices=["talking_head", "general"], default="talking_head",
-                    help="talking_head: face crop and every feature; general: centre crop + VAE, video-only shards "
-                         "for the pretrain stage (Panda-70M, VoxCeleb2)")
-    pp.add_argument("--steps", nargs="*")
-    pp.add_argument("--limit", type=int)
-    pp.add_argument("--batch-size", type=int, default=8)
-    pp.add_argument("--workers", type=int, default=2)
-    pp.add_argument("--window-n", type=int, default=8, help="windows of 4n+1 frames")
-    pp.add_argument("--window-stride", type=int, help="frames between window starts (default: the window)")
-    pp.add_argument("--models", choices=["real", "dryrun"], default="real")
-    pp.add_argument("--liveportrait-root", help="folder holding LivePortrait's pretrained_weights/")
-    pp.add_argument("--hubert", help="HuBERT save_pretrained folder or a repo id in the HF cache")
-    pp.add_argument("--wan-vae", help="Wan VAE folder (or pipeline folder with --wan-vae-subfolder vae) or cached repo id")
-    pp.add_argument("--wan-vae-subfolder")
-    pp.add_argument("--device", help="cuda / cpu (default: cuda when available)")
-    pp.add_argument("--flame-dir", help="per-clip FLAME parameter files <clip_id>.npz for the pose cross-check")
-    pp.add_argument("--runner", choices=["local", "processes", "ray"], default="local",
-                    help="local: threads of this process; processes: --workers worker processes on this machine; "
-                         "ray: one Ray task per batch")
-    pp.add_argument("--ray-address", help="'auto', a cluster address, or none for a local Ray instance")
-    pp.add_argument("--ray-num-cpus", type=int, help="CPUs of a local Ray instance")
-    pp.add_argument("--cpus-per-batch", type=float, default=1.0)
-    pp.add_argument("--gpus-per-batch", type=float, default=1.0, help="for the GPU steps, when the cluster has GPUs")
-    pp.add_argument("--shard-groups", type=int, default=16, help="independent shard writers, merged at the end")
-    pp.add_argument("--work-root", help="folder or fsspec URL for step outputs (default: under --out)")
-    pp.add_argument("--scratch-root", help="local folder where workers stage step files when the step outputs are "
-                                           "remote (default: a per-user folder in the system temp dir)")
-    pp.add_argument("--retry-rejected", action="store_true",
-                    help="run clips whose cached result is a rejection again (after fixing what rejected them)")
-    pp.add_argument("--audit-fraction", type=float, default=0.02,
-                    help="share of the new shard set's samples re-derived and compared member by member (0: none)")
-    pp.add_argument("--no-progress", action="store_true")
+    _add_preprocess_arguments(pp)
     pp.set_defaults(func=cmd_preprocess)
+    bf = sub.add_parser("backfill", help="after bumping a step's version: list the stale step results, then "
+                                         "recompute them and what they feed (the preprocess parameters)")
+    _add_preprocess_arguments(bf)
+    bf.set_defaults(func=cmd_backfill)
 
     a = sub.add_parser("audit", help="re-derive a fraction of a shard set's samples from the step outputs and "
                                      "compare their content (exit 4 on a mismatch)")
@@ -389,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("pipeline", help="preprocess -> 3D-latent gate -> train, as one flow")
     _add_dataset_arguments(pl)
-    pl.add_argument("--preprocess", help="extra preprocess parameters as JSON (models, weights, windows, ...)")
+    pl.add_argument("--preprocess", help="the preprocess parameter groups as JSON (flows/preprocess_options.py), "
+                                         "e.g. '{\"weights\": {\"models\": \"dryrun\"}}'")
     pl.add_argument("--train", help="TrainConfig fields as JSON (the data fields come from the shards)")
     pl.add_argument("--gates", help="TrainingGateConfig fields as JSON")
     pl.add_argument("--nproc-per-node", type=int, default=2)

@@ -13,6 +13,7 @@ from datasets_manifest.schema import write_manifest
 from flows.layout import DatasetLayout
 from flows.pipeline import training_summary
 from flows.preprocess import with_workers
+from flows.preprocess_options import ModelWeights, PreprocessOptions, QualityChecks, RunnerOptions, WindowOptions
 from flows.program import training_program
 from flows.run_artifacts import publish_summary
 
@@ -60,19 +61,23 @@ def dry_run(
     built = build_manifest("samples", samples_dir)
     manifest = write_manifest(built.rows, out_dir / "manifest" / "samples.parquet")
     logger.info(f"dry-run: {len(built.rows)} sample clips from {samples_dir} -> {out_dir}")
-    options = dict(batch_size=batch_size, window_n=window_n, window_stride=window_stride, shard_max_samples=2,
-                   models="dryrun", progress=progress, audit_fraction=0.5)  # 2 of the 4 samples, every member
-    pre = with_workers(workers)(dataset="samples", manifest=str(manifest), output_root=str(out_dir), **options,
-                                return_state=True)
+    options = PreprocessOptions(
+        weights=ModelWeights(models="dryrun"), runner=RunnerOptions(batch_size=batch_size, progress=progress),
+        windows=WindowOptions(window_n=window_n, window_stride=window_stride, shard_max_samples=2),
+        checks=QualityChecks(audit_fraction=0.5))  # 2 of the 4 samples, every member
+    pre = with_workers(workers)(dataset="samples", manifest=str(manifest), output_root=str(out_dir),
+                                **options.flow_parameters(), return_state=True)
     if not pre.is_completed() or train_steps <= 0:
         result = pre if not pre.is_completed() else {"preprocess": pre.result(), "training": None}
         if isinstance(result, dict):
             publish_summary(result, "dry-run")
         return result
     general_root = out_dir / "general"
+    options.windows = options.windows.model_copy(update=dict(window_stride=10_000, shard_max_samples=1))
+    options.checks = QualityChecks(audit_fraction=1.0)
     general = with_workers(workers)(
         dataset="samples", manifest=str(manifest), output_root=str(general_root), profile="general",
-        **dict(options, window_stride=10_000, shard_max_samples=1, audit_fraction=1.0), return_state=True)
+        **options.flow_parameters(), return_state=True)
     if not general.is_completed():
         return general
     program = dryrun_program(out_dir, DatasetLayout(out_dir, "samples").shards,

@@ -15,6 +15,7 @@ from prefect.states import Failed, State
 
 from flows.layout import DatasetLayout
 from flows.preprocess import with_workers
+from flows.preprocess_options import PreprocessOptions
 from flows.run_artifacts import publish_summary
 from flows.train import train_flow
 from tasks.shard import STATUS_FILE as SHARD_STATUS
@@ -29,7 +30,7 @@ def pipeline(
     dataset: str,
     manifest: str,
     output_root: str,
-    preprocess_options: Optional[dict[str, Any]] = None,
+    preprocess_options: PreprocessOptions = PreprocessOptions(),
     train: Optional[dict[str, Any]] = None,
     gates: Optional[dict[str, Any]] = None,
     nproc_per_node: int = 2,
@@ -37,7 +38,8 @@ def pipeline(
     workers: int = 2,
     launch: Optional[dict[str, Any]] = None,
 ) -> dict | State:
-    """`preprocess_options`: extra preprocess parameters (models, weights, windows, ...); `train`: TrainConfig
+    """`preprocess_options`: the preprocess flow's parameter groups (weights, windows, runner, storage, checks:
+    flows/preprocess_options.py); `train`: TrainConfig
     fields beyond the data ones; `gates`: TrainingGateConfig fields; `launch`: further LaunchSpec fields for
     many nodes (nnodes, hostfile, master_addr, master_port, ds_launcher, ...).
 
@@ -52,8 +54,8 @@ def pipeline(
             "deepspeed no_ssh) run the preprocess flow, then flows.train on every node (docs/multinode.md)"
         )
     logger = get_run_logger()
-    pre = with_workers(workers)(dataset=dataset, manifest=manifest, output_root=output_root, **(preprocess_options or {}),
-                     return_state=True)
+    pre = with_workers(workers)(dataset=dataset, manifest=manifest, output_root=output_root,
+                                **preprocess_options.flow_parameters(), return_state=True)
     if not pre.is_completed():
         logger.error(f"preprocess ended {pre.name}: {pre.message}")
         return pre

@@ -23,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
-from prefect.states import Failed
+from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from datasets_manifest.schema import read_manifest, validate_dataset_name
@@ -31,11 +31,19 @@ from flows.audit_artifacts import audit_state, publish_audit
 from flows.gate_artifacts import publish_gate
 from flows.layout import DatasetLayout
 from flows.outcomes import BAD_WEIGHTS, UNUSABLE_INPUT, unusable_manifest_message
+from flows.preprocess_options import (
+    ModelWeights,
+    Profile,
+    QualityChecks,
+    RunnerOptions,
+    StorageOptions,
+    WindowOptions,
+)
 from flows.progress import Progress
 from flows.run_artifacts import ProgressArtifact, publish_contact_sheet, publish_summary
-from flows.runners import RUNNERS, RayConfig, batch_submitter
+from flows.runners import RayConfig, batch_submitter
 from models.weights import WeightsError
-from tasks import contract, storage
+from tasks import storage as tasks_storage
 from tasks.audit import AuditConfig, AuditModels, AuditReport, audit_shards
 from tasks.contact_sheet import AcceptedClip, RejectedClip, contact_sheet
 from tasks.download import DownloadConfig
@@ -43,17 +51,17 @@ from tasks.feature_models import FeatureModels, dryrun_models
 from tasks.gates import GateVerdict
 from tasks.ledger import LEDGER_DIR, step_counts, write_ledger_part
 from tasks.pose_check import PoseCheckConfig, latent_quality_gate
+from tasks.run_report import preprocess_report, rejected_rows
 from tasks.sample_features import TALKING_HEAD, TALKING_HEAD_FLAME, PreprocessProfile, preprocess_profile
 from tasks.shard import (
-    DEFAULT_SHARD_GROUPS,
     GroupResult,
-    ShardClip,
     ShardConfig,
     begin_shard_set,
     merge_shard_groups,
     plan_groups,
     write_shard_group,
 )
+from tasks.shard_inputs import group_key, profile_part, shard_clip, struct_source, struct_stats
 from tasks.step_runner import ClipState, LedgerEntry, Step, run_step
 from tasks.step_store import StepStore, fingerprint
 from tasks.steps import (
@@ -67,8 +75,6 @@ from tasks.steps import (
     MotionStep,
     PoseCheckStep,
     VaeLatentsStep,
-    crop_frames,
-    crop_segments,
 )
 
 CLIP_STEPS = TALKING_HEAD.clip_steps  # the default profile's
@@ -177,12 +183,6 @@ def flame_candidates(states: list[ClipState]) -> list[ClipState]:
             if all(k in s.records and s.records[k].status == "ok" for k in keep)]
 
 
-def struct_source(profile: PreprocessProfile) -> Optional[str]:
-    if profile.sample_profile != contract.TALKING_HEAD:
-        return None
-    return "flame" if "flame_struct" in profile.feature_steps else "liveportrait"
-
-
 @task(name="audit-shards", cache_policy=NO_CACHE)
 def audit_task(layout: DatasetLayout, models: Optional[FeatureModels], cfg: AuditConfig,
                profile: PreprocessProfile = TALKING_HEAD) -> AuditReport:
@@ -233,74 +233,13 @@ def latent_gate(states: list[ClipState], max_drop_ratio: float) -> GateVerdict:
     return verdict
 
 
-def extractor_record(infos: dict[str, dict]) -> dict:
-    """Which models made a sample's features (an exported model carries it, so generation uses the same)."""
-    record = {"crop_step": "crop"}
-    if "audio_features" in infos:
-        record.update(hubert=infos["audio_features"].get("hubert"), hubert_layers=infos["audio_features"].get("layers"))
-    if "vae_latents" in infos:
-        record["wan_vae"] = infos["vae_latents"].get("vae")
-        if infos["vae_latents"].get("vae_subfolder"):
-            record["wan_vae_subfolder"] = infos["vae_latents"]["vae_subfolder"]
-    return record
-
-
-def _shard_clip(state: ClipState, store: StepStore, with_features: bool,
-                profile: PreprocessProfile = TALKING_HEAD) -> ShardClip:
-    crop_dir = store.clip_dir(profile.crop_step, state.row.clip_id)
-    infos = {name: rec.info for name, rec in state.records.items()}
-    dryrun = sorted(n for n, i in infos.items() if i.get("untrained_dryrun"))
-    extra = {"untrained_dryrun_models": dryrun} if dryrun else {}
-    if with_features and profile.sample_profile == contract.TALKING_HEAD:
-        extra["audio_dim"] = int(infos["audio_features"]["audio_dim"])
-        extra["extractors"] = extractor_record(infos)
-        if "pose_check" in infos:
-            extra["pose_check"] = {k: infos["pose_check"][k] for k in ("source", "dropped", "total")}
-        if "flame_struct" in infos:  # the identity (FLAME shape) is once per clip, not a per-frame row
-            extra.update(struct_source="flame", struct_dim=int(infos["flame_struct"]["struct_dim"]),
-                         flame_shape=infos["flame_struct"]["shape"])
-    features = [profile.feature_source({n: store.clip_dir(n, state.row.clip_id) for n in profile.feature_steps})
-                ] if with_features else []
-    return ShardClip(
-        row=state.row, crop_dir=crop_dir, frames=crop_frames(crop_dir), segments=crop_segments(crop_dir),
-        step_versions={name: rec.version for name, rec in state.records.items()},
-        lineage={name: rec.checksum for name, rec in state.records.items()},
-        feature_sources=features,
-        meta_extra=extra,
-        profile=profile.sample_profile,
-    )
-
-
-def struct_stats(states: list[ClipState], profile: PreprocessProfile) -> Optional[dict]:
-    """stats.json's struct source and width, which a trainer builds its struct stream with."""
-    source = struct_source(profile)
-    if source is None:
-        return None
-    widths = {int(s.records["flame_struct"].info["struct_dim"]) for s in states} if source == "flame" else {contract.STRUCT_DIM}
-    if len(widths) > 1:
-        raise ValueError(f"clips of one shard set have FLAME struct widths {sorted(widths)}")
-    return {"struct_source": source, "struct_dim": widths.pop() if widths else contract.STRUCT_DIM}
-
-
-def _profile_part(profile: PreprocessProfile) -> tuple:
-    """What a shard key adds for the profile: nothing for talking-head (its keys stay what they were)."""
-    return () if profile == TALKING_HEAD else (profile.name,)
-
-
-def _group_key(group: str, states: list[ClipState], shard_cfg: ShardConfig, with_features: bool,
-               profile: PreprocessProfile = TALKING_HEAD) -> str:
-    return fingerprint("shard", SHARD_VERSION, group, shard_cfg, with_features, sorted(
-        (s.row.model_dump_json(), sorted((n, r.version, r.checksum) for n, r in s.records.items())) for s in states),
-        *_profile_part(profile))
-
-
 @task(name="write-shard-group", cache_policy=NO_CACHE)
 def shard_group(group: str, states: list[ClipState], steps_root: str, shards_out: str, shard_cfg: ShardConfig,
                 with_features: bool, key: str, scratch_root: Optional[str] = None,
                 profile: PreprocessProfile = TALKING_HEAD) -> GroupResult:
     """One shard group, on whichever worker: its clips' windows into `<split>/shard-<group>-*.tar`."""
     with StepStore(steps_root, scratch_root) as store:  # a remote store's local copies are freed on exit
-        clips = [_shard_clip(s, store, with_features, profile) for s in states]
+        clips = [shard_clip(s, store, with_features, profile) for s in states]
         result = write_shard_group(clips, shards_out, group, shard_cfg, key)
     get_run_logger().info(f"shard group {group}: {sum(s['samples'] for s in result.shards)} samples in "
                           f"{len(result.shards)} shards ({'cached' if result.skipped else f'{result.seconds:.1f}s'})")
@@ -315,8 +254,8 @@ def shard_clips(states: list[ClipState], layout: DatasetLayout, shard_cfg: Shard
     needed = (profile.crop_step, *profile.feature_steps) if with_features else (profile.crop_step,)
     ready = [s for s in states if s.alive and all(n in s.records for n in needed)]
     planned = plan_groups(ready, groups, clip_id=lambda s: s.row.clip_id)
-    keys = {g: _group_key(g, members, shard_cfg, with_features, profile) for g, members in planned.items()}
-    set_key = fingerprint("shard-set", shard_cfg, with_features, groups, sorted(keys.items()), *_profile_part(profile))
+    keys = {g: group_key(g, members, shard_cfg, with_features, profile) for g, members in planned.items()}
+    set_key = fingerprint("shard-set", shard_cfg, with_features, groups, sorted(keys.items()), *profile_part(profile))
     t0 = time.perf_counter()
     done = begin_shard_set(layout.shards_url, set_key)
     futures = [submitter.submit(shard_group.with_options(task_run_name=f"shard-{g}"), "shard", group=g, states=members,
@@ -367,24 +306,69 @@ def _publish(dataset: str, counts: list[dict], rejected: list[dict], shard_stats
 STEP_WEIGHTS = {"motion": "liveportrait_root", "audio_features": "hubert", "vae_latents": "wan_vae"}
 
 
-def resolve_models(models: str, layout: DatasetLayout, liveportrait_root: Optional[str], hubert: Optional[str],
-                   wan_vae: Optional[str], wan_vae_subfolder: Optional[str], device: Optional[str],
-                   profile: PreprocessProfile = TALKING_HEAD) -> FeatureModels:
+def resolve_models(weights: ModelWeights, profile: PreprocessProfile = TALKING_HEAD,
+                   validate: bool = True) -> FeatureModels:
     """`dryrun`: write random models of the real architectures; `real`: check every weight path the profile
-    needs first (the general profile needs the Wan VAE alone)."""
-    if models == "dryrun":
+    needs first (the general profile needs the Wan VAE alone) and, with `validate`, load each strictly."""
+    if weights.models == "dryrun":
         return dryrun_models()
-    if models != "real":
-        raise ValueError(f"models must be 'real' or 'dryrun', got {models!r}")
-    given = {"liveportrait_root": liveportrait_root, "hubert": hubert, "wan_vae": wan_vae}
+    given = {"liveportrait_root": weights.liveportrait_root, "hubert": weights.hubert, "wan_vae": weights.wan_vae}
     needed = [STEP_WEIGHTS[s] for s in profile.feature_steps if s in STEP_WEIGHTS]
     missing = [n for n in needed if not given[n]]
     if missing:
         raise ValueError(f"a real run needs {', '.join(missing)} (weights are never downloaded; models='dryrun' for random ones)")
     used = {n: v if n in needed else "" for n, v in given.items()}  # "": a model this profile does not load
-    chosen = FeatureModels(used["liveportrait_root"], used["hubert"], used["wan_vae"], wan_vae_subfolder, device=device)
-    chosen.validate()
+    chosen = FeatureModels(used["liveportrait_root"], used["hubert"], used["wan_vae"], weights.wan_vae_subfolder,
+                           device=weights.device)
+    if validate:
+        chosen.validate()
     return chosen
+
+
+@dataclass
+class ShardPhase:
+    """What the gate and shard phase leaves: the clips (revived by the FLAME fallback), the profile their samples
+    were made with, the ledger rows it added, the gate's state and the fallback taken, the shard set's stats."""
+
+    states: list[ClipState]
+    profile: PreprocessProfile
+    entries: list[LedgerEntry]
+    gate_state: Optional[State]
+    fallback: Optional[str]
+    shard_stats: Optional[dict]
+
+
+def gate_then_shard(states: list[ClipState], wanted: tuple[str, ...], profile: PreprocessProfile, submitter,
+                    layout: DatasetLayout, feature_models: Optional[FeatureModels], windows: ShardConfig,
+                    with_features: bool, weights: ModelWeights, checks: QualityChecks, shard_groups: int,
+                    run_id: str, run_batches: dict) -> ShardPhase:
+    """The 3D-latent gate when the pose check ran; on a NO-GO with FLAME files, its remedy (the struct step from
+    the tracker files for every cropped clip); then the shards, unless the gate stopped the run."""
+    logger = get_run_logger()
+    entries: list[LedgerEntry] = []
+    gate_state = fallback = None
+    if "pose_check" in wanted:
+        gate_state = publish_gate(latent_gate(states, checks.max_frame_drop_ratio), key_prefix=f"preprocess-{layout.dataset}")
+    if gate_state is not None and gate_state.is_failed() and weights.flame_dir and "shard" in wanted:
+        revived = flame_candidates(states)
+        fallback = (f"struct source switched to FLAME: {len(revived)} clips re-run from the tracker files in "
+                    f"{weights.flame_dir}")
+        logger.warning(f"3D-latent gate NO-GO: {fallback}")
+        pose = PoseCheckConfig(threshold_deg=checks.pose_threshold_deg)
+        flame_steps = [FlameStructStep(weights.flame_dir),
+                       *build_steps(("audio_features", "vae_latents"), layout, feature_models, windows, pose,
+                                    weights.flame_dir, profile)]
+        flame_results = run_clip_steps(flame_steps, revived, submitter, **run_batches)
+        entries += [e for r in flame_results for e in r.entries]
+        by_id = {s.row.clip_id: s for r in flame_results for s in r.states}
+        states = [by_id.get(s.row.clip_id, s) for s in states]
+        profile = TALKING_HEAD_FLAME
+    shard_stats = None
+    if "shard" in wanted and (gate_state is None or not gate_state.is_failed() or fallback):
+        shard_stats, shard_entries = shard_clips(states, layout, windows, with_features, run_id, shard_groups,
+                                                 submitter, profile)
+        entries += shard_entries
+    return ShardPhase(states, profile, entries, gate_state, fallback, shard_stats)
 
 
 @flow(name="preprocess", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 1))
@@ -392,52 +376,27 @@ def preprocess(
     dataset: str,
     manifest: str,
     output_root: str,
+    profile: Profile = "talking_head",
     steps: Optional[list[str]] = None,
     limit: Optional[int] = None,
-    batch_size: int = 8,
-    window_n: int = 8,
-    window_stride: Optional[int] = None,
-    shard_max_samples: int = 200,
-    models: str = "real",
-    liveportrait_root: Optional[str] = None,
-    hubert: Optional[str] = None,
-    wan_vae: Optional[str] = None,
-    wan_vae_subfolder: Optional[str] = None,
-    device: Optional[str] = None,
-    flame_dir: Optional[str] = None,
-    pose_threshold_deg: float = 10.0,
-    max_frame_drop_ratio: float = 0.5,
-    shard_features: Optional[bool] = None,
-    progress: bool = False,
-    runner: str = "local",
-    ray_address: Optional[str] = None,
-    ray_num_cpus: Optional[int] = None,
-    cpus_per_batch: float = 1.0,
-    gpus_per_batch: float = 1.0,
-    shard_groups: int = DEFAULT_SHARD_GROUPS,
-    work_root: Optional[str] = None,
-    scratch_root: Optional[str] = None,
-    processes: Optional[int] = None,
-    audit_fraction: float = 0.02,
-    retry_rejected: bool = False,
-    profile: str = "talking_head",
+    weights: ModelWeights = ModelWeights(),
+    windows: WindowOptions = WindowOptions(),
+    runner: RunnerOptions = RunnerOptions(),
+    storage: StorageOptions = StorageOptions(),
+    checks: QualityChecks = QualityChecks(),
 ) -> dict:
     """Preprocess one dataset's manifest into shards under `output_root/<dataset>/`.
 
     `profile`: "talking_head" (face crop, motion, pose check, HuBERT, VAE: every member) or "general" (centre
     crop and VAE: video-only samples, video.mp4 + meta.json + the two latents, for the pretrain stage; real
-    runs name only the Wan VAE). `steps` chooses among the profile's steps (default: all of them).
-    `shard_features`: shards carry the feature steps' members; None decides by whether those results exist.
-    `runner`: "local" (this flow's thread pool), "processes" (a pool of `processes` worker processes, default
-    one per CPU: the CPU steps' Python work then runs in parallel) or "ray" (one Ray task per batch; `ray_address` "auto", a
-    cluster address or None for a local instance of `ray_num_cpus` CPUs; see flows/runners.py for resources
-    and the shared Prefect API). `output_root` and `work_root` (step outputs; default: under `output_root`) may
-    be fsspec URLs (s3://...): no shared filesystem is needed then, each worker stages step files in
-    `scratch_root`, a local folder (default: a per-user folder in the system temp dir; see flows/layout.py).
-    `audit_fraction`: share of the new shard set's samples re-derived from the step outputs and compared
-    member by member (tasks/audit.py; 0 = no audit); a mismatch ends the run in the state AUDIT-MISMATCH.
-    `retry_rejected`: run clips whose cached result is a rejection again instead of skipping them (transient
-    failures, status `retryable`, are always retried).
+    runs name only the Wan VAE). `steps` chooses among the profile's steps (default: all of them); `limit` takes
+    the manifest's first rows. The groups (flows/preprocess_options.py): `weights` (dryrun or real, the weight
+    paths, the FLAME fallback's files), `windows` (window size and stride, shard sizes, whether shards carry the
+    features), `runner` ("local" threads, a "processes" pool or "ray" tasks; batch size and resources; see
+    flows/runners.py), `storage` (work_root for step outputs and a local scratch_root; output_root and work_root
+    may be fsspec URLs, see flows/layout.py) and `checks` (pose threshold, the 3D-latent gate's drop limit, the
+    audited share of the new shard set -- a mismatch ends the run AUDIT-MISMATCH -- and whether cached rejections
+    run again; transient failures, status `retryable`, are always retried).
     """
     logger = get_run_logger()
     run_id = str(flow_run.get_id() or uuid.uuid4())
@@ -446,26 +405,22 @@ def preprocess(
     unknown = set(wanted) - set(chosen.steps)
     if unknown:
         raise ValueError(f"unknown steps {sorted(unknown)} for the {profile} profile; choose from {chosen.steps}")
-    if runner not in RUNNERS:
-        raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
     validate_dataset_name(dataset)  # it names a folder under output_root
-    layout = DatasetLayout(output_root, dataset, work_root, scratch_root)
-    ray_cfg = RayConfig(address=ray_address, num_cpus=ray_num_cpus, cpus_per_batch=cpus_per_batch,
-                        gpus_per_batch=gpus_per_batch)
-    windows = ShardConfig(n=window_n, stride=window_stride, max_samples_per_shard=shard_max_samples)
+    layout = DatasetLayout(output_root, dataset, storage.work_root, storage.scratch_root)
+    shard_cfg = ShardConfig(n=windows.window_n, stride=windows.window_stride,
+                            max_samples_per_shard=windows.shard_max_samples)
     needs_models = any(s in wanted for s in chosen.feature_steps)
     feature_models = None
     if needs_models:  # fail fast, before any clip is touched
         try:
-            feature_models = resolve_models(models, layout, liveportrait_root, hubert, wan_vae, wan_vae_subfolder, device,
-                                            chosen)
+            feature_models = resolve_models(weights, chosen)
         except WeightsError as exc:
             logger.error(str(exc))
             return Failed(name=BAD_WEIGHTS, message=str(exc))
         if feature_models.dryrun:
             logger.warning(f"DRY RUN: {', '.join(chosen.feature_steps)} use small randomly initialised models; their "
                            "outputs are marked untrained_dryrun")
-    store = StepStore(layout.steps, scratch_root)
+    store = StepStore(layout.steps, storage.scratch_root)
     cleaned = store.clean_staging()
     if cleaned:
         logger.info(f"removed {cleaned} leftovers of an interrupted run")
@@ -482,95 +437,61 @@ def preprocess(
         return Failed(name=UNUSABLE_INPUT, message=message)
     run_names = tuple(s for s in chosen.clip_steps if s in wanted)
     hydrate(states, store, tuple(s for s in chosen.clip_steps if s not in run_names))
-    if shard_features is None:  # features when this run makes them, or an earlier one made them for every clip
+    if windows.shard_features is None:  # features when this run makes them, or an earlier one made them for all
         with_features = needs_models or bool(states) and all(all(n in s.records for n in chosen.feature_steps)
                                                              for s in states)
     else:
-        with_features = shard_features
-    clip_steps = build_steps(run_names, layout, feature_models, windows,
-                             PoseCheckConfig(threshold_deg=pose_threshold_deg), flame_dir, chosen)
-    logger.info(f"{dataset}: {len(states)} clips, profile {profile}, steps {list(wanted)}, batches of {batch_size}")
-    bar = Progress(total=len(states) * len(clip_steps), desc=dataset) if progress and runner == "local" else None
-
-    run_batches = dict(layout=layout, run_id=run_id, scratch_root=scratch_root, retry_rejected=retry_rejected,
-                       batch_size=batch_size, dataset=dataset)
-    with batch_submitter(runner, ray_cfg, processes) as submitter:
+        with_features = windows.shard_features
+    clip_steps = build_steps(run_names, layout, feature_models, shard_cfg,
+                             PoseCheckConfig(threshold_deg=checks.pose_threshold_deg), weights.flame_dir, chosen)
+    logger.info(f"{dataset}: {len(states)} clips, profile {profile}, steps {list(wanted)}, batches of "
+                f"{runner.batch_size}")
+    local = runner.runner == "local"
+    bar = Progress(total=len(states) * len(clip_steps), desc=dataset) if runner.progress and local else None
+    ray_cfg = RayConfig(address=runner.ray_address, num_cpus=runner.ray_num_cpus, cpus_per_batch=runner.cpus_per_batch,
+                        gpus_per_batch=runner.gpus_per_batch)
+    run_batches = dict(layout=layout, run_id=run_id, scratch_root=storage.scratch_root,
+                       retry_rejected=checks.retry_rejected, batch_size=runner.batch_size, dataset=dataset)
+    with batch_submitter(runner.runner, ray_cfg, runner.processes) as submitter:
         try:
             results = run_clip_steps(clip_steps, states, submitter, progress=bar, **run_batches)
         finally:
             if bar:
                 bar.close()
-        entries = manifest_errors + [e for r in results for e in r.entries]
-        all_states = [s for r in results for s in r.states]
-
-        gate_state = None
-        if "pose_check" in run_names:
-            gate_state = publish_gate(latent_gate(all_states, max_frame_drop_ratio), key_prefix=f"preprocess-{dataset}")
-        fallback = None
-        if gate_state is not None and gate_state.is_failed() and flame_dir and "shard" in wanted:
-            # the gate's own remedy: the struct step again, from the FLAME tracker's files, for every cropped clip
-            revived = flame_candidates(all_states)
-            fallback = (f"struct source switched to FLAME: {len(revived)} clips re-run from the tracker files in "
-                        f"{flame_dir}")
-            logger.warning(f"3D-latent gate NO-GO: {fallback}")
-            flame_steps = [FlameStructStep(flame_dir),
-                           *build_steps(("audio_features", "vae_latents"), layout, feature_models, windows,
-                                        PoseCheckConfig(threshold_deg=pose_threshold_deg), flame_dir, chosen)]
-            flame_results = run_clip_steps(flame_steps, revived, submitter, **run_batches)
-            entries += [e for r in flame_results for e in r.entries]
-            by_id = {s.row.clip_id: s for r in flame_results for s in r.states}
-            all_states = [by_id.get(s.row.clip_id, s) for s in all_states]
-            chosen = TALKING_HEAD_FLAME
-        shard_stats = None
-        if "shard" in wanted and (gate_state is None or not gate_state.is_failed() or fallback):
-            shard_stats, shard_entries = shard_clips(all_states, layout, windows, with_features, run_id, shard_groups,
-                                                     submitter, chosen)
-            entries += shard_entries
+        phase = gate_then_shard([s for r in results for s in r.states], wanted, chosen, submitter, layout,
+                                feature_models, shard_cfg, with_features, weights, checks, windows.shard_groups,
+                                run_id, run_batches)
+    entries = manifest_errors + [e for r in results for e in r.entries] + phase.entries
     audit = None
-    if shard_stats and shard_stats["samples"] and audit_fraction > 0:
-        if layout.is_local and storage.local_path(layout.steps) is not None:
-            audit = audit_task(layout, feature_models, AuditConfig(fraction=audit_fraction), chosen)
+    if phase.shard_stats and phase.shard_stats["samples"] and checks.audit_fraction > 0:
+        if layout.is_local and tasks_storage.local_path(layout.steps) is not None:
+            audit = audit_task(layout, feature_models, AuditConfig(fraction=checks.audit_fraction), phase.profile)
         else:
             logger.info("audit: skipped (it reads shards and step outputs from local folders)")
     run_name = _run_name(run_id)
     write_ledger_part(layout.ledger, entries, run_name)
-    sheet = (contact_sheet_task(all_states, layout, run_name, chosen.crop_step)
+    sheet = (contact_sheet_task(phase.states, layout, run_name, phase.profile.crop_step)
              if layout.is_local and not store.remote else None)
 
     counts = step_counts(entries)
-    rejected = [
-        {"clip_id": s.row.clip_id, "step": s.failure.step, "status": s.failure.status, "reason": s.failure.reason,
-         "detail": s.failure.detail}
-        for s in all_states if s.failure
-    ] + [{"clip_id": e.clip_id, "step": "manifest", "status": "rejected", "reason": e.reason, "detail": e.detail}
-         for e in manifest_errors]
-    _publish(dataset, counts, rejected, shard_stats)
-    report = {
-        "dataset": dataset,
-        "profile": profile,
-        "clips_in": len(states) + len(manifest_errors),
-        "clips_out": sum(1 for s in all_states if s.alive),
-        "clips_retryable": sum(1 for s in all_states if s.failure and s.failure.status == "retryable"),
-        "rejected": rejected,
-        "step_counts": counts,
-        "shards": shard_stats,
-        "gate": None if gate_state is None else {"name": gate_state.name, "message": gate_state.message,
-                                                 "action": fallback},
-        "struct_source": struct_source(chosen),
-        "audit": None if audit is None else {"ok": audit.ok, "summary": audit.summary(), "checks": audit.table()},
-        "contact_sheet": None if sheet is None else str(sheet),
-        "untrained_dryrun_models": bool(feature_models and feature_models.dryrun),
-        "output": layout.output,
-        "runner": runner,
-        "run_id": run_id,
-    }
+    rejected = rejected_rows(phase.states, manifest_errors)
+    _publish(dataset, counts, rejected, phase.shard_stats)
+    gate = phase.gate_state
+    report = preprocess_report(
+        dataset=dataset, profile=profile, clips_in=len(states) + len(manifest_errors), states=phase.states,
+        rejected=rejected, step_counts=counts, shards=phase.shard_stats,
+        gate=None if gate is None else {"name": gate.name, "message": gate.message, "action": phase.fallback},
+        struct_source=struct_source(phase.profile), audit=audit, contact_sheet=None if sheet is None else str(sheet),
+        untrained_dryrun=bool(feature_models and feature_models.dryrun), output=layout.output,
+        runner=runner.runner, run_id=run_id)
     if flow_run.get_parent_flow_run_id() is None:  # run on its own: this run is the one a user opens
         publish_summary(report, f"preprocess-{dataset}")
-    if gate_state is not None and gate_state.is_failed() and not fallback:
-        logger.error(gate_state.message)
-        fs, base = storage.filesystem(layout.output)
-        storage.write_bytes(fs, storage.join(base, "gate-no-go.json"), json.dumps(report, indent=1, default=str).encode())
-        return gate_state
+    if gate is not None and gate.is_failed() and not phase.fallback:
+        logger.error(gate.message)
+        fs, base = tasks_storage.filesystem(layout.output)
+        tasks_storage.write_bytes(fs, tasks_storage.join(base, "gate-no-go.json"),
+                                  json.dumps(report, indent=1, default=str).encode())
+        return gate
     if audit is not None and not audit.ok:
         return audit_state(audit, layout.output, report)
     return report

@@ -17,8 +17,8 @@ from tests.flame_files import write_flame_files
 
 # Dry-run models, one 5-frame window per clip; a 0.5 degree pose threshold makes LivePortrait's (random, dry-run)
 # motion disagree with the independent pose on most frames: the gate says NO-GO, as on a dataset LivePortrait fails.
-OPTIONS = dict(models="dryrun", window_n=1, window_stride=100_000, shard_max_samples=4, audit_fraction=0.0,
-               pose_threshold_deg=0.5, batch_size=2)
+OPTIONS = dict(weights={"models": "dryrun"}, windows={"window_n": 1, "window_stride": 100_000, "shard_max_samples": 4},
+               checks={"audit_fraction": 0.0, "pose_threshold_deg": 0.5}, runner={"batch_size": 2})
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +36,13 @@ def flame_run(prefect_test_server, samples_dir, tmp_path_factory):
     pq.write_table(rows_to_table(rows), manifest)
     out = tmp / "out"
     preprocess(dataset="t", manifest=str(manifest), output_root=str(out), steps=["download", "crop"],
-               shard_features=False, **OPTIONS)
+               **dict(OPTIONS, windows={**OPTIONS["windows"], "shard_features": False}))
     files = write_flame_files(out / "t" / "steps" / "crop", ["sun", "yongen"], tmp / "flame")
     without = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp / "nofallback"), return_state=True,
                          **OPTIONS)
-    report = preprocess(dataset="t", manifest=str(manifest), output_root=str(out), flame_dir=str(tmp / "flame"),
-                        **dict(OPTIONS, audit_fraction=1.0))
+    report = preprocess(dataset="t", manifest=str(manifest), output_root=str(out), **dict(OPTIONS,
+                               weights={"models": "dryrun", "flame_dir": str(tmp / "flame")},
+                               checks={**OPTIONS["checks"], "audit_fraction": 1.0}))
     return out / "t", files, report, without
 
 

@@ -39,9 +39,33 @@ def test_every_dataset_has_a_preprocess_deployment():
             assert d["parameters"]["dataset"] == d["name"].removeprefix("preprocess-")
 
 
+def test_every_dataset_has_a_backfill_deployment_with_its_preprocess_parameters():
+    by_name = {d["name"]: d for d in DEPLOYMENTS}
+    for d in DATASETS:
+        if d == "samples":
+            continue
+        backfill, pre = by_name[f"backfill-{d}"], by_name[f"preprocess-{d}"]
+        assert backfill["entrypoint"] == "flows/backfill.py:backfill"
+        assert {k: v for k, v in backfill["parameters"].items() if k != "checks"} == pre["parameters"]
+
+
+def test_grouped_parameters_are_checked_before_a_run_starts():
+    from prefect.exceptions import ParameterTypeError
+
+    flow = _load_flow("flows/preprocess.py:preprocess")
+    base = {"dataset": "hdtf", "manifest": "m", "output_root": "o"}
+    got = flow.validate_parameters({**base, "runner": {"runner": "ray", "batch_size": 4}})
+    assert got["runner"].runner == "ray" and got["runner"].batch_size == 4 and got["windows"].window_n == 8
+    for wrong in ({"runner": {"runner": "slurm"}}, {"profile": "faces"}, {"weights": {"modles": "dryrun"}},
+                  {"checks": {"audit_fraction": 1.5}}, {"windows": {"window_n": -1}}):
+        with pytest.raises(ParameterTypeError):
+            flow.validate_parameters({**base, **wrong})
+
+
 def test_a_wrong_parameter_is_caught():
     from prefect.exceptions import ParameterTypeError
 
     flow = _load_flow("flows/preprocess.py:preprocess")
     with pytest.raises(ParameterTypeError):
-        flow.validate_parameters({"dataset": "hdtf", "manifest": "m", "output_root": "o", "batch_size": "lots"})
+        flow.validate_parameters({"dataset": "hdtf", "manifest": "m", "output_root": "o",
+                                  "runner": {"batch_size": "lots"}})

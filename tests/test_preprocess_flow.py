@@ -14,7 +14,7 @@ from tasks.media import run_ffmpeg
 from tasks.shard import iter_samples
 
 # Steps 1, 2 and 7 only: the feature steps have their own tests below and in the end-to-end dry-run.
-BASE = dict(steps=["download", "crop", "shard"], shard_features=False)
+BASE = dict(steps=["download", "crop", "shard"], windows={"shard_features": False})
 
 
 def test_bad_inputs_are_recorded_and_the_rest_completes(prefect_test_server, samples_dir, tmp_path):
@@ -36,7 +36,7 @@ def test_bad_inputs_are_recorded_and_the_rest_completes(prefect_test_server, sam
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.concat_tables([table, malformed]), manifest)
 
-    report = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"), batch_size=2, **BASE)
+    report = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"), runner={"batch_size": 2}, **BASE)
 
     assert report["clips_in"] == 6 and report["clips_out"] == 1
     reasons = {r["clip_id"]: (r["step"], r["reason"]) for r in report["rejected"]}
@@ -61,7 +61,7 @@ def test_bad_inputs_are_recorded_and_the_rest_completes(prefect_test_server, sam
     _check_run_pictures(report, tmp_path / "out" / "t")
 
     # the same run again does no step work: every step result is reused from the store
-    again = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"), batch_size=2, **BASE)
+    again = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"), runner={"batch_size": 2}, **BASE)
     assert again["shards"]["skipped"]
     second = [r for r in read_ledger(tmp_path / "out" / "t").to_pylist() if r["run_id"] == again["run_id"]]
     actions = {(r["clip_id"], r["step"]): r["action"] for r in second if r["step"] != "manifest"}
@@ -69,8 +69,8 @@ def test_bad_inputs_are_recorded_and_the_rest_completes(prefect_test_server, sam
     assert set(actions.values()) == {"skipped"} and ("good", "crop") in actions
 
     # retry_rejected: the cached rejections run again, the ok results are still reused
-    retried = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"), batch_size=2,
-                         retry_rejected=True, **BASE)
+    retried = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"), runner={"batch_size": 2},
+                         checks={"retry_rejected": True}, **BASE)
     third = [r for r in read_ledger(tmp_path / "out" / "t").to_pylist() if r["run_id"] == retried["run_id"]]
     ran = {(r["clip_id"], r["step"]) for r in third if r["action"] == "ran" and r["step"] != "manifest"}
     assert ran == {("corrupt", "download"), ("silent", "crop"), ("nowhere", "download"), ("nohost", "download")}
@@ -81,8 +81,8 @@ def test_bad_inputs_are_recorded_and_the_rest_completes(prefect_test_server, sam
     reversed_crop = tmp_path / "reversed.mp4"
     run_ffmpeg(["-y", "-i", str(crop), "-vf", "reverse", "-c:v", "libx264", "-crf", "18", str(reversed_crop)], "reverse")
     reversed_crop.replace(crop)
-    state = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"), batch_size=2,
-                       audit_fraction=1.0, return_state=True, **BASE)
+    state = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"), runner={"batch_size": 2},
+                       checks={"audit_fraction": 1.0}, return_state=True, **BASE)
     assert state.is_failed() and state.name == "AUDIT-MISMATCH", state
     audit = json.loads((tmp_path / "out" / "t" / "audit.json").read_text())["audit"]
     assert audit["samples_checked"] == 6 and {m["check"] for m in audit["mismatches"]} == {"video"}
@@ -133,8 +133,8 @@ def test_a_real_run_without_weights_fails_before_any_work(prefect_test_server, s
     with pytest.raises(ValueError, match="a real run needs liveportrait_root, hubert, wan_vae"):
         preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"))
     state = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"),
-                       liveportrait_root=str(tmp_path / "lp"), hubert=str(tmp_path / "hubert"),
-                       wan_vae=str(tmp_path / "vae"), return_state=True)
+                       weights={"liveportrait_root": str(tmp_path / "lp"), "hubert": str(tmp_path / "hubert"),
+                                "wan_vae": str(tmp_path / "vae")}, return_state=True)
     assert state.is_failed() and state.name == "BAD-WEIGHTS"
     msg = state.message
     assert "pretrained_weights/liveportrait/base_models/motion_extractor.pth" in msg and "HuBERT" in msg and "Wan VAE" in msg
@@ -150,8 +150,8 @@ def test_latent_quality_gate_no_go_ends_the_run_before_shards(prefect_test_serve
     good = ClipRow(clip_id="good", dataset="t", source=str(samples_dir / "yongen.mp4"), identity="a")
     pq.write_table(rows_to_table([good]), manifest)
     # a zero-degree threshold drops every frame: the clip is rejected and the dataset gate says no-go
-    state = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"), models="dryrun",
-                       steps=["download", "crop", "motion", "pose_check", "shard"], pose_threshold_deg=0.0,
+    state = preprocess(dataset="t", manifest=str(manifest), output_root=str(tmp_path / "out"), weights={"models": "dryrun"},
+                       steps=["download", "crop", "motion", "pose_check", "shard"], checks={"pose_threshold_deg": 0.0},
                        return_state=True)
     assert isinstance(state, State) and state.is_failed() and state.name == "NO-GO"
     assert "3d_latent_quality" in state.message and "FLAME-only" in state.message

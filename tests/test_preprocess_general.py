@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import make_video
+from prefect.exceptions import ParameterTypeError
 
 from datasets_manifest.schema import ClipRow, rows_to_table
 from tasks import contract
@@ -51,8 +52,9 @@ def run(prefect_test_server, samples_dir, tmp_path_factory):
     manifest = tmp / "m.parquet"
     pq.write_table(rows_to_table(rows), manifest)
     kwargs = dict(dataset="g", manifest=str(manifest), output_root=str(tmp / "out"), profile="general",
-                  models="dryrun", window_n=N, window_stride=STRIDE, batch_size=8,
-                  audit_fraction=0.25)  # one of the 4 samples: the audit re-encodes with the VAE too
+                  weights={"models": "dryrun"}, windows={"window_n": N, "window_stride": STRIDE},
+                  runner={"batch_size": 8},
+                  checks={"audit_fraction": 0.25})  # one of the 4 samples: the audit re-encodes with the VAE too
     report = preprocess(**kwargs)
     return report, tmp / "out" / "g", kwargs
 
@@ -232,13 +234,13 @@ def test_the_profile_and_its_steps_are_checked_before_any_work(prefect_test_serv
     pq.write_table(rows_to_table([ClipRow(clip_id="wide", dataset="g", source=str(samples_dir / CLIPS["wide"]),
                                           identity="a")]), manifest)
     common = dict(dataset="g", manifest=str(manifest), output_root=str(tmp_path / "out"))
-    with pytest.raises(ValueError, match="profile must be one of"):
+    with pytest.raises(ParameterTypeError, match="profile"):  # refused before the run starts
         preprocess(profile="faces", **common)
     with pytest.raises(ValueError, match=r"unknown steps \['crop', 'motion'\] for the general profile; .*center_crop"):
         preprocess(profile="general", steps=["download", "crop", "motion"], **common)
     with pytest.raises(ValueError, match="a real run needs wan_vae \\("):  # the Wan VAE alone: no LivePortrait, HuBERT
         preprocess(profile="general", **common)
-    state = preprocess(profile="general", wan_vae=str(tmp_path / "vae"), return_state=True, **common)
+    state = preprocess(profile="general", weights={"wan_vae": str(tmp_path / "vae")}, return_state=True, **common)
     assert state.is_failed() and state.name == "BAD-WEIGHTS"
     assert "Wan VAE" in state.message and "LivePortrait" not in state.message and "HuBERT" not in state.message
     assert not (tmp_path / "out" / "g" / "steps").exists()

@@ -17,9 +17,9 @@ from tasks.ledger import read_ledger
 from tasks.shard import shard_files
 
 # Steps 1, 2 and 7 on three short real clips, sparse windows: the plumbing, not the models.
-FLOW = dict(steps=["download", "crop", "shard"], shard_features=False, batch_size=1, window_n=4, window_stride=50,
-            shard_max_samples=2, shard_groups=4)
-RAY = dict(runner="ray", ray_num_cpus=2)
+WINDOWS = dict(shard_features=False, window_n=4, window_stride=50, shard_max_samples=2, shard_groups=4)
+FLOW = dict(steps=["download", "crop", "shard"], windows=WINDOWS, runner={"batch_size": 1})
+RAY = dict(runner={"runner": "ray", "ray_num_cpus": 2, "batch_size": 1})
 
 
 def test_gpu_steps_ask_for_a_gpu_only_where_the_cluster_has_one():
@@ -79,7 +79,7 @@ def test_ray_runner_gives_the_local_runs_ledger_and_shard_bytes(local_run, manif
 
     local_out, local_report, local_s = local_run
     t0 = time.perf_counter()
-    report = preprocess(dataset="t", manifest=manifest, output_root=f"file://{tmp_path}", **FLOW, **RAY)
+    report = preprocess(dataset="t", manifest=manifest, output_root=f"file://{tmp_path}", **dict(FLOW, **RAY))
     ray_s = time.perf_counter() - t0
     print(f"\nwall time: local {local_s:.1f}s, ray {ray_s:.1f}s")
     assert report["runner"] == "ray" and report["clips_out"] == 2 and report["shards"]["samples"] > 0
@@ -99,8 +99,8 @@ def test_process_pool_runner_gives_the_local_runs_ledger_and_shard_bytes(local_r
     from flows.preprocess import preprocess
 
     local_out, local_report, _ = local_run
-    report = preprocess(dataset="t", manifest=manifest, output_root=str(tmp_path), runner="processes", processes=2,
-                        **FLOW)
+    pool = {"runner": "processes", "processes": 2, "batch_size": 1}
+    report = preprocess(dataset="t", manifest=manifest, output_root=str(tmp_path), **dict(FLOW, runner=pool))
     assert report["runner"] == "processes" and report["clips_out"] == 2  # lp_d19 is rejected: silent_audio
     digests = _digests(tmp_path / "t" / "shards")
     assert digests and digests == _digests(local_out / "t" / "shards")
@@ -132,7 +132,7 @@ def test_killing_a_ray_worker_mid_run_then_rerunning_gives_the_same_shards(local
 
     def run():
         try:
-            outcome["report"] = preprocess(dataset="t", manifest=manifest, output_root=str(out), **FLOW, **RAY)
+            outcome["report"] = preprocess(dataset="t", manifest=manifest, output_root=str(out), **dict(FLOW, **RAY))
         except BaseException as exc:  # what the killed run ends with is reported below, not hidden
             outcome["error"] = exc
 
@@ -153,7 +153,7 @@ def test_killing_a_ray_worker_mid_run_then_rerunning_gives_the_same_shards(local
     assert outcome["report"]["clips_out"] == 3
     assert _digests(out / "t" / "shards") == _digests(local_run[0] / "t" / "shards")
 
-    again = preprocess(dataset="t", manifest=manifest, output_root=str(out), **FLOW, **RAY)
+    again = preprocess(dataset="t", manifest=manifest, output_root=str(out), **dict(FLOW, **RAY))
     assert again["clips_out"] == 3
     assert _digests(out / "t" / "shards") == _digests(local_run[0] / "t" / "shards")
     assert _ledger(out / "t", again["run_id"]) == _ledger(local_run[0] / "t", local_run[1]["run_id"])

@@ -271,11 +271,11 @@ def test_preprocess_with_a_memory_output_root_writes_the_local_runs_shards(prefe
     row = ClipRow(clip_id="good", dataset="t", source=str(samples_dir / "yongen.mp4"), identity="a", start_s=0.0, end_s=1.6)
     manifest = tmp_path / "m.parquet"
     pq.write_table(rows_to_table([row]), manifest)
-    common = dict(dataset="t", manifest=str(manifest), steps=["download", "crop", "shard"], shard_features=False)
+    common = dict(dataset="t", manifest=str(manifest), steps=["download", "crop", "shard"], windows={"shard_features": False})
 
     local = preprocess(output_root=str(tmp_path / "out"), **common)
     url = "memory://pp-test/out"
-    remote = preprocess(output_root=url, scratch_root=str(tmp_path / "scratch"), **common)
+    remote = preprocess(output_root=url, storage={"scratch_root": str(tmp_path / "scratch")}, **common)
     assert remote["clips_out"] == local["clips_out"] == 1 and remote["shards"]["samples"] == local["shards"]["samples"] >= 1
 
     lfs, lroot = storage.filesystem(tmp_path / "out" / "t" / "shards")
@@ -287,7 +287,7 @@ def test_preprocess_with_a_memory_output_root_writes_the_local_runs_shards(prefe
     assert rfs.exists("/pp-test/out/t/steps/crop/good/" + STATUS_FILE)  # step outputs went to the URL too
     assert not [p for p in (tmp_path / "scratch").rglob("*") if p.is_file() and "_download_cache" not in p.parts]
 
-    again = preprocess(output_root=url, scratch_root=str(tmp_path / "scratch"), **common)
+    again = preprocess(output_root=url, storage={"scratch_root": str(tmp_path / "scratch")}, **common)
     assert again["shards"]["skipped"]
     second = [r for r in read_ledger(f"{url}/t").to_pylist() if r["run_id"] == again["run_id"]]
     assert {(r["step"], r["action"]) for r in second} == {("download", "skipped"), ("crop", "skipped"), ("shard", "skipped")}

@@ -1,0 +1,92 @@
+"""The backfill flow: after a step's version is bumped (tasks/steps.py) or its config changes, first say which stored
+step results are stale and for how many clips, then run preprocess, which recomputes exactly those and what they
+feed (their cache keys changed) and reuses everything else; the shard set is rebuilt from the new results.
+
+The listing is a table artifact (`backfill-<dataset>-stale`) and part of the result, so the deployment's run page
+shows what the version bump cost before and what it did after (the preprocess report's step counts: ran vs
+skipped).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import State
+
+from datasets_manifest.schema import read_manifest, validate_dataset_name
+from flows.layout import DatasetLayout
+from flows.preprocess import build_steps, preprocess, resolve_models, with_workers
+from flows.preprocess_options import (
+    ModelWeights,
+    Profile,
+    QualityChecks,
+    RunnerOptions,
+    StorageOptions,
+    WindowOptions,
+)
+from models.weights import WeightsError
+from tasks.pose_check import PoseCheckConfig
+from tasks.sample_features import preprocess_profile
+from tasks.shard import ShardConfig
+from tasks.step_runner import stale_scan
+from tasks.step_store import StepStore
+
+
+@task(name="stale-step-results", cache_policy=NO_CACHE)
+def stale_results(dataset: str, manifest: str, output_root: str, profile: str, steps: Optional[list[str]],
+                  limit: Optional[int], weights: ModelWeights, windows: WindowOptions,
+                  storage: StorageOptions, checks: QualityChecks) -> list[dict]:
+    """Per clip step of the run: current / stale / behind a stale step / missing (tasks/step_runner.stale_scan)."""
+    chosen = preprocess_profile(profile)
+    wanted = tuple(steps) if steps else chosen.steps
+    names = tuple(s for s in chosen.clip_steps if s in wanted)
+    layout = DatasetLayout(output_root, dataset, storage.work_root, storage.scratch_root)
+    models = None
+    if any(s in names for s in chosen.feature_steps):
+        try:  # the feature steps' keys need the weight paths, not the loaded models
+            models = resolve_models(weights, chosen, validate=False)
+        except (ValueError, WeightsError):
+            models = None  # preprocess says what is wrong with them; the listing leaves those steps out
+    shard_cfg = ShardConfig(n=windows.window_n, stride=windows.window_stride)
+    clip_steps = build_steps(names, layout, models, shard_cfg, PoseCheckConfig(threshold_deg=checks.pose_threshold_deg),
+                             weights.flame_dir, chosen)
+    rows, _ = read_manifest(manifest)
+    return stale_scan(clip_steps, rows[:limit] if limit is not None else rows, StepStore(layout.steps, storage.scratch_root))
+
+
+@flow(name="backfill", log_prints=True)
+def backfill(
+    dataset: str,
+    manifest: str,
+    output_root: str,
+    profile: Profile = "talking_head",
+    steps: Optional[list[str]] = None,
+    limit: Optional[int] = None,
+    weights: ModelWeights = ModelWeights(),
+    windows: WindowOptions = WindowOptions(),
+    runner: RunnerOptions = RunnerOptions(),
+    storage: StorageOptions = StorageOptions(),
+    checks: QualityChecks = QualityChecks(),
+    workers: Optional[int] = None,
+) -> dict | State:
+    """List the stale step results, then preprocess with the same parameters (see flows/preprocess.py); `workers`:
+    batches at a time (default: one per CPU)."""
+    logger = get_run_logger()
+    validate_dataset_name(dataset)
+    listing = stale_results(dataset, manifest, output_root, profile, steps, limit, weights, windows, storage, checks)
+    create_table_artifact(table=listing, key=f"backfill-{dataset.lower()}-stale",
+                          description=f"{dataset}: stored step results before the backfill")
+    for row in listing:
+        logger.info(f"{row['step']} (version {row['version']}): {row['stale']} stale, {row['behind_stale']} behind a "
+                    f"stale step, {row['missing']} missing, {row['current']} current")
+    if not any(row["stale"] or row["behind_stale"] or row["missing"] for row in listing):
+        logger.info("every stored result is current: the run below reuses them all and only checks the shard set")
+    run = with_workers(workers) if workers else preprocess
+    state = run(dataset=dataset, manifest=manifest, output_root=output_root, profile=profile, steps=steps,
+                limit=limit, weights=weights, windows=windows, runner=runner, storage=storage, checks=checks,
+                return_state=True)
+    if not state.is_completed():
+        return state
+    return {"stale_before": listing, "preprocess": state.result()}

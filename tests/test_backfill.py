@@ -1,0 +1,53 @@
+"""A backfill after a step's version is bumped: the listing names the stale step (and nothing else) before the run,
+the run recomputes that step and reuses the rest, and a second backfill finds everything current."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow.parquet as pq
+
+from datasets_manifest.schema import ClipRow, rows_to_table
+from tasks.ledger import read_ledger
+from tasks.steps import CropStep
+
+STEPS = ["download", "crop", "shard"]
+WINDOWS = {"window_n": 2, "window_stride": 1000, "shard_features": False}
+
+
+@dataclass
+class _BumpedCrop(CropStep):
+    version: str = CropStep.version + "-bumped"
+
+
+def _actions(out, run_id):
+    return {(r["step"], r["action"]) for r in read_ledger(out / "t").to_pylist() if r["run_id"] == run_id}
+
+
+def test_a_bumped_step_is_listed_stale_then_recomputed_alone(prefect_test_server, samples_dir, tmp_path, monkeypatch,
+                                                            capsys):
+    import flows.preprocess as pre
+    from flows.backfill import backfill
+    from flows.cli import main
+
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(rows_to_table([ClipRow(clip_id="d12", dataset="t", source=str(samples_dir / "more" / "lp_d12.mp4"),
+                                          identity="a")]), manifest)
+    out = tmp_path / "out"
+    common = dict(dataset="t", manifest=str(manifest), output_root=str(out), steps=STEPS, windows=WINDOWS)
+    first = backfill(**common)  # nothing stored yet: everything missing, everything runs
+    assert {(r["step"], r["missing"]) for r in first["stale_before"]} == {("download", 1), ("crop", 1)}
+    assert first["preprocess"]["clips_out"] == 1, first["preprocess"]["rejected"]
+
+    monkeypatch.setattr(pre, "CropStep", _BumpedCrop)  # what bumping CropStep.version in tasks/steps.py does
+    second = backfill(**common)
+    listed = {r["step"]: r for r in second["stale_before"]}
+    assert listed["download"]["current"] == 1 and listed["download"]["stale"] == 0
+    assert listed["crop"]["stale"] == 1 and listed["crop"]["version"] == _BumpedCrop.version
+    assert _actions(out, second["preprocess"]["run_id"]) == {("download", "skipped"), ("crop", "ran"), ("shard", "ran")}
+
+    code = main(["backfill", "t", "--manifest", str(manifest), "--out", str(out), "--steps", *STEPS,
+                 "--window-n", "2", "--window-stride", "1000", "--no-progress"])
+    assert code == 0
+    assert "1/1 clips" in capsys.readouterr().out
+    third = [r for r in read_ledger(out / "t").to_pylist() if r["step"] == "crop"][-1]
+    assert third["action"] == "skipped"  # the CLI's backfill found the bumped crop current

@@ -67,8 +67,11 @@ class QualityChecks(_Group):
 
 
 class PreprocessOptions(_Group):
-    """All groups at once: what a flow that runs preprocess inside it (pipeline, dry run) takes and passes on."""
+    """All groups at once (and which steps, how many clips): what a flow that runs preprocess inside it (pipeline,
+    dry run) takes and passes on."""
 
+    steps: Optional[list[str]] = None  # the profile's steps to run (default: all)
+    limit: Optional[int] = Field(None, ge=1)  # the manifest's first rows only
     weights: ModelWeights = Field(default_factory=ModelWeights)
     windows: WindowOptions = Field(default_factory=WindowOptions)
     runner: RunnerOptions = Field(default_factory=RunnerOptions)
@@ -77,5 +80,5 @@ class PreprocessOptions(_Group):
 
     def flow_parameters(self) -> dict:
         """The preprocess flow's group parameters."""
-        return {"weights": self.weights, "windows": self.windows, "runner": self.runner, "storage": self.storage,
-                "checks": self.checks}
+        return {"steps": self.steps, "limit": self.limit, "weights": self.weights, "windows": self.windows,
+                "runner": self.runner, "storage": self.storage, "checks": self.checks}

@@ -28,7 +28,7 @@ import socket
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -265,10 +265,10 @@ def _run_attempt(
 
 @flow(name="train")
 def train_flow(
-    config: dict[str, Any],
+    config: TrainConfig,
     nproc_per_node: int = 2,
-    launcher: str = "torchrun",
-    gates: Optional[dict[str, Any]] = None,
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun",
+    gates: Optional[TrainingGateConfig] = None,
     retry_per_sample_noise: bool = True,
     timeout_s: Optional[float] = None,
     nnodes: int = 1,
@@ -276,17 +276,18 @@ def train_flow(
     master_addr: Optional[str] = None,
     master_port: int = 29500,
     hostfile: Optional[str] = None,
-    rdzv_backend: str = "static",
+    rdzv_backend: Literal["static", "c10d"] = "static",
     rdzv_id: str = "dualforce",
     rdzv_timeout_s: Optional[int] = None,
     no_ssh: bool = False,
-    ds_launcher: str = "pdsh",
+    ds_launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"] = "pdsh",
     peer_wait_s: float = 60.0,
     auto_approve: bool = False,
     review_timeout_s: int = 3600,
-    review_on_timeout: str = "continue",
+    review_on_timeout: Literal["continue", "stop"] = "continue",
 ) -> State:
-    """`config` is a training.config.TrainConfig as a dict; `gates` a training.gates.TrainingGateConfig.
+    """`config`: a training.config.TrainConfig (a mapping of its fields in prefect.yaml and the UI, validated with
+    its types before the run starts; an unknown key is an error); `gates`: a training.gates.TrainingGateConfig.
 
     The launch parameters are training.launch.LaunchSpec's; multi-node runs need a shared out_dir.
     peer_wait_s: how long a node waits, after its launcher exits, for the other nodes' ranks' statuses.
@@ -300,8 +301,8 @@ def train_flow(
     )
     plan = check_launch(spec)  # bad launch settings fail here, before anything starts
     logger = get_run_logger()
-    base_cfg = TrainConfig.from_dict(config)
-    gate_cfg = TrainingGateConfig(**(gates or {}))
+    base_cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)  # .fn callers: a dict
+    gate_cfg = gates if isinstance(gates, TrainingGateConfig) else TrainingGateConfig(**(gates or {}))
     review = {"auto_approve": auto_approve, "timeout_s": int(review_timeout_s), "on_timeout": review_on_timeout}
     if spec.multi_node:
         logger.info("node %d of %d, %d trainer processes in all (%s)", spec.node_rank, spec.nnodes,

@@ -530,18 +530,11 @@ def crop_clip(source: str | Path, out_dir: str | Path, cfg: CropConfig = CropCon
     """
     t0 = time.perf_counter()
     source, out_dir = Path(source), Path(out_dir)
-    src = _open_source(source, cfg)
+    src = _open_source(source, cfg)  # probe, audio, detection scale; rejects what cannot be read
     out_dir.mkdir(parents=True, exist_ok=True)
-    crop = _crop_static if cfg.mode == "static" else _crop_follow
+    crop = _crop_static if cfg.mode == "static" else _crop_follow  # track, judge, encode crop.mp4
     n_video, frames, median_face, landmarks, rects, segments = crop(src, out_dir, cfg, face_box)
-
-    mats = [crop_matrix(r, cfg.params.dsize) for r in rects]
-    crop_landmarks = np.stack([transform_points(p, m) for p, m in zip(landmarks, mats)]).astype(np.float32)
-    n_audio = frames * AUDIO_SAMPLES_PER_FRAME
-    if src.info.has_audio:
-        write_wav(out_dir / CROP_AUDIO, src.audio[:n_audio])
-    _save_npy(out_dir / CROP_LANDMARKS, crop_landmarks)
-    _save_npy(out_dir / CROP_RECTS, rects.astype(np.float32))
+    n_audio = _write_alongside(src, out_dir, cfg, frames, landmarks, rects)
     result = CropResult(
         clip_dir=out_dir,
         frames=frames,
@@ -564,6 +557,20 @@ def crop_clip(source: str | Path, out_dir: str | Path, cfg: CropConfig = CropCon
         meta["segment_boxes"] = [g.as_json() for g in segments]
     write_crop_info(out_dir, meta)
     return result
+
+
+def _write_alongside(src: _Source, out_dir: Path, cfg: CropConfig, frames: int, landmarks: np.ndarray,
+                     rects: np.ndarray) -> int:
+    """What goes beside crop.mp4: the audio cut to the kept frames, the landmarks in crop coordinates and the
+    source rects; returns the audio samples written (0 without audio)."""
+    mats = [crop_matrix(r, cfg.params.dsize) for r in rects]
+    crop_landmarks = np.stack([transform_points(p, m) for p, m in zip(landmarks, mats)]).astype(np.float32)
+    n_audio = frames * AUDIO_SAMPLES_PER_FRAME
+    if src.info.has_audio:
+        write_wav(out_dir / CROP_AUDIO, src.audio[:n_audio])
+    _save_npy(out_dir / CROP_LANDMARKS, crop_landmarks)
+    _save_npy(out_dir / CROP_RECTS, rects.astype(np.float32))
+    return n_audio
 
 
 def write_crop_info(out_dir: Path, info: dict) -> None:

@@ -113,7 +113,7 @@ def tiny_dataset(tmp_path_factory, samples_dir):
     manifest = _manifest(root, [ClipRow(clip_id="good", dataset="t", source=str(samples_dir / "yongen.mp4"),
                                         identity="a", end_s=2.0)])
     report = preprocess(dataset="t", manifest=manifest, output_root=str(root / "out"),
-                        steps=["download", "crop", "shard"], shard_features=False)
+                        steps=["download", "crop", "shard"], windows={"shard_features": False})
     assert report["shards"]["samples"] == 1
     return root, manifest
 
@@ -123,7 +123,7 @@ def test_a_gate_no_go_exits_3(tiny_dataset, tmp_path, capsys):
     root, manifest = tiny_dataset
     out = tmp_path / "out"
     shutil.copytree(root / "out", out)
-    options = '{"steps": ["download", "crop", "shard"], "shard_features": false}'
+    options = '{"steps": ["download", "crop", "shard"], "windows": {"shard_features": false}}'
     assert main(["pipeline", "t", "--manifest", manifest, "--out", str(out), "--preprocess", options,
                  "--nproc-per-node", "2"]) == 3
     assert "NO-GO: 1 train shards for 2 training processes" in capsys.readouterr().err

@@ -62,6 +62,24 @@ def test_grouped_parameters_are_checked_before_a_run_starts():
             flow.validate_parameters({**base, **wrong})
 
 
+def test_the_training_config_is_typed_and_strict():
+    from prefect.exceptions import ParameterTypeError
+
+    from training.config import TrainConfig
+
+    flow = _load_flow("flows/train.py:train_flow")
+    base = {"shards": ["s/*.tar"], "out_dir": "o", "window": 33}
+    got = flow.validate_parameters({"config": {**base, "total_steps": 7, "validation": {"every": 2}},
+                                    "gates": {"convergence_step": 5}})
+    assert isinstance(got["config"], TrainConfig) and got["config"].total_steps == 7
+    assert got["config"].validation.every == 2 and got["gates"].convergence_step == 5
+    for wrong in ({"config": {**base, "totl_steps": 7}}, {"config": {**base, "window": "lots"}},
+                  {"config": {**base, "validation": {"evry": 2}}}, {"config": base, "gates": {"convergence": 5}},
+                  {"config": base, "launcher": "mpirun"}, {"config": base, "review_on_timeout": "later"}):
+        with pytest.raises(ParameterTypeError):
+            flow.validate_parameters(wrong)
+
+
 def test_a_wrong_parameter_is_caught():
     from prefect.exceptions import ParameterTypeError
 

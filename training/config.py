@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from pydantic import ConfigDict
+
 from tasks.contract import STRUCT_DIM
 from training.validation import ValidationConfig
 
@@ -25,6 +27,10 @@ class FaultInjection:
     oom_if_window_above: int = 0  # ... and window > this
     nan_at_step: Optional[int] = None  # make the loss NaN at this step ...
     nan_if_noise_mode: Optional[str] = None  # ... when the noise mode is this (None: always)
+
+
+# a flow parameter typed with these dataclasses is validated by pydantic; a misspelt key is an error there too
+STRICT_KEYS = ConfigDict(extra="forbid")
 
 
 @dataclass
@@ -121,3 +127,7 @@ def load_ds_config(name_or_path: str) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"DeepSpeed config {name_or_path!r} not found (looked at {path})")
     return json.loads(path.read_text())
+
+
+for _cls in (FaultInjection, TrainConfig):
+    _cls.__pydantic_config__ = STRICT_KEYS  # type: ignore[attr-defined]

@@ -17,6 +17,8 @@ from pathlib import Path
 from statistics import median
 from typing import Any, Optional, Sequence
 
+from pydantic import ConfigDict
+
 from tasks import contract
 from tasks.gates import GateVerdict
 from training.run_status import NONFINITE, OOM, RunStatus
@@ -255,3 +257,6 @@ def joint_progress_gate(records: Records, cfg: TrainingGateConfig) -> GateVerdic
         "stop and report: the two streams are not learning together (check the bridge and loss weights)",
         rows,
     )
+
+
+TrainingGateConfig.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]  # a flow parameter

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
+from pydantic import ConfigDict
 
 from training.heldout import HeldOutClip, held_out_clips
 
@@ -145,3 +146,6 @@ def latest_samples(run_dir: Path) -> Optional[dict[str, Any]]:
     if not records:
         return None
     return dict(json.loads(records[-1].read_text()), dir=str(records[-1].parent))
+
+
+ValidationConfig.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]  # see config.py

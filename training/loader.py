@@ -140,11 +140,13 @@ class _BoundedReads:
 def tar_samples(fileobj: Any, limits: Optional[dict[str, contract.MemberLimit]] = None) -> Iterator[dict[str, Any]]:
     """Consecutive tar members sharing a key -> {"__key__": key, suffix: bytes, ...}, in tar order.
 
-    Replaces webdataset's tarfile_to_samples (stream-mode tarfile + group_by_keys, and its gopen knows no
-    fsspec URLs) because of its measured cost: on the loader benchmark's shards (16 x 32 samples of
-    ~380 KiB, warm cache) it took 0.28 s for the 512 samples where this takes 0.14 s (stream mode alone:
-    0.29-0.30 s at any bufsize; tarfile.open(path) + extractfile: 0.17 s), against ~0.45 s for the whole
-    plain read with npy decode. With a seekable file (local, fsspec's buffered remote files, memory://)
+    Kept instead of webdataset's tar expander (`tar_file_expander` + `group_by_keys` fed by `fsspec.open`) for
+    what that cannot do: it reads every member whole before anything can look at it, so a shard whose header
+    claims a huge member would be read into memory; here nothing is read past the contract's member limits
+    (below), the trust boundary tests/test_loader_hostile.py holds. Speed is not the reason: at `lite` sample
+    sizes (benchmarks/tar_reader.py: 128 samples of 1.74 MB, warm cache, 2 cores) this reads 3.1 GB/s and the
+    expander 1.6 GB/s, 0.56 vs 1.1 ms a sample, both immaterial beside a training step. With a seekable file
+    (local, fsspec's buffered remote files, memory://)
     each member is one seek + read of its bytes and tarfile only parses the headers; non-seekable streams
     fall back to stream mode. A key repeating a suffix is passed on with "__error__" set (rejected by the
     caller); open/read errors propagate, after the samples before them and the one being read (complete

@@ -4,6 +4,16 @@
 runs `prefect deploy --all` from the repo root and starts a worker on the pool; it records what it started so
 that `down` stops exactly that. The server keeps its database under a PREFECT_HOME of its own (in the state
 folder), apart from the embedded mode's `.prefect/`.
+
+Why not `prefect server start --background` / `prefect server stop` (Prefect 3.8.8, read in
+prefect/cli/_server_utils.py and cli/server.py): the background server is started with stdout and stderr on pipes
+nobody reads once the CLI has returned (its log is lost, and its writes go to a closed pipe), in the terminal's
+session (a hang-up or Ctrl-C of that terminal reaches it), and `stop` sends SIGTERM to whatever process holds the
+pid in the pid file, without checking it is still the server (after a reboot or a crash it can be another
+program) and without waiting for it to exit. There is no background worker at all. Here each process gets a log
+file, a session of its own, and a record of its pid and start time (flows/server_state.py): `down` signals a pid
+only while the process with that start time still holds it, stops its whole group and waits. The prefect CLI does
+the rest: the server itself, `work-pool create`, `deploy --all`, `worker start`.
 """
 from __future__ import annotations
 

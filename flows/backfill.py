@@ -18,14 +18,7 @@ from prefect.states import State
 from datasets_manifest.schema import read_manifest, validate_dataset_name
 from flows.layout import DatasetLayout
 from flows.preprocess import build_steps, preprocess, resolve_models, with_workers
-from flows.preprocess_options import (
-    ModelWeights,
-    Profile,
-    QualityChecks,
-    RunnerOptions,
-    StorageOptions,
-    WindowOptions,
-)
+from flows.preprocess_options import PreprocessOptions, Profile
 from models.weights import WeightsError
 from tasks.pose_check import PoseCheckConfig
 from tasks.sample_features import preprocess_profile
@@ -35,13 +28,12 @@ from tasks.step_store import StepStore
 
 
 @task(name="stale-step-results", cache_policy=NO_CACHE)
-def stale_results(dataset: str, manifest: str, output_root: str, profile: str, steps: Optional[list[str]],
-                  limit: Optional[int], weights: ModelWeights, windows: WindowOptions,
-                  storage: StorageOptions, checks: QualityChecks) -> list[dict]:
+def stale_results(dataset: str, manifest: str, output_root: str, profile: str, options: PreprocessOptions) -> list[dict]:
     """Per clip step of the run: current / stale / behind a stale step / missing (tasks/step_runner.stale_scan)."""
     chosen = preprocess_profile(profile)
-    wanted = tuple(steps) if steps else chosen.steps
+    wanted = tuple(options.steps) if options.steps else chosen.steps
     names = tuple(s for s in chosen.clip_steps if s in wanted)
+    weights, windows, storage = options.weights, options.windows, options.storage
     layout = DatasetLayout(output_root, dataset, storage.work_root, storage.scratch_root)
     models = None
     if any(s in names for s in chosen.feature_steps):
@@ -50,10 +42,11 @@ def stale_results(dataset: str, manifest: str, output_root: str, profile: str, s
         except (ValueError, WeightsError):
             models = None  # preprocess says what is wrong with them; the listing leaves those steps out
     shard_cfg = ShardConfig(n=windows.window_n, stride=windows.window_stride)
-    clip_steps = build_steps(names, layout, models, shard_cfg, PoseCheckConfig(threshold_deg=checks.pose_threshold_deg),
-                             weights.flame_dir, chosen)
+    pose = PoseCheckConfig(threshold_deg=options.checks.pose_threshold_deg)
+    clip_steps = build_steps(names, layout, models, shard_cfg, pose, weights.flame_dir, chosen)
     rows, _ = read_manifest(manifest)
-    return stale_scan(clip_steps, rows[:limit] if limit is not None else rows, StepStore(layout.steps, storage.scratch_root))
+    rows = rows[:options.limit] if options.limit is not None else rows
+    return stale_scan(clip_steps, rows, StepStore(layout.steps, storage.scratch_root))
 
 
 @flow(name="backfill", log_prints=True)
@@ -62,20 +55,15 @@ def backfill(
     manifest: str,
     output_root: str,
     profile: Profile = "talking_head",
-    steps: Optional[list[str]] = None,
-    limit: Optional[int] = None,
-    weights: ModelWeights = ModelWeights(),
-    windows: WindowOptions = WindowOptions(),
-    runner: RunnerOptions = RunnerOptions(),
-    storage: StorageOptions = StorageOptions(),
-    checks: QualityChecks = QualityChecks(),
+    preprocess_options: PreprocessOptions = PreprocessOptions(),
     workers: Optional[int] = None,
 ) -> dict | State:
-    """List the stale step results, then preprocess with the same parameters (see flows/preprocess.py); `workers`:
-    batches at a time (default: one per CPU)."""
+    """List the stale step results, then preprocess with the same options (steps, limit and the parameter groups
+    of flows/preprocess_options.py, as the pipeline flow takes them); `workers`: batches at a time (default: one
+    per CPU)."""
     logger = get_run_logger()
     validate_dataset_name(dataset)
-    listing = stale_results(dataset, manifest, output_root, profile, steps, limit, weights, windows, storage, checks)
+    listing = stale_results(dataset, manifest, output_root, profile, preprocess_options)
     create_table_artifact(table=listing, key=f"backfill-{dataset.lower()}-stale",
                           description=f"{dataset}: stored step results before the backfill")
     for row in listing:
@@ -84,9 +72,8 @@ def backfill(
     if not any(row["stale"] or row["behind_stale"] or row["missing"] for row in listing):
         logger.info("every stored result is current: the run below reuses them all and only checks the shard set")
     run = with_workers(workers) if workers else preprocess
-    state = run(dataset=dataset, manifest=manifest, output_root=output_root, profile=profile, steps=steps,
-                limit=limit, weights=weights, windows=windows, runner=runner, storage=storage, checks=checks,
-                return_state=True)
+    state = run(dataset=dataset, manifest=manifest, output_root=output_root, profile=profile,
+                **preprocess_options.flow_parameters(), return_state=True)
     if not state.is_completed():
         return state
     return {"stale_before": listing, "preprocess": state.result()}

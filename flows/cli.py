@@ -82,11 +82,13 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 def cmd_backfill(args: argparse.Namespace) -> int:
     _prefect_env()
-    from functools import partial
-
     from flows.backfill import backfill
 
-    return _run_preprocess(partial(backfill, workers=args.workers), args)
+    def run(dataset, manifest, output_root, profile, return_state, **options):
+        return backfill(dataset=dataset, manifest=manifest, output_root=output_root, profile=profile,
+                        preprocess_options=options, workers=args.workers, return_state=return_state)
+
+    return _run_preprocess(run, args)
 
 
 def _run_preprocess(flow, args: argparse.Namespace) -> int:

@@ -33,7 +33,8 @@ def test_a_bumped_step_is_listed_stale_then_recomputed_alone(prefect_test_server
     pq.write_table(rows_to_table([ClipRow(clip_id="d12", dataset="t", source=str(samples_dir / "more" / "lp_d12.mp4"),
                                           identity="a")]), manifest)
     out = tmp_path / "out"
-    common = dict(dataset="t", manifest=str(manifest), output_root=str(out), steps=STEPS, windows=WINDOWS)
+    common = dict(dataset="t", manifest=str(manifest), output_root=str(out),
+                  preprocess_options={"steps": STEPS, "windows": WINDOWS})
     first = backfill(**common)  # nothing stored yet: everything missing, everything runs
     assert {(r["step"], r["missing"]) for r in first["stale_before"]} == {("download", 1), ("crop", 1)}
     assert first["preprocess"]["clips_out"] == 1, first["preprocess"]["rejected"]

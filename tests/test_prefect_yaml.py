@@ -46,7 +46,9 @@ def test_every_dataset_has_a_backfill_deployment_with_its_preprocess_parameters(
             continue
         backfill, pre = by_name[f"backfill-{d}"], by_name[f"preprocess-{d}"]
         assert backfill["entrypoint"] == "flows/backfill.py:backfill"
-        assert {k: v for k, v in backfill["parameters"].items() if k != "checks"} == pre["parameters"]
+        options = backfill["parameters"]["preprocess_options"]
+        top = {k: v for k, v in backfill["parameters"].items() if k != "preprocess_options"}
+        assert {**top, **{k: v for k, v in options.items() if k != "checks"}} == pre["parameters"]
 
 
 def test_grouped_parameters_are_checked_before_a_run_starts():

@@ -117,3 +117,20 @@ def test_window_must_fit_the_trained_span():
         SamplerConfig(cache_window=3, use_cache=False)
     with pytest.raises(ValueError, match="'<stream>:<layer>'"):
         KVCache().extend("video3", torch.zeros(1, 1, 1, 6), torch.zeros(1, 1, 1, 6))
+
+
+def test_bf16_weights_on_the_flex_path_stream_like_fp32(model):
+    """What a GPU runs (bf16 weights, FlexAttention, a bounded cache, chunks of 2 so masks are in play), on the CPU:
+    the same frames as fp32 to bf16's precision, not a dtype error or a drift."""
+    import copy
+
+    fast = copy.deepcopy(model).to(torch.bfloat16).set_attention_backend("flex")
+    ref, audio = _cond(8, seed=4)
+    cfg = dict(chunk_frames=2, cache_window=2, sink_frames=1)
+    v32, s32 = _generate(model, ref, audio, **cfg)
+    v16, s16 = _generate(fast, ref, audio, **cfg)
+    assert v16.dtype == torch.float32 and torch.isfinite(v16).all()
+    assert float((v16 - v32).norm() / v32.norm()) < 0.05
+    assert float((s16 - s32).norm() / s32.norm()) < 0.05
+    other = _generate(model, *_cond(8, seed=5), **cfg)[0]
+    assert float((other - v32).norm() / v32.norm()) > 0.3  # a different face and speech: far apart

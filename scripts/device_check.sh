@@ -34,7 +34,6 @@ samples=(sun.mp4 more/lp_d12.mp4)
 
 if [ "$mode" = prepare ]; then
   py="$root/.venv/bin/python"
-  grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >> .git/info/exclude
   rm -rf .device && mkdir -p .device/wheels .device/samples/more
   # deepspeed is published as source only: its pure-Python wheel is built here (ops are JIT-built where they run)
   DS_BUILD_OPS=0 "$py" -m pip wheel -q --no-deps --no-build-isolation -w .device/wheels "deepspeed==0.19.8" || exit 1

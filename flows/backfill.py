@@ -17,12 +17,10 @@ from prefect.states import State
 
 from datasets_manifest.schema import read_manifest, validate_dataset_name
 from flows.layout import DatasetLayout
-from flows.preprocess import build_steps, preprocess, resolve_models, with_workers
+from flows.preprocess import clip_steps_for, preprocess, resolve_models, wanted_steps, with_workers
 from flows.preprocess_options import PreprocessOptions, Profile
 from models.weights import WeightsError
-from tasks.pose_check import PoseCheckConfig
 from tasks.sample_features import preprocess_profile
-from tasks.shard import ShardConfig
 from tasks.step_runner import stale_scan
 from tasks.step_store import StepStore
 
@@ -31,19 +29,16 @@ from tasks.step_store import StepStore
 def stale_results(dataset: str, manifest: str, output_root: str, profile: str, options: PreprocessOptions) -> list[dict]:
     """Per clip step of the run: current / stale / behind a stale step / missing (tasks/step_runner.stale_scan)."""
     chosen = preprocess_profile(profile)
-    wanted = tuple(options.steps) if options.steps else chosen.steps
-    names = tuple(s for s in chosen.clip_steps if s in wanted)
-    weights, windows, storage = options.weights, options.windows, options.storage
+    wanted = wanted_steps(chosen, options.steps)
+    storage = options.storage
     layout = DatasetLayout(output_root, dataset, storage.work_root, storage.scratch_root)
     models = None
-    if any(s in names for s in chosen.feature_steps):
+    if any(s in wanted for s in chosen.feature_steps):
         try:  # the feature steps' keys need the weight paths, not the loaded models
-            models = resolve_models(weights, chosen, validate=False)
+            models = resolve_models(options.weights, chosen, validate=False)
         except (ValueError, WeightsError):
             models = None  # preprocess says what is wrong with them; the listing leaves those steps out
-    shard_cfg = ShardConfig(n=windows.window_n, stride=windows.window_stride)
-    pose = PoseCheckConfig(threshold_deg=options.checks.pose_threshold_deg)
-    clip_steps = build_steps(names, layout, models, shard_cfg, pose, weights.flame_dir, chosen)
+    clip_steps = clip_steps_for(chosen, wanted, layout, models, options.windows, options.weights, options.checks)
     rows, _ = read_manifest(manifest)
     rows = rows[:options.limit] if options.limit is not None else rows
     return stale_scan(clip_steps, rows, StepStore(layout.steps, storage.scratch_root))

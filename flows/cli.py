@@ -77,27 +77,35 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     _prefect_env()
     from flows.preprocess import with_workers
 
-    return _run_preprocess(with_workers(args.workers), args)
+    t0 = time.perf_counter()
+    state = with_workers(args.workers)(dataset=args.dataset, manifest=args.manifest, output_root=args.out,
+                                       profile=args.profile, **_preprocess_options(args).flow_parameters(),
+                                       return_state=True)
+    return _preprocess_exit(state, t0)
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
     _prefect_env()
     from flows.backfill import backfill
 
-    def run(dataset, manifest, output_root, profile, return_state, **options):
-        return backfill(dataset=dataset, manifest=manifest, output_root=output_root, profile=profile,
-                        preprocess_options=options, workers=args.workers, return_state=return_state)
-
-    return _run_preprocess(run, args)
-
-
-def _run_preprocess(flow, args: argparse.Namespace) -> int:
-    """Run the preprocess flow (or one wrapping it) with the CLI's arguments in the flow's parameter groups."""
-    from flows.preprocess_options import ModelWeights, QualityChecks, RunnerOptions, StorageOptions, WindowOptions
-
     t0 = time.perf_counter()
-    state = flow(
-        dataset=args.dataset, manifest=args.manifest, output_root=args.out, profile=args.profile,
+    state = backfill(dataset=args.dataset, manifest=args.manifest, output_root=args.out, profile=args.profile,
+                     preprocess_options=_preprocess_options(args), workers=args.workers, return_state=True)
+    return _preprocess_exit(state, t0)
+
+
+def _preprocess_options(args: argparse.Namespace):
+    """The CLI's preprocess flags in the flow's parameter groups (flows/preprocess_options.py)."""
+    from flows.preprocess_options import (
+        ModelWeights,
+        PreprocessOptions,
+        QualityChecks,
+        RunnerOptions,
+        StorageOptions,
+        WindowOptions,
+    )
+
+    return PreprocessOptions(
         steps=args.steps or None, limit=args.limit,
         weights=ModelWeights(models=args.models, liveportrait_root=args.liveportrait_root, hubert=args.hubert,
                              wan_vae=args.wan_vae, wan_vae_subfolder=args.wan_vae_subfolder, device=args.device,
@@ -110,8 +118,11 @@ def _run_preprocess(flow, args: argparse.Namespace) -> int:
                              processes=args.workers if args.runner == "processes" else None),
         storage=StorageOptions(work_root=args.work_root, scratch_root=args.scratch_root),
         checks=QualityChecks(retry_rejected=args.retry_rejected, audit_fraction=args.audit_fraction),
-        return_state=True,
     )
+
+
+def _preprocess_exit(state, t0: float) -> int:
+    """Print the run's summary; the exit code of its preprocess report (a backfill's is inside its result)."""
     result = _finish(state, time.perf_counter() - t0)
     if result is None:
         return _failed_exit_code(state)

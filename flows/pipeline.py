@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -21,7 +21,7 @@ from flows.train import train_flow
 from tasks.shard import STATUS_FILE as SHARD_STATUS
 from tasks.shard import shard_files
 from training.gates import TrainingGateConfig
-from training.launch import LaunchSpec, check_launch
+from training.launch import Launcher, LaunchSpec, check_launch
 from training.metrics import METRICS_FILE, read_metrics
 from training.shard_sets import train_data_fields
 
@@ -35,7 +35,7 @@ def pipeline(
     train: Optional[dict[str, Any]] = None,
     gates: Optional[TrainingGateConfig] = None,
     nproc_per_node: int = 2,
-    launcher: Literal["torchrun", "deepspeed"] = "torchrun",
+    launcher: Launcher = "torchrun",
     workers: int = 2,
     launch: Optional[dict[str, Any]] = None,
 ) -> dict | State:

@@ -105,6 +105,25 @@ def build_steps(names: tuple[str, ...], layout: DatasetLayout, models: Optional[
     return [available[n] for n in names if n in available]
 
 
+def wanted_steps(profile: PreprocessProfile, steps: Optional[list[str]]) -> tuple[str, ...]:
+    """The profile's steps a run asks for (all of them when `steps` is empty); a name the profile lacks is an error."""
+    wanted = tuple(steps) if steps else profile.steps
+    unknown = set(wanted) - set(profile.steps)
+    if unknown:
+        raise ValueError(f"unknown steps {sorted(unknown)} for the {profile.name} profile; choose from {profile.steps}")
+    return wanted
+
+
+def clip_steps_for(profile: PreprocessProfile, wanted: tuple[str, ...], layout: DatasetLayout,
+                   models: Optional[FeatureModels], windows: WindowOptions, weights: ModelWeights,
+                   checks: QualityChecks) -> list[Step]:
+    """The clip steps of `wanted`, in the profile's order, configured from the parameter groups (the feature steps
+    only with `models`)."""
+    names = tuple(s for s in profile.clip_steps if s in wanted)
+    return build_steps(names, layout, models, windows.shard_config(),
+                       PoseCheckConfig(threshold_deg=checks.pose_threshold_deg), weights.flame_dir, profile)
+
+
 def _run_name(run_id: str) -> str:
     """The name of this run's ledger part (and contact sheet): when it was written, then the run id."""
     return f"run-{time.strftime('%Y%m%dT%H%M%S')}-{run_id[:8]}"
@@ -339,9 +358,9 @@ class ShardPhase:
 
 
 def gate_then_shard(states: list[ClipState], wanted: tuple[str, ...], profile: PreprocessProfile, submitter,
-                    layout: DatasetLayout, feature_models: Optional[FeatureModels], windows: ShardConfig,
-                    with_features: bool, weights: ModelWeights, checks: QualityChecks, shard_groups: int,
-                    run_id: str, run_batches: dict) -> ShardPhase:
+                    layout: DatasetLayout, feature_models: Optional[FeatureModels], windows: WindowOptions,
+                    with_features: bool, weights: ModelWeights, checks: QualityChecks, run_id: str,
+                    run_batches: dict) -> ShardPhase:
     """The 3D-latent gate when the pose check ran; on a NO-GO with FLAME files, its remedy (the struct step from
     the tracker files for every cropped clip); then the shards, unless the gate stopped the run."""
     logger = get_run_logger()
@@ -354,10 +373,9 @@ def gate_then_shard(states: list[ClipState], wanted: tuple[str, ...], profile: P
         fallback = (f"struct source switched to FLAME: {len(revived)} clips re-run from the tracker files in "
                     f"{weights.flame_dir}")
         logger.warning(f"3D-latent gate NO-GO: {fallback}")
-        pose = PoseCheckConfig(threshold_deg=checks.pose_threshold_deg)
         flame_steps = [FlameStructStep(weights.flame_dir),
-                       *build_steps(("audio_features", "vae_latents"), layout, feature_models, windows, pose,
-                                    weights.flame_dir, profile)]
+                       *clip_steps_for(profile, ("audio_features", "vae_latents"), layout, feature_models, windows,
+                                       weights, checks)]
         flame_results = run_clip_steps(flame_steps, revived, submitter, **run_batches)
         entries += [e for r in flame_results for e in r.entries]
         by_id = {s.row.clip_id: s for r in flame_results for s in r.states}
@@ -365,8 +383,8 @@ def gate_then_shard(states: list[ClipState], wanted: tuple[str, ...], profile: P
         profile = TALKING_HEAD_FLAME
     shard_stats = None
     if "shard" in wanted and (gate_state is None or not gate_state.is_failed() or fallback):
-        shard_stats, shard_entries = shard_clips(states, layout, windows, with_features, run_id, shard_groups,
-                                                 submitter, profile)
+        shard_stats, shard_entries = shard_clips(states, layout, windows.shard_config(), with_features, run_id,
+                                                 windows.shard_groups, submitter, profile)
         entries += shard_entries
     return ShardPhase(states, profile, entries, gate_state, fallback, shard_stats)
 
@@ -401,14 +419,9 @@ def preprocess(
     logger = get_run_logger()
     run_id = str(flow_run.get_id() or uuid.uuid4())
     chosen = preprocess_profile(profile)
-    wanted = tuple(steps) if steps else chosen.steps
-    unknown = set(wanted) - set(chosen.steps)
-    if unknown:
-        raise ValueError(f"unknown steps {sorted(unknown)} for the {profile} profile; choose from {chosen.steps}")
+    wanted = wanted_steps(chosen, steps)
     validate_dataset_name(dataset)  # it names a folder under output_root
     layout = DatasetLayout(output_root, dataset, storage.work_root, storage.scratch_root)
-    shard_cfg = ShardConfig(n=windows.window_n, stride=windows.window_stride,
-                            max_samples_per_shard=windows.shard_max_samples)
     needs_models = any(s in wanted for s in chosen.feature_steps)
     feature_models = None
     if needs_models:  # fail fast, before any clip is touched
@@ -435,15 +448,14 @@ def preprocess(
         write_ledger_part(layout.ledger, manifest_errors, _run_name(run_id))
         logger.error(message)
         return Failed(name=UNUSABLE_INPUT, message=message)
-    run_names = tuple(s for s in chosen.clip_steps if s in wanted)
+    clip_steps = clip_steps_for(chosen, wanted, layout, feature_models, windows, weights, checks)
+    run_names = {step.name for step in clip_steps}
     hydrate(states, store, tuple(s for s in chosen.clip_steps if s not in run_names))
     if windows.shard_features is None:  # features when this run makes them, or an earlier one made them for all
         with_features = needs_models or bool(states) and all(all(n in s.records for n in chosen.feature_steps)
                                                              for s in states)
     else:
         with_features = windows.shard_features
-    clip_steps = build_steps(run_names, layout, feature_models, shard_cfg,
-                             PoseCheckConfig(threshold_deg=checks.pose_threshold_deg), weights.flame_dir, chosen)
     logger.info(f"{dataset}: {len(states)} clips, profile {profile}, steps {list(wanted)}, batches of "
                 f"{runner.batch_size}")
     local = runner.runner == "local"
@@ -459,8 +471,7 @@ def preprocess(
             if bar:
                 bar.close()
         phase = gate_then_shard([s for r in results for s in r.states], wanted, chosen, submitter, layout,
-                                feature_models, shard_cfg, with_features, weights, checks, windows.shard_groups,
-                                run_id, run_batches)
+                                feature_models, windows, with_features, weights, checks, run_id, run_batches)
     entries = manifest_errors + [e for r in results for e in r.entries] + phase.entries
     audit = None
     if phase.shard_stats and phase.shard_stats["samples"] and checks.audit_fraction > 0:

@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.shard import DEFAULT_SHARD_GROUPS
+from tasks.shard import DEFAULT_SHARD_GROUPS, ShardConfig
 
 Profile = Literal["talking_head", "general"]
 Runner = Literal["local", "processes", "ray"]
@@ -41,6 +41,10 @@ class WindowOptions(_Group):
     shard_max_samples: int = Field(200, ge=1)
     shard_groups: int = Field(DEFAULT_SHARD_GROUPS, ge=1)  # clips hashed into this many groups, a shard set each
     shard_features: Optional[bool] = None  # None: when the feature steps' results exist
+
+    def shard_config(self) -> ShardConfig:
+        """The windows the VAE step encodes and the shard step cuts, and the shards' size."""
+        return ShardConfig(n=self.window_n, stride=self.window_stride, max_samples_per_shard=self.shard_max_samples)
 
 
 class RunnerOptions(_Group):

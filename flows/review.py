@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -24,6 +24,7 @@ from tasks.gates import GateVerdict
 from training.validation import latest_samples
 
 DECISIONS = ("continue", "stop", "adjust")
+OnTimeout = Literal["continue", "stop"]  # what an unanswered review does
 
 
 class ReviewAnswer(RunInput):
@@ -61,7 +62,7 @@ def _back_to_running() -> None:
 
 def ask_reviewer(step: int, auto_approve: bool, timeout_s: int, on_timeout: str) -> tuple[ReviewAnswer, str]:
     """(the answer, who gave it: "person" | "auto-approve" | "timeout")."""
-    if on_timeout not in ("continue", "stop"):
+    if on_timeout not in get_args(OnTimeout):
         raise ValueError(f"review on_timeout must be continue or stop, got {on_timeout!r}")
     if auto_approve:
         return ReviewAnswer(decision="continue", note="auto-approved (unattended run)"), "auto-approve"

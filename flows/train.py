@@ -28,7 +28,7 @@ import socket
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional, get_args
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -36,7 +36,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed, State
 
 from flows.gate_artifacts import publish_gate
-from flows.review import ask_reviewer, publish_review_request, review_verdict
+from flows.review import OnTimeout, ask_reviewer, publish_review_request, review_verdict
 from flows.sample_artifacts import publish_validation_samples
 from tasks import contract
 from tasks.gates import GateVerdict
@@ -53,7 +53,18 @@ from training.gates import (
     not_evaluated,
     stability_gate,
 )
-from training.launch import LaunchSpec, ProcessResult, check_launch, command, environment, run_streaming
+from training.launch import (
+    LAUNCHERS,
+    DsLauncher,
+    Launcher,
+    LaunchSpec,
+    ProcessResult,
+    RdzvBackend,
+    check_launch,
+    command,
+    environment,
+    run_streaming,
+)
 from training.metrics import METRICS_FILE, read_metrics
 from training.plots import plot_losses, plot_memory
 from training.run_status import COMPLETED, NONFINITE, OOM, STOPPED, RunStatus, clear_statuses, read_statuses, status_path
@@ -267,7 +278,7 @@ def _run_attempt(
 def train_flow(
     config: TrainConfig,
     nproc_per_node: int = 2,
-    launcher: Literal["torchrun", "deepspeed"] = "torchrun",
+    launcher: Launcher = "torchrun",
     gates: Optional[TrainingGateConfig] = None,
     retry_per_sample_noise: bool = True,
     timeout_s: Optional[float] = None,
@@ -276,15 +287,15 @@ def train_flow(
     master_addr: Optional[str] = None,
     master_port: int = 29500,
     hostfile: Optional[str] = None,
-    rdzv_backend: Literal["static", "c10d"] = "static",
+    rdzv_backend: RdzvBackend = "static",
     rdzv_id: str = "dualforce",
     rdzv_timeout_s: Optional[int] = None,
     no_ssh: bool = False,
-    ds_launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"] = "pdsh",
+    ds_launcher: DsLauncher = "pdsh",
     peer_wait_s: float = 60.0,
     auto_approve: bool = False,
     review_timeout_s: int = 3600,
-    review_on_timeout: Literal["continue", "stop"] = "continue",
+    review_on_timeout: OnTimeout = "continue",
 ) -> State:
     """`config`: a training.config.TrainConfig (a mapping of its fields in prefect.yaml and the UI, validated with
     its types before the run starts; an unknown key is an error); `gates`: a training.gates.TrainingGateConfig.
@@ -333,7 +344,7 @@ def train_flow(
 def add_launch_arguments(parser) -> None:
     """The launch flags of `python -m flows.train` (and what a `dualforce train` command would take)."""
     parser.add_argument("--nproc-per-node", type=int, default=2, help="trainer processes per node")
-    parser.add_argument("--launcher", default="torchrun", choices=["torchrun", "deepspeed"])
+    parser.add_argument("--launcher", default="torchrun", choices=LAUNCHERS)
     parser.add_argument("--nnodes", type=int, default=1)
     parser.add_argument("--node-rank", type=int, default=0, help="this node, 0..nnodes-1 (e.g. $SLURM_NODEID)")
     parser.add_argument("--master-addr", help="rendezvous host: node 0 (e.g. first host of $SLURM_JOB_NODELIST)")
@@ -351,7 +362,7 @@ def add_review_arguments(parser) -> None:
     """How the sample-review gate (gates' review_step) is answered when no person does."""
     parser.add_argument("--auto-approve", action="store_true", help="answer the sample review with continue")
     parser.add_argument("--review-timeout", type=int, default=3600, help="seconds the review waits for a person")
-    parser.add_argument("--review-on-timeout", choices=["continue", "stop"], default="continue")
+    parser.add_argument("--review-on-timeout", choices=get_args(OnTimeout), default="continue")
 
 
 def launch_kwargs(ns) -> dict[str, Any]:

@@ -20,6 +20,8 @@ DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
 class FaultInjection:
     """Test hooks: make the run fail in a known way at a known step (never set in real configs)."""
 
+    __pydantic_config__ = ConfigDict(extra="forbid")  # as a flow parameter: a misspelt key is an error, not dropped
+
     crash_at_step: Optional[int] = None  # raise RuntimeError before this step (1-based)
     crash_rank: Optional[int] = None  # None: every rank
     oom_at_step: Optional[int] = None  # raise torch.OutOfMemoryError before this step ...
@@ -29,12 +31,10 @@ class FaultInjection:
     nan_if_noise_mode: Optional[str] = None  # ... when the noise mode is this (None: always)
 
 
-# a flow parameter typed with these dataclasses is validated by pydantic; a misspelt key is an error there too
-STRICT_KEYS = ConfigDict(extra="forbid")
-
-
 @dataclass
 class TrainConfig:
+    __pydantic_config__ = ConfigDict(extra="forbid")  # as a flow parameter: a misspelt key is an error, not dropped
+
     shards: list[str]
     out_dir: str
     window: int  # video frames per shard sample (4n+1)
@@ -127,7 +127,3 @@ def load_ds_config(name_or_path: str) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"DeepSpeed config {name_or_path!r} not found (looked at {path})")
     return json.loads(path.read_text())
-
-
-for _cls in (FaultInjection, TrainConfig):
-    _cls.__pydantic_config__ = STRICT_KEYS  # type: ignore[attr-defined]

@@ -37,6 +37,8 @@ def read_gate_log(train_dir: Path) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class TrainingGateConfig:
+    __pydantic_config__ = ConfigDict(extra="forbid")  # as a flow parameter: a misspelt key is an error, not dropped
+
     memory_budget_mb: Optional[float] = None  # per device (GPU: max allocated, CPU: peak RSS); None: OOM only
     memory_step: int = 10  # the peak is judged after this many steps (an OOM is acted on whenever it happens)
     fallback_latent_frames: int = 16  # memory fallback after batch 1: clip length in latent frames
@@ -257,6 +259,3 @@ def joint_progress_gate(records: Records, cfg: TrainingGateConfig) -> GateVerdic
         "stop and report: the two streams are not learning together (check the bridge and loss weights)",
         rows,
     )
-
-
-TrainingGateConfig.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]  # a flow parameter

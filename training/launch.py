@@ -11,7 +11,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional, get_args
 
 import torch
 
@@ -20,8 +20,13 @@ from training.hostfile import HostSlots, read_hostfile
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-TORCHRUN_RDZV_BACKENDS = ("static", "c10d")
-DEEPSPEED_MULTINODE_LAUNCHERS = ("pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi")
+# the choices, as the types flow parameters are declared with (the Prefect UI validates them) and as tuples
+Launcher = Literal["torchrun", "deepspeed"]
+RdzvBackend = Literal["static", "c10d"]
+DsLauncher = Literal["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"]
+LAUNCHERS = get_args(Launcher)
+TORCHRUN_RDZV_BACKENDS = get_args(RdzvBackend)
+DEEPSPEED_MULTINODE_LAUNCHERS = get_args(DsLauncher)
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,7 @@ class LaunchSpec:
     ds_launcher: str = "pdsh"  # deepspeed multi-node without no_ssh: how node 0 reaches the others
 
     def __post_init__(self) -> None:
-        if self.launcher not in ("torchrun", "deepspeed"):
+        if self.launcher not in LAUNCHERS:
             raise ValueError(f"launcher must be torchrun or deepspeed, got {self.launcher!r}")
         if self.nproc_per_node < 1:
             raise ValueError(f"nproc_per_node must be >= 1, got {self.nproc_per_node}")

@@ -39,6 +39,8 @@ TILE = 160
 
 @dataclass
 class ValidationConfig:
+    __pydantic_config__ = ConfigDict(extra="forbid")  # as a flow parameter: a misspelt key is an error, not dropped
+
     every: int = 0  # steps between validation samples (0: none)
     clips: int = 2  # held-out clips generated each time
     split: Optional[str] = None  # None: val, then test, else (a toy set) train
@@ -146,6 +148,3 @@ def latest_samples(run_dir: Path) -> Optional[dict[str, Any]]:
     if not records:
         return None
     return dict(json.loads(records[-1].read_text()), dir=str(records[-1].parent))
-
-
-ValidationConfig.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]  # see config.py

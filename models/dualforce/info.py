@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import DualForceConfig, get_config
 from .diffusion_forcing import DiffusionForcingConfig, diffusion_forcing_loss
 from .frames import num_latent_frames
-from .masking import BLOCK_SIZE, count_attention
+from .masking import BLOCK_SIZE, block_sparse_share, count_attention
 from .model import DualForce
 
 
@@ -56,7 +56,7 @@ def measure(config: Union[str, DualForceConfig], video_frames: int = 21, latent_
             diffusion_forcing_loss(model, data, DiffusionForcingConfig())["loss"].backward()
         step_flops = counter.get_total_flops()
         attention_flops = sum(12 * call.dense_macs for call in calls)
-        sparse_flops = step_flops - round(sum(12 * call.dense_macs * (1 - call.visible_fraction) for call in calls))
+        sparse_flops = step_flops - round(attention_flops * (1 - block_sparse_share(calls)))
     return ModelSize(cfg, params, total, step_flops, sparse_flops, attention_flops, video_frames, latent_size)
 
 

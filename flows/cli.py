@@ -219,11 +219,12 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from models.dualforce.serialization import ForeignFolderError
     from training.export import ExportError, export_run
 
     try:
         result = export_run(args.run_dir, args.out, tag=args.tag, weights=args.weights)
-    except (ExportError, FileNotFoundError) as exc:
+    except (ExportError, ForeignFolderError, FileNotFoundError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 2
     print(f"exported step {result.step} ({result.weights} weights from {result.source}, {result.parameters:,} "
@@ -450,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="a training run's checkpoint -> config.json + model.safetensors "
                                        "(DualForce.from_pretrained)")
     ex.add_argument("run_dir", help="a training run folder (holds train_config.json and checkpoints/)")
-    ex.add_argument("-o", "--out", required=True, help="the exported model folder (replaced if it exists)")
+    ex.add_argument("-o", "--out", required=True, help="the exported model folder: new, empty, or an "
+                    "earlier export (replaced); any other folder is refused")
     ex.add_argument("--tag", help="checkpoint tag (default: the latest)")
     ex.add_argument("--weights", choices=("auto", "ema", "module"), default="auto",
                     help="auto: the EMA when the run kept one, else the module")

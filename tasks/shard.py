@@ -377,7 +377,8 @@ def merge_shard_groups(
     out_dir: str | Path, groups: list[GroupResult], cfg: ShardConfig, key: str, group_count: int,
     profile: str = contract.TALKING_HEAD, extra_stats: Optional[dict] = None,
 ) -> ShardSetStats:
-    """The one merge step: index + stats over every group, then remove whatever the index does not list.
+    """The one merge step: index + stats over every group, then remove the shards and group records of ours that the
+    index does not list (collect_garbage: files we did not write are left alone).
     `extra_stats`: more facts of the set for stats.json (the struct source and width of a talking-head set).
 
     `profile`: what the set's samples hold (contract.TALKING_HEAD or VIDEO_ONLY), recorded in stats.json so a
@@ -431,8 +432,21 @@ def merge_shard_groups(
     return out
 
 
+def _ours(rel: str) -> bool:
+    """A name the shard writer makes: `<split>/shard-*.tar`, `_groups/*.json`, or a temp file (storage.tmp_name)."""
+    parts = rel.split("/")
+    if storage.is_tmp(rel):
+        return True
+    if len(parts) != 2:
+        return False
+    if parts[0] == GROUPS_DIR:
+        return parts[1].endswith(".json")
+    return parts[1].startswith("shard-") and parts[1].endswith(".tar")
+
+
 def collect_garbage(out_dir: str | Path, keep_shards: set[str], keep_groups: set[str]) -> list[str]:
-    """Remove every file under `out_dir` that is not a kept shard, a kept group record or the set's own files."""
+    """Remove every file of ours under `out_dir` (shards, group records, temp files) that is not a kept shard or
+    group record. What we did not write (audit.json, a user's notes) is left as it is."""
     fs, root = storage.filesystem(out_dir)
     if not fs.exists(root):
         return []
@@ -441,7 +455,7 @@ def collect_garbage(out_dir: str | Path, keep_shards: set[str], keep_groups: set
     removed = []
     for path in sorted(fs.find(root)):
         rel = path[len(prefix):] if path.startswith(prefix) else path
-        if rel not in keep or storage.is_tmp(rel):
+        if _ours(rel) and (rel not in keep or storage.is_tmp(rel)):
             storage.remove(fs, path)
             removed.append(rel)
     return removed

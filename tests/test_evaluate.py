@@ -54,7 +54,11 @@ def test_report_files_and_skipped_metrics(setup):
     from training.evaluate import evaluate_model
 
     root, models = setup
+    (root / "out" / "clips").mkdir(parents=True)
+    for rel in ("notes.txt", "clips/mine.mp4"):  # a user's files in the folder -o names: left alone
+        (root / "out" / rel).write_text("mine")
     report = evaluate_model(root / "model", root / "shards", root / "out", _options(models))
+    assert all((root / "out" / rel).read_text() == "mine" for rel in ("notes.txt", "clips/mine.mp4"))
     data = json.loads((root / "out" / "evaluation.json").read_text())
     assert data["split"] == "test" and data["step"] == 7 and [c["key"] for c in data["clips"]] == [
         "clip000_w000000", "clip000_w000001"]
@@ -70,7 +74,7 @@ def test_report_files_and_skipped_metrics(setup):
     table = (root / "out" / "evaluation.md").read_text()
     assert "| fid |  | skipped |" in table and "untrained dry-run" in table
     assert (root / "out" / "metric-pose_drift_deg_per_second.png").is_file()
-    assert sorted(p.name for p in (root / "out" / "clips").glob("*.mp4")) == [
+    assert sorted(p.name for p in (root / "out" / "clips").glob("clip*.mp4")) == [
         "clip000_w000000.mp4", "clip000_w000001.mp4"]
 
 

@@ -56,6 +56,8 @@ def trained_run(tmp_path_factory):
     """A tiny run of 2 steps with EMA and the weights file, as `dualforce train` leaves it."""
     root = tmp_path_factory.mktemp("export")
     write_shards(root / "shards", n_shards=1, per_shard=2, seed=3)
+    (root / "run").mkdir()
+    (root / "run" / "notes.txt").write_text("mine")  # a user's file in the out_dir train is given: it stays
     train_in_process(TrainConfig.from_dict(train_config(root / "shards", root / "run", total_steps=2, ckpt_every=2,
                                                         ema_decay=0.5, save_weights=True)))
     return root / "run"
@@ -109,3 +111,30 @@ def test_export_command_and_its_errors(trained_run, tmp_path, capsys):
         (tmp_path / "wide" / "train_config.json").write_text(json.dumps(dict(cfg, model_overrides={"video_dim": 96})))
         (tmp_path / "wide" / "checkpoints").symlink_to(trained_run / "checkpoints")
         export_run(tmp_path / "wide", tmp_path / "y", weights="module")
+
+
+def test_re_export_replaces_an_earlier_export_and_leaves_the_run_alone(trained_run, tmp_path):
+    from safetensors.torch import load_file
+
+    assert (trained_run / "notes.txt").read_text() == "mine"  # training wrote beside it, never over it
+    out = tmp_path / "model"
+    assert export_run(trained_run, out).weights == "ema"
+    export_run(trained_run, out, weights="module")  # over the earlier export: replaced
+    module = load_file(str(trained_run / "checkpoints" / "step00000002" / checkpoint.WEIGHTS_FILE))
+    exported = DualForce.from_pretrained(out)
+    assert exported.provenance["weights"] == "module"
+    assert all(torch.equal(exported.state_dict()[k], module[k]) for k in module)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no .model.tmp-* / .model.old-* left
+
+
+def test_export_command_refuses_a_folder_that_is_not_an_export(trained_run, tmp_path, capsys):
+    from flows.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("notes")
+    assert main(["export", str(trained_run), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} is not an earlier DualForce export (it holds mine.txt)" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"] and (out / "mine.txt").read_text() == "notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

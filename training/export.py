@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from models.dualforce import DualForce
+from models.dualforce.serialization import check_output_folder
 from tasks import contract
 from training import checkpoint
 from training.config import TrainConfig
@@ -82,6 +83,7 @@ def training_data(cfg: TrainConfig) -> list[dict[str, Any]]:
 def export_run(run_dir: str | Path, out_dir: str | Path, tag: Optional[str] = None, weights: str = "auto") -> ExportResult:
     if weights not in WEIGHT_SOURCES:
         raise ExportError(f"weights must be one of {WEIGHT_SOURCES}, got {weights!r}")
+    check_output_folder(out_dir)  # before the checkpoint is read: a folder that is not an earlier export stays as it is
     run_dir = Path(run_dir)
     config_file = run_dir / CONFIG_NAME
     if not config_file.is_file():

@@ -266,9 +266,33 @@ def load_generation_models(model_dir: str | Path, options: GenerateOptions):
     return model, extractors, hubert, wan
 
 
+def _is_our_record(record: Path) -> bool:
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"video", "latent_frames", "options", "extractors"} <= set(data)
+
+
+def check_video_target(out: str | Path) -> None:
+    """Raise GenerateError unless `out` is new or an earlier output of ours (the mp4 with our `<out>.json` record
+    beside it): a file we did not write is never replaced."""
+    out = Path(out)
+    record = out.with_name(out.name + ".json")
+    if out.is_dir():
+        raise GenerateError(f"{out} is a folder; -o names the mp4 to write")
+    if record.exists() and not _is_our_record(record):
+        raise GenerateError(f"{record} is not a record of an earlier generate; refusing to replace it: choose "
+                            f"another output name")
+    if (out.exists() or out.is_symlink()) and not record.exists():
+        raise GenerateError(f"{out} exists and is not an earlier output of generate (no {record.name} beside it); "
+                            f"refusing to replace it: choose another output name")
+
+
 def generate_video(model_dir: str | Path, image: str | Path, speech: str | Path, out: str | Path,
                    options: GenerateOptions = GenerateOptions()) -> GenerateResult:
-    """Write `out` (H.264 + AAC, 25 fps, crop_size^2) and `<out>.json`; see the module docstring."""
+    """Write `out` (H.264 + AAC, 25 fps, crop_size^2) and `<out>.json`; see the module docstring. An existing
+    `out` is replaced only when it is an earlier output of ours (check_video_target)."""
     from tqdm.auto import tqdm
 
     from tasks.crop import CropConfig
@@ -279,6 +303,7 @@ def generate_video(model_dir: str | Path, image: str | Path, speech: str | Path,
 
     started = time.perf_counter()
     out = Path(out)
+    check_video_target(out)  # before any work
     model, extractors, hubert, wan = load_generation_models(model_dir, options)
     dryrun = bool(extractors.untrained_dryrun_models) or hubert.untrained_dryrun or wan.untrained_dryrun
     if dryrun:

@@ -5,12 +5,21 @@ The layout of diffusers' `save_pretrained` (a config file beside safetensors wei
 records where the weights came from (run, step, EMA or module) and what the training data was made with (HuBERT,
 Wan VAE, crop), so `generate` needs nothing else. The folder is written under a temp name and renamed into place:
 a crash leaves no half-exported model.
+
+What the target may be: a new path, an empty folder, or an earlier export of ours (our `config.json` with our
+class name, `model.safetensors`, nothing else but our own files), which is replaced. Anything else is refused
+(ForeignFolderError) before any work: we never remove what we did not write. Replacing is two renames (the old
+export aside to `.NAME.old-*`, the new one from `.NAME.tmp-*` into place); a process killed between them leaves
+both complete exports beside the target, and the next export cleans up those leftovers (only folders holding
+nothing but our own files).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import uuid
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -22,8 +31,14 @@ from .config import DualForceConfig
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PROVENANCE_FILE = "provenance.json"
+OWN_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, PROVENANCE_FILE})
 CLASS_NAME = "DualForce"
 FORMAT_VERSION = 1
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(-[0-9a-f]+)?")
+
+
+class ForeignFolderError(FileExistsError):
+    """The output path holds something that is not an export of ours; it is left as it is."""
 
 
 def config_to_json(config: DualForceConfig) -> dict[str, Any]:
@@ -42,27 +57,109 @@ def config_from_json(data: dict[str, Any]) -> DualForceConfig:
     return DualForceConfig(**values)
 
 
+def _holds_only_own_files(path: Path) -> bool:
+    try:
+        return all(p.name in OWN_FILES and p.is_file() and not p.is_symlink() for p in path.iterdir())
+    except OSError:
+        return False
+
+
+def _is_our_export(path: Path) -> bool:
+    """Our config.json (our class name) + model.safetensors, and nothing but our own files."""
+    if not (_holds_only_own_files(path) and (path / WEIGHTS_FILE).is_file()):
+        return False
+    try:
+        data = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("_class_name") == CLASS_NAME
+
+
+def check_output_folder(path: str | Path) -> None:
+    """Raise ForeignFolderError unless `path` is absent, an empty folder or an earlier export of ours.
+
+    Call it before any work (reading or converting a checkpoint): write_pretrained checks again before it renames.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        raise ForeignFolderError(f"{path} is a symbolic link; give the export a new or empty folder (or an "
+                                 f"earlier export) by its real path")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ForeignFolderError(f"{path} is a file, not a folder; give the export a new or empty folder")
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries or _is_our_export(path):
+        return
+    foreign = [n for n in entries if n not in OWN_FILES] or entries
+    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    raise ForeignFolderError(f"{path} is not an earlier DualForce export (it holds {shown}); refusing to replace "
+                             f"it: give the export a new or empty folder")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours, and not in flight: this process writes one export at a time per path
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, not ours to signal
+    return True
+
+
+def leftovers(path: str | Path) -> list[Path]:
+    """`.NAME.tmp-*` / `.NAME.old-*` beside `path` that an interrupted export left: folders of our own files only,
+    from a process that is no longer running."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    found = []
+    for p in sorted(path.parent.iterdir()):
+        m = _LEFTOVER.fullmatch(p.name)
+        if (m and m["name"] == path.name and p.is_dir() and not p.is_symlink() and not _alive(int(m["pid"]))
+                and _holds_only_own_files(p)):
+            found.append(p)
+    return found
+
+
 def write_pretrained(path: str | Path, config: DualForceConfig, state_dict: dict[str, torch.Tensor],
                      provenance: Optional[dict[str, Any]] = None) -> Path:
-    """Write the folder atomically (temp folder + rename; an existing folder is replaced)."""
+    """Write the folder atomically (temp folder + rename). An existing folder is replaced only when it is an
+    earlier export of ours (or empty); anything else raises ForeignFolderError before anything is written."""
     from safetensors.torch import save_file
 
     path = Path(path)
+    check_output_folder(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = path.with_name(f".{path.name}.tmp-{tag}")
     tmp.mkdir()
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "class": CLASS_NAME})
-    (tmp / CONFIG_FILE).write_text(json.dumps(config_to_json(config), indent=2) + "\n")
-    (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance or {}, indent=2, sort_keys=True, default=str) + "\n")
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "class": CLASS_NAME})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config_to_json(config), indent=2) + "\n")
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance or {}, indent=2, sort_keys=True, default=str) + "\n")
+        check_output_folder(path)  # again: something may have been put there while the weights were written
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{tag}")
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                if not path.exists():
+                    os.replace(old, path)  # put the earlier export back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir() and _holds_only_own_files(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for leftover in leftovers(path):  # of an earlier export killed between its renames
+        shutil.rmtree(leftover, ignore_errors=True)
     return path
 
 
@@ -73,7 +170,9 @@ def read_pretrained(path: str | Path) -> tuple[DualForceConfig, dict[str, torch.
     path = Path(path)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path} is not an exported DualForce model (no {name})")
+            left = [p.name for p in leftovers(path)] if not path.exists() else []
+            hint = f" (an interrupted export left {', '.join(left)} beside it: export again)" if left else ""
+            raise FileNotFoundError(f"{path} is not an exported DualForce model (no {name}){hint}")
     config = config_from_json(json.loads((path / CONFIG_FILE).read_text()))
     provenance_file = path / PROVENANCE_FILE
     provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}

@@ -214,7 +214,38 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 def cmd_model_info(args: argparse.Namespace) -> int:
     from models.dualforce import model_info
 
+    if args.init_from:
+        return _print_wan_plan(args)
+
     print(model_info(args.config))
+    return 0
+
+
+def _print_wan_plan(args: argparse.Namespace) -> int:
+    from flows.outcomes import BAD_WEIGHTS, EXIT_CODES
+    from models.dualforce import get_config, model_info
+    from models.dualforce.wan_transfer import parse_layers, plan_from_path
+    from models.weights import WeightsError
+
+    kind, _, path = args.init_from.partition(":")
+    if kind != "wan" or not path:
+        print(f"--init-from takes wan:PATH, got {args.init_from!r}", file=sys.stderr)
+        return 2
+    try:
+        layers = parse_layers(args.layers)
+        plan = plan_from_path(get_config(args.config), path, layers)
+    except ValueError as exc:
+        print(f"model-info: {exc}", file=sys.stderr)
+        return 2
+    except WeightsError as exc:
+        print(f"Wan weights: {exc}", file=sys.stderr)
+        return EXIT_CODES[BAD_WEIGHTS]
+    print(model_info(args.config))
+    print()
+    print(plan.markdown())
+    if plan.problems:
+        print(f"Wan weights: {len(plan.problems)} problems: " + "; ".join(plan.problems), file=sys.stderr)
+        return EXIT_CODES[BAD_WEIGHTS]
     return 0
 
 
@@ -446,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     mi = sub.add_parser("model-info", help="parameter counts per module and FLOPs per training step of a DualForce config")
     mi.add_argument("config", help="tiny | lite")
+    mi.add_argument("--init-from", metavar="wan:PATH", help="also print what a warm start from these Wan 2.1 "
+                    "transformer weights would transfer (a diffusers folder, or the original release's file)")
+    mi.add_argument("--layers", default="even", help="source blocks for the warm start: even | first | 0,2,4,...")
     mi.set_defaults(func=cmd_model_info)
 
     ex = sub.add_parser("export", help="a training run's checkpoint -> config.json + model.safetensors "

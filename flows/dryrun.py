@@ -16,15 +16,19 @@ from flows.preprocess import with_workers
 from flows.preprocess_options import ModelWeights, PreprocessOptions, QualityChecks, RunnerOptions, WindowOptions
 from flows.program import training_program
 from flows.run_artifacts import publish_summary
+from models.dryrun_models import WAN_TRANSFORMER_SUBDIR, write_dryrun_wan_transformer
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SAMPLES = REPO.parent / "shared" / "samples"
 DRYRUN_PROGRAM = REPO / "configs" / "program-dryrun.yaml"
 
 
-def dryrun_program(out_dir: Path, talking: Path, general: Path, joint_steps: int, processes: int) -> dict[str, Any]:
-    """configs/program-dryrun.yaml with this run's shard sets, output folder, joint length and process count."""
+def dryrun_program(out_dir: Path, talking: Path, general: Path, joint_steps: int, processes: int,
+                   wan_transformer: Path) -> dict[str, Any]:
+    """configs/program-dryrun.yaml with this run's shard sets, output folder, joint length, process count and the
+    random Wan transformer pretrain warm-starts from."""
     program = yaml.safe_load(DRYRUN_PROGRAM.read_text())
+    program["pretrain"]["init_from"]["wan"] = str(wan_transformer)
     program["out_dir"] = str(out_dir / "program")
     program["launch"]["nproc_per_node"] = processes
     for stage in ("concept", "joint"):
@@ -80,8 +84,9 @@ def dry_run(
         **options.flow_parameters(), return_state=True)
     if not general.is_completed():
         return general
+    wan = write_dryrun_wan_transformer(out_dir / "weights" / WAN_TRANSFORMER_SUBDIR)  # random, in diffusers' layout
     program = dryrun_program(out_dir, DatasetLayout(out_dir, "samples").shards,
-                             DatasetLayout(general_root, "samples").shards, train_steps, train_processes)
+                             DatasetLayout(general_root, "samples").shards, train_steps, train_processes, wan)
     trained = training_program(program, return_state=True)
     if not trained.is_completed():
         return trained

@@ -1,7 +1,8 @@
 """The training program as one flow: concept -> pretrain -> joint, each stage entered or branched by its gates.
 
     concept   one train flow per struct-noise ceiling; go when the chosen ceiling's loss converges, else NO-GO
-    pretrain  the video DiT alone on video-only shards; its convergence gate at N decides joint's start:
+    pretrain  the video DiT alone on video-only shards, warm-started from Wan 2.1 weights when init_from names them
+              (checked before the first stage runs: BAD-WEIGHTS, exit 7); its convergence gate at N decides joint's start:
                 GO    -> joint's video DiT starts from pretrain's weights (new modules zero-gated)
                 NO-GO -> option B: joint from scratch on talking-head data (recorded, with the gate's reason)
     joint     the full model: memory gate on the first steps, joint progress at 5K, the sample review
@@ -22,13 +23,17 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed, State
 
+from flows.outcomes import BAD_WEIGHTS
 from flows.train import train_flow
+from models.weights import WeightsError
 from training import checkpoint
+from training.config import TrainConfig
 from training.gates import read_gate_log
 from training.metrics import METRICS_FILE, read_metrics
 from training.program import ConceptSpec, ProgramConfig, StageSpec, load_program
 from training.program_record import ProgramRecord, StageRun
 from training.shard_sets import train_data_fields
+from training.warm_start import check_wan_init
 
 
 def stage_config(spec: StageSpec, out_dir: Path, video_only: bool = False, **fields: Any) -> dict[str, Any]:
@@ -95,10 +100,39 @@ def run_concept(spec: ConceptSpec, program: ProgramConfig, record: ProgramRecord
                           "the loss weights or the data before spending a pretraining run")
 
 
-def run_pretrain(spec: StageSpec, program: ProgramConfig, record: ProgramRecord) -> tuple[Optional[State], Optional[str]]:
+def _wan_field(spec: StageSpec) -> dict[str, Any]:
+    return {"init_from_wan": spec.init_from.train_field()} if spec.init_from is not None else {}
+
+
+def pretrain_config(spec: StageSpec, program: ProgramConfig) -> dict[str, Any]:
+    return stage_config(spec, Path(program.out_dir) / "pretrain", video_only=True, save_weights=True,
+                        **_wan_field(spec))
+
+
+def check_warm_starts(program: ProgramConfig) -> tuple[Optional[State], dict[str, str]]:
+    """Every stage's Wan warm start checked before the first stage runs (its weights' headers only): a BAD-WEIGHTS
+    state listing every problem, or the stages' start labels ("from wan (N of M tensors, blocks ...)")."""
+    labels: dict[str, str] = {}
+    for stage, build in (("pretrain", lambda s: pretrain_config(s, program)),
+                         ("joint", lambda s: stage_config(s, Path(program.out_dir) / "joint", **_wan_field(s)))):
+        spec = getattr(program, stage)
+        if spec is None or spec.init_from is None:
+            continue
+        try:
+            plan = check_wan_init(TrainConfig.from_dict(build(spec)))
+        except WeightsError as exc:
+            return Failed(name=BAD_WEIGHTS, message=f"{BAD_WEIGHTS}: {stage}.init_from: {exc}. Remove "
+                                                     f"{stage}.init_from to train that stage from scratch"), labels
+        labels[stage] = plan.summary()
+        create_table_artifact(plan.rows(), key=f"training-program-{stage}-wan-warm-start", description=plan.summary())
+    return None, labels
+
+
+def run_pretrain(spec: StageSpec, program: ProgramConfig, record: ProgramRecord,
+                 start: str = "") -> tuple[Optional[State], Optional[str]]:
     """(a state that ends the program, or None; the weights file joint starts from, or None for option B)."""
-    cfg = stage_config(spec, Path(program.out_dir) / "pretrain", video_only=True, save_weights=True)
-    state, entry = _train("pretrain", "video-only", cfg, spec, program, record)
+    cfg = pretrain_config(spec, program)
+    state, entry = _train("pretrain", f"video-only, {start}" if start else "video-only", cfg, spec, program, record)
     if state.is_completed():
         ckpt = Path(entry.run_dir) / "checkpoints"
         weights = checkpoint.weights_path(ckpt, checkpoint.latest_tag(ckpt))
@@ -110,7 +144,7 @@ def run_pretrain(spec: StageSpec, program: ProgramConfig, record: ProgramRecord)
                       f"pretrain's convergence gate said NO-GO: {state.message[:300]}")
         return None, None
     record.decide("pretrain", "stop", f"{state.name}: {(state.message or '')[:300]}")
-    return state, None
+    return Failed(name=state.name, message=state.message), None  # a fresh state: the program's, not the subflow's
 
 
 @flow(name="training-program")
@@ -129,6 +163,10 @@ def training_program(
     stages = [s for s in ("concept", "pretrain", "joint") if getattr(cfg, s) is not None]
     logger.info("training program %s: %s -> %s", cfg.name, " -> ".join(stages), cfg.out_dir)
 
+    stop, starts = check_warm_starts(cfg)
+    if stop is not None:
+        _publish(record, stop.name)
+        return stop
     if cfg.concept is not None:
         stop = run_concept(cfg.concept, cfg, record)
         if stop is not None:
@@ -136,21 +174,22 @@ def training_program(
             return stop
     init_from = None
     if cfg.pretrain is not None:
-        stop, init_from = run_pretrain(cfg.pretrain, cfg, record)
+        stop, init_from = run_pretrain(cfg.pretrain, cfg, record, starts.get("pretrain", ""))
         if stop is not None:
             _publish(record, stop.name)
             return stop
     else:
-        record.decide("pretrain", "joint starts from scratch", "the program has no pretrain stage")
-    start = "from pretrain" if init_from else "from scratch"
-    joint_cfg = stage_config(cfg.joint, Path(cfg.out_dir) / "joint" / start.replace(" ", "-"), init_from=init_from,
-                             save_weights=True)
+        record.decide("pretrain", f"joint starts {starts.get('joint', 'from scratch')}", "the program has no pretrain stage")
+    start = "from pretrain" if init_from else starts.get("joint", "from scratch")
+    folder = start.split(" (")[0].replace(" ", "-")  # from-pretrain | from-wan | from-scratch
+    joint_cfg = stage_config(cfg.joint, Path(cfg.out_dir) / "joint" / folder, init_from=init_from,
+                             save_weights=True, **({} if init_from else _wan_field(cfg.joint)))
     state, _ = _train("joint", start, joint_cfg, cfg.joint, cfg, record, auto_approve=review.auto_approve,
                       review_timeout_s=review.timeout_s, review_on_timeout=review.on_timeout)
     if not state.is_completed():
         record.decide("joint", "stop", f"{state.name}: {(state.message or '')[:300]}")
         _publish(record, state.name)
-        return state
+        return Failed(name=state.name, message=state.message)  # the program ends as its stage did (exit code)
     record.decide("joint", "done", state.message or "")
     _publish(record, "GO")
     return {"program": cfg.name, "record": str(record.save()), "stages": record.table(),

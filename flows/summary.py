@@ -51,9 +51,10 @@ def run_lines(result: dict, seconds: float | None = None) -> list[str]:
 
 def program_lines(result: dict, seconds: float | None = None) -> list[str]:
     """The training program's stage table: one line per stage run, then the decisions taken between stages."""
+    w = max([18] + [len(r["run"]) + 2 for r in result["stages"]])  # a warm start's label is long
     lines = [f"== training program {result['program']}",
-             f"{'stage':<10}{'run':<18}{'verdict':<15}{'steps':>6}  gates judged"]
-    lines += [f"{r['stage']:<10}{r['run']:<18}{r['verdict']:<15}{r['steps']:>6}  {r['gates']}" for r in result["stages"]]
+             f"{'stage':<10}{'run':<{w}}{'verdict':<15}{'steps':>6}  gates judged"]
+    lines += [f"{r['stage']:<10}{r['run']:<{w}}{r['verdict']:<15}{r['steps']:>6}  {r['gates']}" for r in result["stages"]]
     lines += [f"after {d['stage']}: {d['decision']} ({d['why'][:160]})" for d in result["decisions"]]
     if seconds is not None:
         lines.append(f"wall time: {seconds:.1f}s")

@@ -31,20 +31,24 @@ from pathlib import Path
 from typing import Any, Optional, get_args
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed, State
 
 from flows.gate_artifacts import publish_gate
+from flows.outcomes import BAD_WEIGHTS
 from flows.review import OnTimeout, ask_reviewer, publish_review_request, review_verdict
 from flows.sample_artifacts import publish_validation_samples
+from models.weights import WeightsError
 from tasks import contract
 from tasks.gates import GateVerdict
 from training import checkpoint
+from training.conditioning_use import ConditioningUseConfig, measure_checkpoint
 from training.config import TrainConfig
 from training.gates import (
     GATE_LOG,
     TrainingGateConfig,
+    conditioning_gate,
     convergence_gate,
     gate_steps,
     joint_progress_gate,
@@ -68,6 +72,7 @@ from training.launch import (
 from training.metrics import METRICS_FILE, read_metrics
 from training.plots import plot_losses, plot_memory
 from training.run_status import COMPLETED, NONFINITE, OOM, STOPPED, RunStatus, clear_statuses, read_statuses, status_path
+from training.warm_start import check_wan_init
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,8 @@ class GateBook:
     def _plot(self, verdict: GateVerdict, run_dir: Path, records: list[dict[str, Any]]) -> Path:
         # one plot file per node: the flow runs of several nodes publish into the same shared run directory
         name = f"gate-{verdict.gate}-node{self.spec.node_rank}.png" if self.spec.multi_node else f"gate-{verdict.gate}.png"
+        if verdict.numbers.get("plot"):  # the gate drew its own (the conditioning-use card)
+            return Path(verdict.numbers["plot"])
         if verdict.gate == "memory":
             return plot_memory(records, run_dir / name, self.gate_cfg.memory_budget_mb, title=f"{run_dir.name}: peak memory")
         return plot_losses(records, run_dir / name, title=run_dir.name)
@@ -250,6 +257,12 @@ def _run_attempt(
                 if not verdict.go:
                     logger.warning("%s gate at step %d: %s; training stops here", name, stop, verdict.summary)
                     return state
+        if due.get("conditioning") == stop:
+            verdict = _conditioning_verdict(cfg, run_dir, stop, gate_cfg)
+            state = book.publish(verdict, run_dir, records, stop)
+            if not verdict.go:
+                logger.warning("conditioning gate at step %d: %s; training stops here", stop, verdict.summary)
+                return state
         if due.get("review") == stop:
             plot = plot_losses(records, run_dir / f"review-step{stop}.png", title=f"{run_dir.name} at step {stop}")
             publish_review_request(stop, run_dir, plot, review["timeout_s"], review["on_timeout"])
@@ -272,6 +285,32 @@ def _run_attempt(
         message += "; not evaluated (their step is past the run's end): " + ", ".join(
             f"{g} at {s}" for g, s in skipped.items())
     return Completed(name="GO", message=message)
+
+
+def _conditioning_verdict(cfg: TrainConfig, run_dir: Path, step: int, gate_cfg: TrainingGateConfig) -> GateVerdict:
+    """The conditioning gate at `step`: the probes measured on the checkpoint the trainer just left there."""
+    use_cfg = ConditioningUseConfig(windows=gate_cfg.conditioning_windows)
+    try:
+        report, record = measure_checkpoint(cfg, run_dir, step, use_cfg)
+    except ValueError as exc:  # no held-out talking-head windows to measure on: it decides nothing, and says so
+        return GateVerdict("conditioning", True, f"not evaluated: {exc}", {"step": step, "evaluated": False},
+                           evaluated=False)
+    verdict = conditioning_gate(report, gate_cfg, step)
+    verdict.numbers.update(plot=str(record.with_suffix(".png")), record=str(record))
+    return verdict
+
+
+def publish_wan_plan(cfg: TrainConfig) -> Optional[State]:
+    """A Wan warm start's plan as a table artifact before anything launches; a BAD-WEIGHTS state (exit 7, every
+    problem listed) when the weights do not fit."""
+    try:
+        transfer = check_wan_init(cfg)
+    except WeightsError as exc:
+        return Failed(name=BAD_WEIGHTS, message=f"{BAD_WEIGHTS}: warm start from Wan: {exc}")
+    if transfer is not None:
+        get_run_logger().info("video DiT will start %s", transfer.summary())
+        create_table_artifact(transfer.rows(), key="wan-warm-start", description=transfer.summary())
+    return None
 
 
 @flow(name="train")
@@ -315,6 +354,9 @@ def train_flow(
     base_cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)  # .fn callers: a dict
     gate_cfg = gates if isinstance(gates, TrainingGateConfig) else TrainingGateConfig(**(gates or {}))
     review = {"auto_approve": auto_approve, "timeout_s": int(review_timeout_s), "on_timeout": review_on_timeout}
+    bad_weights = None if any(Path(base_cfg.out_dir).glob("run-*/checkpoints/step*")) else publish_wan_plan(base_cfg)
+    if bad_weights is not None:  # (a run that has checkpoints resumes them: the warm start is behind it)
+        return bad_weights
     if spec.multi_node:
         logger.info("node %d of %d, %d trainer processes in all (%s)", spec.node_rank, spec.nnodes,
                     plan.world_size, spec.launcher)

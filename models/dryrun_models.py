@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 HUBERT_SUBDIR = "hubert-dryrun"
 WAN_VAE_SUBDIR = "wan-vae-dryrun"
+WAN_TRANSFORMER_SUBDIR = "wan-transformer-dryrun"
+WAN_TRANSFORMER_DRYRUN_BLOCKS = 6  # twice the tiny video DiT's 3 blocks: the dry-run's warm start selects 0, 2, 4
 
 DRYRUN_MOTION_CFG = MotionExtractorConfig(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128))
 
@@ -106,3 +108,41 @@ def write_dryrun_models(root: str | Path, seed: int = 0) -> DryrunPaths:
     write_dryrun_hubert(paths.hubert_dir, seed)
     write_dryrun_wan_vae(paths.wan_vae_dir, seed)
     return paths
+
+
+def tiny_wan_transformer(seed: int = 0, num_layers: int = WAN_TRANSFORMER_DRYRUN_BLOCKS, in_channels: int = 16,
+                         image_dim: int | None = None, text_dim: int = 32):
+    """diffusers' WanTransformer3DModel at the tiny DualForce video DiT's width (dim 64 = 2 heads of 32, FFN 128,
+    freq_dim 32, (1,2,2) patches), random weights: the stand-in for Wan 2.1 1.3B's transformer."""
+    from diffusers import WanTransformer3DModel
+
+    from models.dualforce.config import get_config
+
+    c = get_config("tiny")
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=c.patch_size, num_attention_heads=c.video_heads, attention_head_dim=c.video_dim // c.video_heads,
+        in_channels=in_channels, out_channels=c.latent_channels, text_dim=text_dim, freq_dim=c.freq_dim,
+        ffn_dim=c.video_ffn_dim, num_layers=num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        eps=c.eps, image_dim=image_dim, added_kv_proj_dim=c.video_dim if image_dim else None).eval()
+
+
+def write_dryrun_wan_transformer(out_dir: Path, seed: int = 0) -> Path:
+    """A random tiny Wan transformer in diffusers' save_pretrained layout (config.json +
+    diffusion_pytorch_model.safetensors): the dry-run's pretrain stage warm-starts from it through the real loader.
+    Written once (same seed, same weights), into a temp sibling renamed into place."""
+    import shutil
+    import tempfile
+
+    out_dir = Path(out_dir)
+    if (out_dir / HF_DRYRUN_MARKER).is_file():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tiny_wan_transformer(seed).save_pretrained(staging, safe_serialization=True)
+    _atomic_write_text(staging / HF_DRYRUN_MARKER, _marker(seed=seed, model="WanTransformer3DModel"))
+    try:
+        staging.rename(out_dir)
+    except OSError:  # written meanwhile by another run: the same weights
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir

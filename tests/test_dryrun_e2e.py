@@ -102,16 +102,27 @@ def test_dry_run_runs_the_training_program_stage_by_stage(dry_run):
     live at its step, the review auto-approved; the summary prints the stage table."""
     out, _, stdout = dry_run
     record = json.loads((out / "program" / "program.json").read_text())
+    # pretrain warm-started from the dry-run's random 6-block Wan transformer (diffusers layout): blocks 0, 2, 4
+    pretrain_run = Path(record["runs"][3]["run_dir"])
+    wan = json.loads((pretrain_run / "wan_transfer.json").read_text())
+    assert wan["layers"] == [0, 2, 4] and wan["layout"] == "diffusers"
+    assert wan["summary"] == f"from wan ({len(wan['transferred'])} of {len(wan['transferred']) + len(wan['dropped'])} " \
+                             "tensors, blocks 0, 2, 4)"
     assert [(r["stage"], r["run"], r["verdict"]) for r in record["runs"]] == [
         ("concept", "sigma_s max 0.5", "GO"), ("concept", "sigma_s max 0.7", "GO"), ("concept", "sigma_s max 1", "GO"),
-        ("pretrain", "video-only", "GO"), ("joint", "from pretrain", "GO")]
+        ("pretrain", f"video-only, {wan['summary']}", "GO"), ("joint", "from pretrain", "GO")]
     for ceiling in ("0.5", "0.7", "1"):  # each concept run trained with its own struct-noise ceiling
         cfg = json.loads(next((out / "program" / "concept" / f"sigma-{ceiling}").glob("run-*/train_config.json")).read_text())
         assert cfg["loss_options"]["sigma_struct_max"] == float(ceiling)
     joint = record["runs"][-1]
     assert [(g["gate"], g["step"], g["verdict"]) for g in joint["gates"]] == [
-        ("memory", 1, "GO"), ("joint_progress", 2, "GO"), ("review", 3, "GO"), ("stability", 4, "GO")]
-    assert joint["gates"][2]["numbers"]["answered_by"] == "auto-approve"
+        ("memory", 1, "GO"), ("joint_progress", 2, "GO"), ("conditioning", 2, "GO"), ("review", 3, "GO"),
+        ("stability", 4, "GO")]
+    assert joint["gates"][3]["numbers"]["answered_by"] == "auto-approve"
+    # the conditioning gate was measured live at step 2 on held-out windows of the sample clips: its card
+    conditioning = joint["gates"][2]["numbers"]
+    assert conditioning["windows"] >= 2 and 0.5 < conditioning["audio_use"] < 2.0
+    assert Path(conditioning["plot"]).is_file() and json.loads(Path(conditioning["record"]).read_text())["rows"]
     # the review looked at validation samples made at its step: one clip, ground truth | generated, with speech
     run = next((out / "program" / "joint" / "from-pretrain").glob("run-*/samples/step000003.json")).parent
     round3 = json.loads((run / "step000003.json").read_text())
@@ -126,7 +137,8 @@ def test_dry_run_runs_the_training_program_stage_by_stage(dry_run):
     samples = list(iter_samples(general, contract.ContractSpec(window=17, profile=contract.VIDEO_ONLY)))
     assert len(samples) == 2 and all(s["meta"]["profile"] == "video_only" for s in samples)
     assert all(contract.STRUCT not in s and contract.AUDIO not in s for s in samples)
-    assert "pretrain  video-only        GO" in stdout and "after pretrain: joint starts from pretrain's video DiT" in stdout
+    assert f"pretrain  video-only, {wan['summary']}  GO" in stdout
+    assert "after pretrain: joint starts from pretrain's video DiT" in stdout
 
 
 def test_dry_run_shards_pass_the_audit(dry_run):

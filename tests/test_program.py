@@ -145,3 +145,91 @@ def test_a_concept_that_does_not_converge_stops_the_program_with_exit_3(tmp_path
     record = json.loads((tmp_path / "out" / "program.json").read_text())
     assert [r["stage"] for r in record["runs"]] == ["concept"]  # joint never started
     assert record["decisions"][-1]["decision"] == "stop"
+
+
+def test_init_from_belongs_to_the_stage_that_starts_the_video_dit(tmp_path):
+    lite = load_program(REPO / "configs" / "program-lite.yaml")
+    assert lite.pretrain.init_from.layers == "even" and Path(lite.pretrain.init_from.wan).is_absolute()
+    stage = {"shards": ["s"], "gates": {"convergence_step": 5, "joint_step": None}, "train": {"total_steps": 5}}
+    wan = {"wan": "w", "layers": "even"}
+    with pytest.raises(ValidationError, match="give init_from to pretrain"):
+        load_program({"name": "x", "out_dir": "o", "pretrain": stage, "joint": {"shards": ["s"], "init_from": wan}})
+    with pytest.raises(ValidationError, match="concept trains a small model"):
+        load_program({"name": "x", "out_dir": "o", "concept": {**stage, "init_from": wan}, "joint": {"shards": ["s"]}})
+    with pytest.raises(ValidationError):
+        load_program({"name": "x", "out_dir": "o", "joint": {"shards": ["s"], "init_from": {**wan, "layers": "odd"}}})
+    assert load_program({"name": "x", "out_dir": "o", "joint": {"shards": ["s"], "init_from": wan}}).joint.init_from
+
+
+@pytest.mark.usefixtures("prefect_test_server")
+def test_pretrain_warm_starts_from_wan_and_the_export_says_so(tmp_path, shard_sets, capsys):
+    """pretrain from a random Wan transformer (diffusers layout, 6 blocks -> 3: blocks 0, 2, 4), then joint from
+    pretrain; the trained blocks sit next to the Wan blocks they came from, and the exported model records both."""
+    from safetensors.torch import load_file
+
+    from flows.cli import main
+    from models.dryrun_models import tiny_wan_transformer, write_dryrun_wan_transformer
+
+    wan_dir = write_dryrun_wan_transformer(tmp_path / "wan")
+    pretrain = dict(_stage(shard_sets["general"], 2, convergence_step=2, convergence_window=2,
+                           convergence_max_loss=1e9, joint_step=None), init_from={"wan": str(wan_dir)})
+    path = _program(tmp_path, shard_sets, pretrain=pretrain,
+                    joint=_stage(shard_sets["heads"], 1, convergence_step=None, joint_step=None))
+    assert main(["program", str(path)]) == 0
+    record = json.loads((tmp_path / "out" / "program.json").read_text())
+    pre = record["runs"][0]
+    assert pre["run"].startswith("video-only, from wan (") and pre["run"].endswith("blocks 0, 2, 4)")
+    report = json.loads((Path(pre["run_dir"]) / "wan_transfer.json").read_text())
+    assert report["layers"] == [0, 2, 4] and report["layout"] == "diffusers"
+    trained = load_file(next(Path(pre["run_dir"]).glob("checkpoints/step00000002/weights.safetensors")))
+    wan = tiny_wan_transformer().state_dict()
+    d = lambda b: (trained["video_blocks.1.self_attn.q.weight"] - wan[f"blocks.{b}.attn1.to_q.weight"]).abs().max()  # noqa: E731
+    assert d(2) < 0.01 < d(1)  # two steps at lr 1e-4 from Wan's block 2, not from block 1
+    joint_run = next((tmp_path / "out" / "joint" / "from-pretrain").glob("run-*"))
+    assert main(["export", str(joint_run), "-o", str(tmp_path / "export")]) == 0
+    start = json.loads((tmp_path / "export" / "provenance.json").read_text())["initialised_from"]
+    assert start["from"] == "pretrain" and start["pretrain_started"]["from"] == "wan"
+    assert start["pretrain_started"]["layers"] == [0, 2, 4]
+
+
+@pytest.mark.usefixtures("prefect_test_server")
+def test_wan_weights_that_do_not_fit_stop_the_program_before_any_stage_with_exit_7(tmp_path, shard_sets, capsys):
+    from flows.cli import main
+
+    broken = tmp_path / "wan" / "diffusion_pytorch_model.safetensors"
+    broken.parent.mkdir()
+    broken.write_bytes(b"truncated")
+    concept = dict(_stage(shard_sets["heads"], 1, convergence_step=1, convergence_window=1,
+                          convergence_max_loss=1e9, joint_step=None), sigma_struct_max=[0.7], chosen=0.7)
+    pretrain = dict(_stage(shard_sets["general"], 2, convergence_step=2, convergence_window=2,
+                           convergence_max_loss=1e9, joint_step=None), init_from={"wan": str(broken.parent)})
+    path = _program(tmp_path, shard_sets, concept=concept, pretrain=pretrain,
+                    joint=_stage(shard_sets["heads"], 1, convergence_step=None, joint_step=None))
+    assert main(["program", str(path)]) == 7
+    err = capsys.readouterr().err
+    assert "pretrain.init_from" in err and "cannot read" in err and "Remove pretrain.init_from" in err
+    assert not (tmp_path / "out" / "concept").exists()  # nothing ran
+
+
+@pytest.mark.usefixtures("prefect_test_server")
+def test_the_conditioning_gate_stops_joint_when_the_model_ignores_the_speech(tmp_path, shard_sets, capsys):
+    """Two toy steps leave the zero-gated audio path all but closed: audio use 1.000 < 1.05 is a NO-GO at the
+    gate's step (exit 3), its card shows the ratios and the fix, and training stops there."""
+    from flows.cli import main
+
+    path = _program(tmp_path, shard_sets,
+                    joint=_stage(shard_sets["heads"], 4, convergence_step=None, joint_step=None, conditioning_step=2,
+                                 conditioning_windows=4))
+    assert main(["program", str(path)]) == 3
+    err = capsys.readouterr().err
+    assert "NO-GO: conditioning" in err and "audio use below 1.05" in err and "lipsync_loss_weight" in err
+    gates = read_gate_log(tmp_path / "out" / "joint" / "from-scratch")
+    verdict = next(g for g in gates if g["gate"] == "conditioning")
+    assert verdict["step"] == 2 and verdict["verdict"] == "NO-GO"
+    assert abs(verdict["numbers"]["audio_use"] - 1.0) < 0.01 and verdict["numbers"]["windows"] == 4
+    record = json.loads(Path(verdict["numbers"]["record"]).read_text())
+    assert {r["metric"] for r in record["rows"]} >= {"audio use (other clip's speech, mouth)",
+                                                     "reference use (other identity, video)"}
+    assert Path(verdict["numbers"]["plot"]).is_file()
+    run = Path(verdict["run_dir"])
+    assert max(r["step"] for r in read_metrics(run / "metrics.jsonl")) == 2  # it stopped at the gate

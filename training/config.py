@@ -5,7 +5,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from pydantic import ConfigDict
 
@@ -29,6 +29,24 @@ class FaultInjection:
     oom_if_window_above: int = 0  # ... and window > this
     nan_at_step: Optional[int] = None  # make the loss NaN at this step ...
     nan_if_noise_mode: Optional[str] = None  # ... when the noise mode is this (None: always)
+
+
+@dataclass
+class WanInit:
+    """A warm start of the video DiT from Wan 2.1 transformer weights (models/dualforce/wan_transfer.py)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    path: str  # a diffusers WanTransformer3DModel folder (or its pipeline folder), or the original release's file
+    layers: Union[str, list[int]] = "even"  # "even" | "first" | the source block of each target block
+
+    def __post_init__(self) -> None:
+        from models.dualforce.wan_transfer import LAYER_RULES
+
+        if isinstance(self.layers, str) and self.layers not in LAYER_RULES:
+            raise ValueError(f"layers must be one of {LAYER_RULES} or a list of block indices, got {self.layers!r}")
+        if not isinstance(self.layers, str):
+            self.layers = [int(i) for i in self.layers]
 
 
 @dataclass
@@ -66,6 +84,9 @@ class TrainConfig:
     # a video-only run's weights file (checkpoints/<tag>/weights.safetensors): a fresh run starts its video DiT
     # from it (models/dualforce/pretrained.py); ignored once the run has a checkpoint of its own
     init_from: Optional[str] = None
+    # or Wan 2.1 transformer weights (the review's option a: warm start instead of from scratch); the transfer's
+    # report is written beside the run (wan_transfer.json / .md); ignored once the run has a checkpoint of its own
+    init_from_wan: Optional[WanInit] = None
     save_weights: bool = False  # beside every checkpoint, the module's fp32 weights as safetensors (rank 0)
     video_only: bool = False  # the video DiT alone on video_latents + reference_latent (the pretrain stage)
     log_every: int = 1
@@ -83,6 +104,10 @@ class TrainConfig:
             self.faults = FaultInjection(**self.faults)
         if isinstance(self.validation, dict):
             self.validation = ValidationConfig(**self.validation)
+        if isinstance(self.init_from_wan, dict):
+            self.init_from_wan = WanInit(**self.init_from_wan)
+        if self.init_from and self.init_from_wan:
+            raise ValueError("init_from (our pretrain weights) and init_from_wan (Wan weights) exclude each other")
         self.betas = tuple(self.betas)  # type: ignore[assignment]
         if self.noise_mode not in ("per_frame", "per_sample"):
             raise ValueError(f"noise_mode must be per_frame or per_sample, got {self.noise_mode!r}")

@@ -21,6 +21,7 @@ from tasks import contract
 from training import checkpoint
 from training.config import TrainConfig
 from training.safe_checkpoint import load_weights_only
+from training.warm_start import provenance_of_start
 
 CONFIG_NAME = "train_config.json"
 WEIGHT_SOURCES = ("auto", "ema", "module")
@@ -39,7 +40,9 @@ class ExportResult:
     parameters: int
 
 
-def _module_state(tag_dir: Path) -> tuple[dict, str]:
+def module_state(tag_dir: Path) -> tuple[dict, str]:
+    """The module weights of one checkpoint (save_weights' safetensors, else DeepSpeed's states read weights-only)
+    and the file they came from."""
     weights = tag_dir / checkpoint.WEIGHTS_FILE
     if weights.is_file():
         return checkpoint.load_weights(weights), weights.name
@@ -101,7 +104,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, tag: Optional[str] = No
             raise ExportError(f"{tag_dir} holds no EMA weights (the run had ema_decay=0)")
         source, used = (checkpoint.state_path(ckpt_dir, tag, 0).name, "ema") if state is not None else ("", "module")
     if state is None:
-        state, source = _module_state(tag_dir)
+        state, source = module_state(tag_dir)
     model = DualForce(cfg.model_config())
     own = model.state_dict()
     bad = sorted(k for k in own if k not in state or tuple(state[k].shape) != tuple(own[k].shape))
@@ -115,6 +118,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, tag: Optional[str] = No
         "weights": used, "weights_file": source, "model_variant": cfg.model_variant,
         "train_window": cfg.effective_window, "crop_size": cfg.crop_size, "loss_options": cfg.loss_options,
         "noise_mode": cfg.noise_mode, "training_data": training_data(cfg),
+        "initialised_from": provenance_of_start(cfg, run_dir),
     }
     path = model.save_pretrained(out_dir, provenance)
     return ExportResult(Path(path), provenance["step"], used, source, sum(p.numel() for p in model.parameters()))

@@ -53,9 +53,18 @@ class TrainingGateConfig:
     joint_window: int = 50  # steps averaged at the start and at N
     joint_min_rel_drop: float = 0.02  # each loss must fall at least this fraction
     review_step: Optional[int] = None  # a person looks at the latest samples here (flows/review.py); None: no review
+    # conditioning use (training/conditioning_use.py) on held-out windows at this step (None: no such gate):
+    # NO-GO when the model ignores the speech or the reference. The ratios are loss with a wrong input / loss with the
+    # true one at fixed noise; a zero-gated (ignoring) path gives exactly 1.00, so the bounds ask for a margin above
+    # 1 that noise cannot give: the paired draw makes an ignoring model's ratio 1 +- 0 (measured: exactly 1.0000 on
+    # the tiny model at init), and the CPU learning check (benchmarks/README.md) shows what learning looks like
+    conditioning_step: Optional[int] = None
+    conditioning_min_audio_use: float = 1.05  # mouth rows' loss, another clip's speech / the window's own (median)
+    conditioning_min_reference_use: float = 1.05  # video loss, another identity's reference / the window's own
+    conditioning_windows: int = 8  # held-out windows measured (round-robin over clips)
 
     def __post_init__(self) -> None:
-        for name in ("memory_step", "convergence_step", "joint_step", "review_step"):
+        for name in ("memory_step", "convergence_step", "joint_step", "review_step", "conditioning_step"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (or None for no such gate), got {value}")
@@ -64,14 +73,15 @@ class TrainingGateConfig:
         """gate -> the step it is judged at in a run of total_steps (gates past the end are left out)."""
         steps = {"memory": min(self.memory_step, total_steps)}
         for gate, step in (("convergence", self.convergence_step), ("joint_progress", self.joint_step),
-                           ("review", self.review_step)):
+                           ("conditioning", self.conditioning_step), ("review", self.review_step)):
             if step is not None and step <= total_steps:
                 steps[gate] = step
         return steps
 
     def unreachable(self, total_steps: int) -> dict[str, int]:
         """gate -> its step, for the gates this run never reaches (they end NOT EVALUATED)."""
-        steps = {"convergence": self.convergence_step, "joint_progress": self.joint_step, "review": self.review_step}
+        steps = {"convergence": self.convergence_step, "joint_progress": self.joint_step,
+                 "conditioning": self.conditioning_step, "review": self.review_step}
         return {g: s for g, s in steps.items() if s is not None and s > total_steps}
 
 
@@ -259,3 +269,41 @@ def joint_progress_gate(records: Records, cfg: TrainingGateConfig) -> GateVerdic
         "stop and report: the two streams are not learning together (check the bridge and loss weights)",
         rows,
     )
+
+
+CONDITIONING_FIX = {
+    "audio": "the model ignores the speech: lower audio_drop_prob (loss_options; the audio path sees the true speech "
+             "more often), turn the lip-sync loss on (loss_options.lipsync_loss_weight, e.g. 0.1), and check the "
+             "HuBERT features are aligned to the frames (audit the shard set)",
+    "reference": "the model ignores the reference: lower reference_drop_prob (loss_options) and check the shards' "
+                 "reference latents are their clips' own first frames (audit the shard set)",
+}
+
+
+def conditioning_gate(report, cfg: TrainingGateConfig, step: int) -> GateVerdict:
+    """NO-GO when the held-out audio-use or reference-use ratio (median over windows) is below its bound;
+    `report` is a training.conditioning_use.ConditioningUse measured at `step`."""
+    audio = report.get("audio", "other clip's speech", "mouth")
+    reference = report.get("reference", "other identity", "video")
+    numbers: dict[str, Any] = {"step": step, "windows": report.windows, "split": report.split,
+                               "min_audio_use": cfg.conditioning_min_audio_use,
+                               "min_reference_use": cfg.conditioning_min_reference_use, "evaluated": True}
+    rows = report.rows()
+    if audio is None or reference is None:
+        why = "; ".join(f"{k}: {v}" for k, v in report.skipped.items()) or "no figure measured"
+        numbers["evaluated"] = False
+        return GateVerdict("conditioning", True, f"not evaluated: {why}", numbers, rows=rows, evaluated=False)
+    numbers.update(audio_use=audio.ratio_median, audio_use_q25=audio.ratio_q25, audio_use_q75=audio.ratio_q75,
+                   reference_use=reference.ratio_median, reference_use_q25=reference.ratio_q25,
+                   reference_use_q75=reference.ratio_q75)
+    shown = (f"audio use {audio.ratio_median:.3f} (q25-q75 {audio.ratio_q25:.3f}-{audio.ratio_q75:.3f}), "
+             f"reference use {reference.ratio_median:.3f} (q25-q75 {reference.ratio_q25:.3f}-"
+             f"{reference.ratio_q75:.3f}) on {report.windows} {report.split} windows at step {step}")
+    ignored = [name for name, fig, bound in (("audio", audio, cfg.conditioning_min_audio_use),
+                                             ("reference", reference, cfg.conditioning_min_reference_use))
+               if not fig.ratio_median >= bound]
+    if not ignored:
+        return GateVerdict("conditioning", True, shown, numbers, rows=rows)
+    bounds = ", ".join(f"{n} use below {getattr(cfg, f'conditioning_min_{n}_use')}" for n in ignored)
+    return GateVerdict("conditioning", False, f"{bounds}: {shown}", numbers,
+                       " | ".join(CONDITIONING_FIX[n] for n in ignored), rows)

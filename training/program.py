@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -24,11 +24,21 @@ from training.gates import TrainingGateConfig
 
 # TrainConfig fields a stage sets itself (from its data or its place in the program), never from the file
 STAGE_OWNED = ("shards", "out_dir", "window", "audio_dim", "struct_dim", "crop_size", "video_only", "init_from",
-               "resume_from")
+               "init_from_wan", "resume_from")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class WanStart(_Strict):
+    """`init_from: {wan: PATH, layers: even}`: the stage's video DiT starts from Wan 2.1 transformer weights."""
+
+    wan: str  # a diffusers WanTransformer3DModel folder or the original release's file, relative to the program file
+    layers: Union[Literal["even", "first"], list[int]] = "even"  # which source blocks fill ours
+
+    def train_field(self) -> dict[str, Any]:
+        return {"path": self.wan, "layers": self.layers}
 
 
 class StageSpec(_Strict):
@@ -36,6 +46,7 @@ class StageSpec(_Strict):
 
     shards: list[str] = Field(min_length=1)  # shard-set folders (ROOT/DATASET/shards), relative to the program file
     split: str = "train"
+    init_from: Optional[WanStart] = None  # pretrain (or joint without a pretrain stage): warm start from Wan
     train: dict[str, Any] = Field(default_factory=dict)
     gates: dict[str, Any] = Field(default_factory=dict)
 
@@ -98,6 +109,10 @@ class ProgramConfig(_Strict):
             spec = getattr(self, stage)
             if spec is not None and spec.train.get("video_only"):
                 raise ValueError(f"{stage} trains the full model; video_only belongs to pretrain")
+        if self.concept is not None and self.concept.init_from is not None:
+            raise ValueError("concept trains a small model of its own width: it has no init_from")
+        if self.pretrain is not None and self.joint.init_from is not None:
+            raise ValueError("joint starts from pretrain's video DiT: give init_from to pretrain, or drop pretrain")
         if self.pretrain is not None and self.pretrain.gates.get("joint_step") is not None:
             raise ValueError("pretrain has no struct stream: set its gates' joint_step to null")
         for stage in ("concept", "pretrain"):  # these stages are left by their convergence verdict: it must be judged
@@ -118,6 +133,8 @@ class ProgramConfig(_Strict):
         for stage in ("concept", "pretrain", "joint"):
             if data.get(stage):
                 data[stage]["shards"] = [resolve_path(base, s) for s in data[stage]["shards"]]
+                if data[stage].get("init_from"):
+                    data[stage]["init_from"]["wan"] = resolve_path(base, data[stage]["init_from"]["wan"])
         return ProgramConfig.model_validate(data)
 
 

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from models.dualforce import DiffusionForcingConfig, build_model, diffusion_forcing_loss
 from models.dualforce.pretrained import load_video_dit
+from models.dualforce.wan_transfer import transfer_wan
 from tasks import contract
 from training import checkpoint, rng_state, safe_checkpoint
 from training.config import TrainConfig, load_ds_config
@@ -31,6 +32,7 @@ from training.loader import OPTIONAL_TENSOR_KEYS, PROFILE_TENSOR_KEYS, LoaderCon
 from training.metrics import MetricsWriter, peak_memory_mb
 from training.run_status import COMPLETED, ERROR, NONFINITE, OOM, STOPPED, RunStatus, write_status
 from training.schedule import WarmupDecay
+from training.warm_start import write_transfer_report
 
 log = logging.getLogger("training")
 
@@ -75,11 +77,17 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg.model_config())
         self.profile = contract.VIDEO_ONLY if cfg.video_only else contract.TALKING_HEAD
-        if cfg.init_from and not (cfg.resume and checkpoint.latest_tag(self.ckpt_dir)):
+        fresh = not (cfg.resume and checkpoint.latest_tag(self.ckpt_dir))
+        if cfg.init_from and fresh:
             copied = load_video_dit(model, checkpoint.load_weights(Path(cfg.init_from)))
             if self.rank == 0:
                 log.info("video DiT initialised from %s (%d tensors); the new modules keep their zero-gated init",
                          cfg.init_from, len(copied))
+        if cfg.init_from_wan and fresh:
+            transfer = transfer_wan(model, cfg.init_from_wan.path, cfg.init_from_wan.layers)
+            if self.rank == 0:
+                write_transfer_report(transfer, self.out_dir)
+                log.info("video DiT warm-started %s; the new modules keep their zero-gated init", transfer.summary())
         self.loss_cfg = DiffusionForcingConfig(noise_mode=cfg.noise_mode, **cfg.loss_options)
 
         rank_seed = cfg.seed * 10_007 + 1 + self.rank

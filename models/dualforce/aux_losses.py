@@ -36,6 +36,15 @@ def mouth_columns(struct_dim: int) -> list[int]:
     return list(range(n_exp + 3))  # expression coefficients, then the jaw pose
 
 
+def pose_columns(struct_dim: int) -> list[int]:
+    """Struct columns of the head's rotation: LivePortrait's pitch / yaw / roll, or FLAME's global pose."""
+    if struct_dim == STRUCT_DIM:
+        return list(range(POSE.start, POSE.stop))
+    if struct_dim <= FLAME_POSE_COLUMNS:
+        raise ValueError(f"struct width {struct_dim} is neither LivePortrait's {STRUCT_DIM} nor a FLAME layout's")
+    return list(range(struct_dim - 6, struct_dim - 3))  # jaw, neck, global pose, translation: the third triple
+
+
 class LipSyncHead(nn.Module):
     """audio windows [B, L, W, A] and mouth features [B, L, G*m] -> unit embeddings [B, L, d] each."""
 

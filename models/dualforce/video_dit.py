@@ -61,7 +61,11 @@ class ReferenceEmbed(nn.Module):
 
 
 class VideoHead(nn.Module):
-    """tokens [B, L, N, D] + frame embedding [B, L, D] -> velocity [B, C, L, h, w]; the projection starts at zero."""
+    """tokens [B, L, N, D] + frame embedding [B, L, D] -> velocity [B, C, L, h, w]; the projection starts at zero.
+
+    A token's C*pt*ph*pw outputs are ordered (pt, ph, pw, C), as Wan's head: its weights transfer as they are
+    (models/dualforce/wan_transfer.py). The comparison with diffusers' WanTransformer3DModel found ours ordered
+    (C, ph, pw) before, which a copied head would have scrambled."""
 
     def __init__(self, dim: int, out_channels: int, patch: tuple[int, int, int], eps: float = 1e-6):
         super().__init__()
@@ -79,5 +83,5 @@ class VideoHead(nn.Module):
         B, L = y.shape[:2]
         hp, wp = grid
         _, ph, pw = self.patch
-        y = y.view(B, L, hp, wp, self.out_channels, ph, pw)
-        return y.permute(0, 4, 1, 2, 5, 3, 6).reshape(B, self.out_channels, L, hp * ph, wp * pw)
+        y = y.view(B, L, hp, wp, ph, pw, self.out_channels)  # Wan's unpatchify order: (pt, ph, pw, C) per token
+        return y.permute(0, 6, 1, 2, 4, 3, 5).reshape(B, self.out_channels, L, hp * ph, wp * pw)

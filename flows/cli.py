@@ -304,7 +304,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.generate import GenerateError
 
     options = dict(split=args.split, clips=args.clips, sampler_steps=args.steps, audio_guidance=args.cfg,
-                   seed=args.seed, long_seconds=args.long_seconds, liveportrait=args.liveportrait_root,
+                   seed=args.seed, long_seconds=args.long_seconds, conditioning_windows=args.conditioning_windows,
+                   liveportrait=args.liveportrait_root,
                    syncnet=args.syncnet, i3d=args.i3d, fid_inception=args.fid_inception, wan_vae=args.wan_vae,
                    wan_vae_subfolder=args.wan_vae_subfolder, device=args.device, progress=not args.no_progress,
                    cache_window=args.cache_window, sink_frames=args.sink_frames, attention=args.attention)
@@ -513,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", help="the held-out split (default: test)")
     ev.add_argument("--clips", type=int, default=16)
     ev.add_argument("--long-seconds", type=float, default=60.0, help="the long generation (0: none)")
+    ev.add_argument("--conditioning-windows", type=int, default=8,
+                    help="windows for the conditioning-use ratios: speech / reference / bridge use, drift (0: none)")
     ev.add_argument("--liveportrait-root", help="LivePortrait weights: pose / expression error and pose drift")
     ev.add_argument("--syncnet", help="SyncNet weights (syncnet_v2.model or safetensors): LSE-C / LSE-D")
     ev.add_argument("--i3d", help="I3D Kinetics-400 weights: FVD")

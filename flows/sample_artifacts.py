@@ -22,6 +22,11 @@ def samples_markdown(latest: dict) -> str:
     lines += [f"| {c['key']} | {c['split']} | {c['frames']} | {c['seconds']:.1f} | `{folder / c['video']}` |"
               for c in latest["clips"]]
     lines += ["", image_markdown(folder / latest["sheet"])]
+    if latest.get("conditioning"):
+        lines += ["", "### Conditioning use (altered / true loss; 1.00: the input is ignored)", "",
+                  "| metric | ratio (median) | spread (q25-q75) | good |", "|---|---|---|---|"]
+        lines += [f"| {r['metric']} | {r.get('ratio (median)')} | {r.get('spread (q25-q75)') or ''} | {r['good']} |"
+                  for r in latest["conditioning"]]
     return "\n".join(lines)
 
 

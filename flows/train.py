@@ -43,7 +43,8 @@ from models.weights import WeightsError
 from tasks import contract
 from tasks.gates import GateVerdict
 from training import checkpoint
-from training.conditioning_use import ConditioningUseConfig, measure_checkpoint
+from training.conditioning_checkpoint import measure_checkpoint
+from training.conditioning_use import ConditioningUseConfig
 from training.config import TrainConfig
 from training.gates import (
     GATE_LOG,

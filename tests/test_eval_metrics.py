@@ -40,6 +40,7 @@ from training.eval_metrics.frechet import GaussianStats, frechet_distance
 from training.eval_metrics.fvd import fvd_from_features, i3d_features
 from training.eval_metrics.identity import identity_similarity
 from training.eval_metrics.landmarks import landmark_distances
+from training.eval_metrics.latent import LatentPair
 from training.eval_metrics.lipsync import audio_embeddings, lip_sync, offset_distances, sync_embeddings, sync_scores
 from training.eval_metrics.mfcc import syncnet_mfcc
 from training.eval_metrics.motion_error import motion_errors
@@ -312,12 +313,16 @@ def test_consistency_of_a_still_clip_is_perfect_and_chunks_read_like_one_array(l
 
 def test_suite_on_gt_against_itself_gives_ideal_values(clip, audio, models):
     longer_gt_motion = extract_motion(np.concatenate([clip, clip[:2]]), models.motion_extractor)  # cut to the clip
+    rng = np.random.default_rng(0)
+    latents, rows = rng.normal(size=(16, 3, 4, 4)), rng.normal(size=(9, 133))
     pair = EvalClip("lp_d12", generated=clip, reference=clip[0], gt=np.concatenate([clip, clip[:2]]),
-                    audio=audio[: CLIP_FRAMES * 640], gt_motion=longer_gt_motion)
+                    audio=audio[: CLIP_FRAMES * 640], gt_motion=longer_gt_motion,
+                    latents=LatentPair(latents, latents, rows, rows, np.ones(9, bool)))
     evaluations, summary = evaluate_set([pair], models, SMALL)
     by_name = {r.name: r for r in summary}
     assert list(by_name) == ["identity_similarity", "lmd_mouth", "lmd_face", "pose_error_deg", "expression_error",
-                             "lse_d", "lse_c", "fid", "fvd"]
+                             "lse_d", "lse_c", "latent_mse", "struct_pose_error", "struct_mouth_error", "fid", "fvd"]
+    assert by_name["latent_mse"].value == 0.0 and by_name["struct_mouth_error"].value == 0.0
     assert all(r.ok for r in summary), [(r.name, r.reason) for r in summary if not r.ok]
     assert by_name["identity_similarity"].value > 0.95
     assert by_name["lmd_mouth"].value == 0.0 and by_name["lmd_face"].value == 0.0

@@ -13,6 +13,7 @@ import torch
 
 from models.dualforce import DualForce
 from models.dualforce.config import get_config
+from models.dualforce.sampler import GeneratedChunk
 from tasks.feature_models import dryrun_models
 from tests.training_shards import real_media, write_shards
 
@@ -71,11 +72,25 @@ def test_report_files_and_skipped_metrics(setup):
     assert len(long["pose_drift_deg_per_second"]["series"]) == 2  # 33 frames (4n+1 >= 30) in 1 s bins
     assert long["pose_drift_deg_per_second"]["series"][0] >= 0
     assert report.value("fid") is None
+    # the latent-space rows need no weights: values for the untrained model, per second of its 9 frames
+    for name in ("latent_mse", "struct_pose_error", "struct_mouth_error"):
+        assert summary[name]["status"] == "ok" and summary[name]["value"] > 0, summary[name]
+    clip_rows = {r["name"]: r for r in data["clips"][0]["results"]}
+    assert len(clip_rows["latent_mse"]["series"]) == 1 and clip_rows["latent_mse"]["details"]["latent_frames"] == 3
+    assert long["latent_identity_drift"]["status"] == "ok" and len(long["latent_identity_drift"]["series"]) == 2
+    # conditioning use: the untrained model's audio and reference paths are zero-gated, so their ratios are exactly 1
+    use = {r["name"]: r for r in data["conditioning"]}
+    assert use["audio use (null speech, video)"]["value"] == pytest.approx(1.0, abs=1e-6)
+    assert use["reference use (null reference, struct)"]["value"] == pytest.approx(1.0, abs=1e-6)
+    assert use["bridge use (bridge closed, mouth)"]["details"]["windows"] == 2
+    assert use["drift (rollout / teacher-forced)"]["details"]["latent_frames"] == 3
     table = (root / "out" / "evaluation.md").read_text()
     assert "| fid |  | skipped |" in table and "untrained dry-run" in table
     assert (root / "out" / "metric-pose_drift_deg_per_second.png").is_file()
     assert sorted(p.name for p in (root / "out" / "clips").glob("clip*.mp4")) == [
         "clip000_w000000.mp4", "clip000_w000001.mp4"]
+    assert "| audio use (null speech, video) | 1 | ok |" in table and "| latent_mse |" in table
+    assert (root / "out" / "conditioning-use.png").is_file() and (root / "out" / "metric-latent_mse.png").is_file()
 
 
 def test_a_perfect_generator_scores_ideal_and_a_swapped_one_worse(setup, monkeypatch):
@@ -90,12 +105,14 @@ def test_a_perfect_generator_scores_ideal_and_a_swapped_one_worse(setup, monkeyp
     by_features = {c.audio_features.tobytes(): c for c in clips}
 
     def fake(swap):
-        def generated(model, wan, device, reference_latent, features, options, bar=None):
+        def generated(model, wan, device, reference_latent, features, options, bar=None, on_chunk=None):
             clip = by_features.get(features.tobytes())
             if clip is None:  # the long generation: not studied here
                 yield np.zeros((len(features), CROP, CROP, 3), np.uint8)
                 return
             other = clips[1 - clips.index(clip)] if swap else clip
+            on_chunk(GeneratedChunk(0, torch.from_numpy(other.video_latents)[None], torch.zeros(1),
+                                    torch.from_numpy(other.struct)[None]))
             yield other.frames
         return generated
 
@@ -111,6 +128,11 @@ def test_a_perfect_generator_scores_ideal_and_a_swapped_one_worse(setup, monkeyp
     assert truth["identity_similarity"] > 0.99
     assert swapped["lmd_face"] > 0.001 and swapped["pose_error_deg"] > 0.01
     assert swapped["identity_similarity"] < truth["identity_similarity"]
+    # the latent rows pair each clip with its own window: 0 for the truth, the two windows' distance when swapped
+    a, b = clips
+    assert truth["latent_mse"] == 0.0 and truth["struct_pose_error"] == 0.0 and truth["struct_mouth_error"] == 0.0
+    assert swapped["latent_mse"] == pytest.approx(float(((a.video_latents - b.video_latents) ** 2).mean()), rel=1e-5)
+    assert swapped["struct_mouth_error"] > 0.0
 
 
 def test_evaluate_command(setup, capsys, prefect_test_server):

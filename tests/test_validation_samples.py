@@ -34,7 +34,7 @@ def validated_run(tmp_path_factory, samples_dir):
     (shards / "stats.json").write_text(json.dumps({"profile": "talking_head", "window_frames": WINDOW}))
     train_in_process(TrainConfig.from_dict(train_config(
         shards / "train", root / "run", total_steps=2, ckpt_every=2, ema_decay=0.5, save_weights=True,
-        validation={"every": 2, "clips": 2, "sampler_steps": 2, "seed": 5})))
+        validation={"every": 2, "clips": 2, "sampler_steps": 2, "seed": 5, "conditioning_windows": 3})))
     return root, models
 
 
@@ -121,3 +121,23 @@ def test_latest_round_is_what_the_flow_publishes_and_the_review_shows(validated_
     assert "step 2" in samples.description and "clip000_w000000" in samples.data
     review = mine["train-review-request"].data
     assert "step000002.png" in review and "step000001.png" not in review  # the newest round only
+
+
+def test_the_record_holds_the_ema_models_conditioning_use(validated_run, tmp_path):
+    """The round's conditioning rows are those of the EMA weights it sampled with, on the held-out windows."""
+    from models.dualforce import DualForce
+    from training.conditioning_use import ConditioningUseConfig, held_out_windows, measure_conditioning_use
+    from training.export import export_run
+
+    root, _ = validated_run
+    record = json.loads((root / "run" / "samples" / "step000002.json").read_text())
+    export_run(root / "run", tmp_path / "ema")
+    windows, split = held_out_windows(root / "shards", 3)
+    assert split == "val"
+    use = measure_conditioning_use(DualForce.from_pretrained(tmp_path / "ema"), windows,
+                                   ConditioningUseConfig(windows=3, seed=5, drift_sampler_steps=0), split=split)
+    rows = {r["metric"]: r for r in record["conditioning"]}
+    assert {f.name for f in use.figures} <= set(rows)
+    for f in use.figures:
+        assert rows[f.name]["ratio (median)"] == pytest.approx(f.ratio_median, abs=1e-4)
+        assert rows[f.name]["true loss"] == pytest.approx(f.true_loss, rel=1e-3, abs=1e-5)

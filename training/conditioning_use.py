@@ -242,6 +242,23 @@ class ConditioningUse:
                  for probe, why in self.skipped.items()]
         return rows
 
+    def metric_results(self) -> list:
+        """The figures as evaluate's MetricResults: value = the median ratio, the spread and losses in details, what
+        good looks like as the note; the drift's per-frame ratios as its series; unmeasured probes skipped."""
+        from training.eval_metrics.results import MetricResult
+
+        out = [MetricResult(f.name, f.ratio_median, reason=f"good: {GOOD[f.probe]}",
+                            details={"ratio_q25": f.ratio_q25, "ratio_q75": f.ratio_q75, "true_loss": f.true_loss,
+                                     "altered_loss": f.altered_loss, "windows": float(f.windows)})
+               for f in self.figures]
+        if self.drift:
+            ratio = self.drift["ratio"]
+            out.append(MetricResult("drift (rollout / teacher-forced)", float(np.median(ratio[1:] or ratio)),
+                                    reason=f"good: {GOOD['drift']}", series=list(ratio),
+                                    details={"windows": float(self.drift["windows"]), "latent_frames": float(len(ratio))}))
+        out += [MetricResult.skipped(f"{probe} use", why) for probe, why in self.skipped.items()]
+        return out
+
     def to_json(self) -> dict[str, Any]:
         return {"figures": [dict(asdict(f), name=f.name) for f in self.figures], "drift": self.drift,
                 "skipped": self.skipped, "split": self.split, "windows": self.windows,
@@ -301,6 +318,25 @@ def measure_conditioning_use(model, windows: list[HeldOutWindow], cfg: Condition
         model.train(was_training)
 
 
+@torch.no_grad()
+def held_out_losses(model, windows: list[HeldOutWindow], cfg: ConditioningUseConfig, sigma_struct_max: float = 0.7,
+                    device=None) -> dict[str, float]:
+    """Mean loss per stream on `windows` with their true conditions, at the fixed noise and sigmas of the probes: a
+    validation loss comparable from step to step (the same draw every time)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    store: dict = {}
+    try:
+        for first in range(0, len(windows), cfg.batch_size):
+            batch = _stack(windows[first:first + cfg.batch_size], device)
+            _collect(store, "true", window_losses(model, batch, _fixed_noise(batch, cfg, first, sigma_struct_max,
+                                                                             device)))
+    finally:
+        model.train(was_training)
+    return {stream: float(torch.cat(v).mean()) for stream, v in store["true"].items()}
+
+
 def _collect(store: dict, name: str, out: dict[str, torch.Tensor]) -> None:
     for stream, value in out.items():
         store.setdefault(name, {}).setdefault(stream, []).append(value)
@@ -336,40 +372,3 @@ def rollout_drift(model, windows: list[HeldOutWindow], sampler_steps: int, devic
     rollout_mse, forced_mse = (rollout_err / n).tolist(), (forced_err / n).tolist()
     return {"rollout_mse": rollout_mse, "teacher_forced_mse": forced_mse, "windows": n,
             "ratio": [r / max(f, 1e-12) for r, f in zip(rollout_mse, forced_mse)]}
-
-
-CONDITIONING_DIR = "conditioning"
-
-
-def measure_checkpoint(train_cfg, run_dir: Path, step: int, use_cfg: ConditioningUseConfig,
-                       device: Optional[str] = None) -> tuple[ConditioningUse, Path]:
-    """The probes on a run's module weights at `step` (its checkpoint there, read weights-only), on held-out windows
-    of the run's first shard set; written to RUN/conditioning/step{N}.json + .png. (report, json path)"""
-    import json
-    import os
-
-    from models.dualforce import build_model
-    from training import checkpoint
-    from training.export import module_state
-    from training.plots import plot_conditioning_use
-    from training.shard_sets import shard_set_root
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tag_dir = Path(run_dir) / "checkpoints" / checkpoint.tag_for(step)
-    state, _ = module_state(tag_dir)
-    model = build_model(train_cfg.model_config())
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    model.to(device)
-    root = shard_set_root(train_cfg.shards[0])
-    windows, split = held_out_windows(root, use_cfg.windows, use_cfg.split, use_cfg.latent_crop)
-    if len(windows) < 2:
-        raise ValueError(f"conditioning use: {root} has {len(windows)} talking-head windows; it needs 2 or more")
-    sigma_struct_max = float(train_cfg.loss_options.get("sigma_struct_max", 0.7))
-    report = measure_conditioning_use(model, windows, use_cfg, sigma_struct_max, torch.device(device), split)
-    out = Path(run_dir) / CONDITIONING_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"step{step:06d}"
-    plot_conditioning_use(report, out / f"{stem}.png", title=f"{Path(run_dir).name} step {step}")
-    tmp = out / f".{stem}.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(dict(report.to_json(), step=step, rows=report.rows()), indent=1, default=str) + "\n")
-    return report, tmp.replace(out / f"{stem}.json")

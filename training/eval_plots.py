@@ -1,7 +1,8 @@
 """Plots of an evaluation: one PNG per metric over time.
 
 Per-frame metrics (identity, landmark distances, pose and expression error) are drawn against the frame, one line
-per clip; the long generation's per-second series (identity, pose drift) against the second.
+per clip; the latent-space rows' and the long generation's per-second series (latent MSE, struct errors, identity,
+pose and latent drift) against the second.
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from training.eval_metrics.latent import PER_SECOND
 
 
 def _finite(series: list) -> np.ndarray:
@@ -33,7 +36,7 @@ def plot_metric_series(data: dict[str, Any], out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6.4, 3.2))
         for label, series in lines[:12]:
             ax.plot(np.arange(len(series)), series, label=label, linewidth=1)
-        ax.set_xlabel("second" if name in long else "frame")
+        ax.set_xlabel("second" if name in long or name in PER_SECOND else "frame")
         ax.set_title(name, fontsize=10)
         if len(lines) <= 12:
             ax.legend(fontsize=6)

@@ -8,6 +8,13 @@ are absent is reported as skipped with the reason, never guessed). The identity 
 image the model was given: the clip's frame 0 (what the reference latent encodes) when the window starts the clip,
 else that latent decoded by the same VAE.
 
+Latent-space rows need no weights and no face in the decoded frames, so they measure a dry-run model too: per
+clip, the generated latents' MSE to the window's ground-truth latents and the struct stream's pose / mouth error
+against the window's motion rows (per second); over the long generation, the latents' distance to the reference
+latent (identity drift). Conditioning use (training/conditioning_use.py) on `conditioning_windows` windows of the
+same split: the loss with the true speech / reference against another clip's and the null one, the bridge's effect
+and the rollout drift, as ratios with their spread.
+
 Long-sequence consistency (the review's ablation): one long generation of `long_seconds` driven by the split's
 windows' HuBERT rows laid end to end (real speech, as many windows as it takes; the reference is the first
 clip's), its identity similarity and head-pose drift per second. Windows are independent stretches, so the
@@ -24,13 +31,14 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 
+from training.eval_metrics.latent import LatentPair
 from training.heldout import HeldOutClip, held_out_clips
 
 log = logging.getLogger(__name__)
@@ -46,6 +54,7 @@ class EvaluateOptions:
     audio_guidance: float = 1.0
     seed: int = 0
     long_seconds: float = 60.0  # the long generation for long-sequence consistency (0: none)
+    conditioning_windows: int = 8  # windows for the conditioning-use ratios (0: none)
     cache_window: Optional[int] = None  # the KV cache (training/generate.streaming_sampler; 0: unbounded)
     sink_frames: int = 1
     attention: Optional[str] = None  # "sdpa" / "flex" (None: the model's config)
@@ -61,8 +70,9 @@ class EvaluateOptions:
     inception_size: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if self.clips < 1 or self.sampler_steps < 1 or self.long_seconds < 0:
-            raise ValueError(f"evaluate needs clips >= 1, sampler_steps >= 1, long_seconds >= 0; got {asdict(self)}")
+        if self.clips < 1 or self.sampler_steps < 1 or self.long_seconds < 0 or self.conditioning_windows < 0:
+            raise ValueError(f"evaluate needs clips >= 1, sampler_steps >= 1, long_seconds >= 0, "
+                             f"conditioning_windows >= 0; got {asdict(self)}")
 
 
 @dataclass
@@ -73,9 +83,10 @@ class EvaluationReport:
     long_sequence: list[dict[str, Any]]
     seconds: float
     generate_s_per_clip: float
+    conditioning: list[dict[str, Any]] = field(default_factory=list)  # conditioning-use ratios (MetricResult JSON)
 
     def value(self, name: str) -> Optional[float]:
-        for r in self.summary + self.long_sequence:
+        for r in self.summary + self.long_sequence + self.conditioning:
             if r["name"] == name:
                 return r["value"]
         raise KeyError(name)
@@ -99,13 +110,41 @@ def _sampler(options: EvaluateOptions, provenance: dict):
 
 
 def _generated(model, wan, device, reference_latent: np.ndarray, features: np.ndarray, options: EvaluateOptions,
-               bar=None) -> Iterator[np.ndarray]:
+               bar=None, on_chunk=None) -> Iterator[np.ndarray]:
     from training.generate import stream_frames
 
     generator = torch.Generator(device=device).manual_seed(options.seed)
     yield from stream_frames(model, wan, torch.from_numpy(reference_latent)[None].to(device),
                              torch.from_numpy(features)[None].to(device), _sampler(options, model.provenance), generator,
-                             on_latent_frame=bar.update if bar is not None else None)
+                             on_latent_frame=bar.update if bar is not None else None, on_chunk=on_chunk)
+
+
+def latent_pair(clip: HeldOutClip, chunks: list) -> Optional[LatentPair]:
+    """The generated chunks' latents and struct rows beside the clip's shard window (None: the sample has none)."""
+    if clip.video_latents is None or clip.struct is None or clip.keep_mask is None or not chunks:
+        return None
+    latents = torch.cat([c.video_latents for c in chunks], 2)[0].float().cpu().numpy()  # [16, L, h, w]
+    rows = torch.cat([c.struct_rows for c in chunks], 1)[0].float().cpu().numpy()  # [T, S]
+    return LatentPair(latents, clip.video_latents, rows, clip.struct, clip.keep_mask)
+
+
+def conditioning_results(model, shards: str | Path, split: str, options: EvaluateOptions, device, out: Path) -> list:
+    """The conditioning-use ratios on windows of the evaluated split as MetricResults, their plot as
+    OUT/conditioning-use.png (skipped with the reason when the split has fewer than 2 windows)."""
+    from training.conditioning_use import ConditioningUseConfig, held_out_windows, measure_conditioning_use
+    from training.eval_metrics.results import MetricResult
+    from training.plots import plot_conditioning_use
+
+    if options.conditioning_windows == 0:
+        return []
+    cfg = ConditioningUseConfig(windows=max(2, options.conditioning_windows), split=split, seed=options.seed)
+    windows, used = held_out_windows(shards, cfg.windows, split)
+    if len(windows) < 2:
+        return [MetricResult.skipped("conditioning use", f"the {split} split has {len(windows)} talking-head "
+                                                         "window(s); the ratios need 2 or more")]
+    use = measure_conditioning_use(model, windows, cfg, device=device, split=used)
+    plot_conditioning_use(use, out / "conditioning-use.png", title=f"conditioning use on {used}")
+    return use.metric_results()
 
 
 def decode_reference(wan, reference_latent: np.ndarray) -> np.ndarray:
@@ -144,6 +183,7 @@ def evaluate_model(model_dir: str | Path, shards: str | Path, out_dir: str | Pat
     from tqdm.auto import tqdm
 
     from training.eval_metrics import EvalClip, EvalModels, EvalWeights, FeatureInputs, evaluate_set, long_sequence_consistency
+    from training.eval_metrics.latent import distance_to_reference, latent_identity_drift
     from training.shard_sets import shard_set_root
     from training.validation import write_side_by_side
 
@@ -151,7 +191,8 @@ def evaluate_model(model_dir: str | Path, shards: str | Path, out_dir: str | Pat
     out = Path(out_dir)
     (out / "clips").mkdir(parents=True, exist_ok=True)
     model, wan, device = _load(model_dir, options)
-    held = held_out_clips(shard_set_root(str(shards)), options.clips, options.split)
+    root = shard_set_root(str(shards))
+    held = held_out_clips(root, options.clips, options.split)
     if not held:
         raise ValueError(f"{shards}: no talking-head sample to evaluate on")
     weights = EvalWeights(*(Path(p) if p else None for p in (options.liveportrait, options.syncnet, options.i3d,
@@ -160,26 +201,37 @@ def evaluate_model(model_dir: str | Path, shards: str | Path, out_dir: str | Pat
     eval_clips, generate_s = [], 0.0
     for clip in tqdm(held, desc="evaluate: generate", unit="clip", disable=not options.progress):
         t0 = time.perf_counter()
+        chunks: list = []
         generated = np.concatenate(list(_generated(model, wan, device, clip.reference_latent, clip.audio_features,
-                                                   options)))[: len(clip.frames)]
+                                                   options, on_chunk=chunks.append)))[: len(clip.frames)]
         generate_s += time.perf_counter() - t0
         write_side_by_side(out / "clips" / f"{clip.key}.mp4", clip.frames, generated, clip.audio)
-        eval_clips.append(EvalClip(clip.key, generated, reference_image(wan, clip), clip.frames, clip.audio))
+        eval_clips.append(EvalClip(clip.key, generated, reference_image(wan, clip), clip.frames, clip.audio,
+                                   latents=latent_pair(clip, chunks)))
     sizes = {k: v for k, v in (("i3d_size", options.i3d_size), ("inception_size", options.inception_size)) if v}
     evaluations, summary = evaluate_set(eval_clips, networks, FeatureInputs(**sizes))
     long_results = []
     if options.long_seconds > 0:
         frames = 4 * math.ceil((round(options.long_seconds * 25) - 1) / 4) + 1
         features = long_drive(held, frames)
+        reference = held[0].reference_latent[:, :1]
+        distances: list[np.ndarray] = []
+
+        def to_reference(chunk) -> None:
+            distances.append(distance_to_reference(chunk.video_latents[0].float().cpu().numpy(), reference))
+
         with tqdm(total=(frames - 1) // 4 + 1, desc="evaluate: long generation", unit="latent frame",
                   disable=not options.progress) as bar:
             long_results = long_sequence_consistency(
-                _generated(model, wan, device, held[0].reference_latent, features, options, bar),
+                _generated(model, wan, device, held[0].reference_latent, features, options, bar, to_reference),
                 reference_image(wan, held[0]), networks.motion_extractor)
+        long_results.append(latent_identity_drift(np.concatenate(distances)))
+    conditioning = conditioning_results(model, root, held[0].split, options, device, out)
     report = EvaluationReport(
         out, [r.to_json() for r in summary],
         [{"key": e.name, "results": [r.to_json() for r in e.results]} for e in evaluations],
-        [r.to_json() for r in long_results], time.perf_counter() - started, generate_s / len(held))
+        [r.to_json() for r in long_results], time.perf_counter() - started, generate_s / len(held),
+        [r.to_json() for r in conditioning])
     _write_report(report, model_dir, shards, options, [c.split for c in held][0], model.provenance)
     return report
 
@@ -192,6 +244,7 @@ def _write_report(report: EvaluationReport, model_dir, shards, options: Evaluate
     data = {"model": str(Path(model_dir).resolve()), "shards": str(shards), "split": split,
             "step": provenance.get("step"), "weights": provenance.get("weights"), "options": asdict(options),
             "summary": report.summary, "clips": report.clips, "long_sequence": report.long_sequence,
+            "conditioning": report.conditioning,
             "seconds": report.seconds, "generate_s_per_clip": report.generate_s_per_clip,
             "untrained_dryrun_models": untrained_dryrun_of(provenance.get("training_data", []))}
     out = report.out_dir
@@ -209,7 +262,7 @@ def table_markdown(data: dict[str, Any]) -> str:
         lines += [f"Trained on shards from untrained dry-run extractors ({', '.join(data['untrained_dryrun_models'])}): "
                   "the numbers test the plumbing.", ""]
     lines += ["| metric | value | status | note | seconds |", "|---|---|---|---|---|"]
-    for r in data["summary"] + data["long_sequence"]:
+    for r in data["summary"] + data["long_sequence"] + data.get("conditioning", []):
         value = "" if r["value"] is None else f"{r['value']:.4g}"
         lines.append(f"| {r['name']} | {value} | {r['status']} | {r['reason']} | {r['seconds']:.2f} |")
     return "\n".join(lines)

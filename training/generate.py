@@ -25,7 +25,7 @@ import torch
 
 from models.dualforce import DualForce
 from models.dualforce.frames import num_latent_frames
-from models.dualforce.sampler import SamplerConfig, check_cache_fits, default_cache_window, stream
+from models.dualforce.sampler import GeneratedChunk, SamplerConfig, check_cache_fits, default_cache_window, stream
 from models.wan_vae import CausalStreamDecoder, WanVae
 from tasks.contract import AUDIO_SAMPLES_PER_FRAME, FPS, SAMPLE_RATE
 from tasks.errors import ClipRejected
@@ -189,8 +189,10 @@ def speech_features(audio: np.ndarray, frames: int, hubert, layers: tuple[int, .
 
 def stream_frames(model: DualForce, wan: WanVae, reference_latent: torch.Tensor, audio_features: torch.Tensor,
                   cfg: SamplerConfig, generator: torch.Generator, stats: Optional[StreamStats] = None,
-                  on_latent_frame: Optional[Callable[[int], None]] = None) -> Iterator[np.ndarray]:
-    """Decoded uint8 frames [n, H, W, 3] of the sampler's chunks, as each chunk finishes (batch 1).
+                  on_latent_frame: Optional[Callable[[int], None]] = None,
+                  on_chunk: Optional[Callable[[GeneratedChunk], None]] = None) -> Iterator[np.ndarray]:
+    """Decoded uint8 frames [n, H, W, 3] of the sampler's chunks, as each chunk finishes (batch 1); `on_chunk`
+    sees each chunk's latents and struct rows before its frames are decoded (evaluate's latent-space rows).
 
     reference_latent [1, 16, 1, h, w], audio_features [1, T, A] with T = 4(L-1)+1."""
     stats = stats if stats is not None else StreamStats()
@@ -203,6 +205,8 @@ def stream_frames(model: DualForce, wan: WanVae, reference_latent: torch.Tensor,
             stats.sampling_s += time.perf_counter() - start
             if chunk is None:
                 break
+            if on_chunk is not None:
+                on_chunk(chunk)
             start = time.perf_counter()
             frames = decoder.push(chunk.video_latents)[0]
             stats.decode_s += time.perf_counter() - start

@@ -30,6 +30,9 @@ class HeldOutClip:
     audio: np.ndarray  # float32 [T * 640], 16 kHz mono
     split: str
     meta: dict = field(default_factory=dict)
+    video_latents: Optional[np.ndarray] = None  # [16, L, h, w] the window's ground-truth latents
+    struct: Optional[np.ndarray] = None  # [T, S] the window's motion rows (the struct stream's ground truth)
+    keep_mask: Optional[np.ndarray] = None  # [T] bool: frames whose motion rows are real
 
 
 def _npy(sample: dict, member: str) -> np.ndarray:
@@ -45,7 +48,9 @@ def decode_clip(sample: dict, split: str) -> HeldOutClip:
     meta = sample["meta"]
     return HeldOutClip(sample["__key__"], str(meta.get("clip_id", sample["__key__"])),
                        _npy(sample, contract.REFERENCE_LATENT), _npy(sample, contract.AUDIO_FEATURES),
-                       decode_video_bytes(sample[contract.VIDEO]), audio.reshape(-1), split, meta)
+                       decode_video_bytes(sample[contract.VIDEO]), audio.reshape(-1), split, meta,
+                       video_latents=_npy(sample, contract.VIDEO_LATENTS), struct=_npy(sample, contract.STRUCT),
+                       keep_mask=contract.load_npy(sample[contract.KEEP_MASK]).astype(bool))
 
 
 def held_out_clips(shard_root: str | Path, count: int, split: Optional[str] = None) -> list[HeldOutClip]:

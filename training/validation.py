@@ -50,10 +50,15 @@ class ValidationConfig:
     seed: int = 0
     wan_vae: Optional[str] = None  # override the VAE the shard set records
     wan_vae_subfolder: Optional[str] = None
+    # held-out windows for the conditioning-use ratios in each round's record (training/conditioning_use.py; the
+    # rollout drift is left to evaluate and the gate, it costs a stream per frame); 0: none
+    conditioning_windows: int = 0
 
     def __post_init__(self) -> None:
-        if self.every < 0 or self.clips < 1 or self.sampler_steps < 1:
-            raise ValueError(f"validation needs every >= 0, clips >= 1, sampler_steps >= 1; got {asdict(self)}")
+        if self.every < 0 or self.clips < 1 or self.sampler_steps < 1 or self.conditioning_windows < 0 \
+                or self.conditioning_windows == 1:
+            raise ValueError(f"validation needs every >= 0, clips >= 1, sampler_steps >= 1, conditioning_windows 0 "
+                             f"or >= 2; got {asdict(self)}")
 
 
 def sample_stem(step: int) -> str:
@@ -102,6 +107,13 @@ class Validator:
         self.wan = load_recorded_wan_vae(training_data, vcfg.wan_vae, vcfg.wan_vae_subfolder, device,
                                          f"set validation.wan_vae (validation on {root})")
         self.untrained_dryrun = untrained_dryrun_of(training_data)
+        self.use_cfg, self.windows, self.windows_split = None, [], ""
+        if vcfg.conditioning_windows:
+            from training.conditioning_use import ConditioningUseConfig, held_out_windows
+
+            self.use_cfg = ConditioningUseConfig(windows=vcfg.conditioning_windows, split=vcfg.split, seed=vcfg.seed,
+                                                 drift_sampler_steps=0)
+            self.windows, self.windows_split = held_out_windows(root, vcfg.conditioning_windows, vcfg.split)
 
     def run(self, model, step: int, out_dir: Path, weights: str, tensorboard=None) -> list[Path]:
         """Generate every clip with `model` (eval mode, no grad) and write the files; returns them."""
@@ -136,10 +148,26 @@ class Validator:
             tensorboard.add_image("validation/samples", sheet, step, dataformats="HWC")
         record = {"step": step, "weights": weights, "clips": clips, "sheet": f"{stem}.png",
                   "sampler": asdict(sampler), "untrained_dryrun_models": self.untrained_dryrun}
+        if self.use_cfg is not None:
+            record["conditioning"] = self._conditioning_rows(model, step, tensorboard)
         tmp = samples / f".{stem}.json.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         files.append(tmp.replace(samples / f"{stem}.json"))
         return files
+
+
+    def _conditioning_rows(self, model, step: int, tensorboard=None) -> list[dict[str, Any]]:
+        """The conditioning-use ratios of this round (rows as evaluate and the gate show them)."""
+        from training.conditioning_use import measure_conditioning_use
+
+        if len(self.windows) < 2:
+            return [{"metric": "conditioning use", "ratio (median)": None,
+                     "good": f"not measured: {len(self.windows)} held-out window(s), the ratios need 2 or more"}]
+        use = measure_conditioning_use(model, self.windows, self.use_cfg, device=self.device, split=self.windows_split)
+        if tensorboard is not None:
+            for f in use.figures:
+                tensorboard.add_scalar(f"conditioning/{f.probe}/{f.altered}/{f.stream}", f.ratio_median, step)
+        return use.rows()
 
 
 def latest_samples(run_dir: Path) -> Optional[dict[str, Any]]:

@@ -27,6 +27,7 @@ from training.eval_metrics.fid import fid_from_features, inception_features
 from training.eval_metrics.fvd import fvd_from_features, i3d_features
 from training.eval_metrics.identity import identity_similarity
 from training.eval_metrics.landmarks import landmark_distances
+from training.eval_metrics.latent import LatentPair, latent_rows
 from training.eval_metrics.lipsync import lip_sync
 from training.eval_metrics.motion_error import motion_errors
 from training.eval_metrics.results import MetricResult, stopwatch
@@ -86,6 +87,7 @@ class EvalClip:
     gt: Optional[np.ndarray] = None  # [T', H, W, 3]; metrics against GT use the first min(T, T') frames
     audio: Optional[np.ndarray] = None  # [samples] the driving audio, 640 samples per frame
     gt_motion: Optional[MotionLatents] = None  # the GT's motion when already extracted (shards keep it): halves the cost
+    latents: Optional[LatentPair] = None  # the clip in the model's latent / struct space beside the window's truth
 
     @cached_property
     def paired(self) -> Optional[tuple[np.ndarray, np.ndarray]]:
@@ -156,12 +158,17 @@ def _lip_sync(clip: EvalClip, models: EvalModels) -> list[MetricResult]:
     return lip_sync(clip.generated, clip.audio, models.syncnet)
 
 
+def _latent(clip: EvalClip, models: EvalModels) -> list[MetricResult]:
+    return latent_rows(clip.latents)
+
+
 # The per-clip metrics, in report order; each returns its MetricResults (ok or skipped).
 CLIP_METRICS: dict[str, Callable[[EvalClip, EvalModels], list[MetricResult]]] = {
     "identity": _identity,
     "landmarks": _landmarks,
     "motion": _motion,
     "lip_sync": _lip_sync,
+    "latent": _latent,
 }
 
 

@@ -78,7 +78,7 @@ def test_resume_two_processes(tmp_path, stage):
     assert _torchrun(dict(split, stop_at_step=2), tmp_path / "s1.json").returncode == 0
     proc = _torchrun(split, tmp_path / "s2.json")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "resumed from step00000002" in proc.stdout + proc.stderr
+    assert "checkpoints/step00000002 at step 2" in proc.stdout + proc.stderr  # the "resumed from" log line
     assert _losses(tmp_path / "split") == _losses(tmp_path / "full")
     assert [s.status for s in read_statuses(tmp_path / "split")] == [COMPLETED, COMPLETED]
     assert read_metrics(tmp_path / "full" / "metrics.jsonl")[0]["world_size"] == 2

@@ -18,7 +18,7 @@ the sampler's `context_noise` writes into its cache; SkyReels-V2's addnoise_cond
 frames carry no loss: their velocity target is the noise itself.
 
 Defaults: non_decreasing, clean_prefix_prob 0.5, given_prefix_prob 0.5, context_sigma_max 0.05 (the
-references' choices; the rollout-drift benchmark, benchmarks/rollout_drift.py, compares them with independent
+references' choices; the learning check, benchmarks/learning_check.py, compares them with independent
 draws). Condition dropout for classifier-free guidance: per sample, the audio features are zeroed with
 `audio_drop_prob` and the reference latent with `reference_drop_prob` (independently); the sampler's null branches
 use the same zeros.

@@ -191,7 +191,7 @@ def stream(
         ctx_v, ctx_s = context_video.to(dtype), tie_pad_rows(context_struct.to(dtype))
         given = torch.full((B, k0), context_given, dtype=torch.bool, device=device)
         level = torch.full((B, k0), 0.0 if context_given else cn, device=device)
-        if not context_given:  # as if the sampler had made them (rollout_drift's teacher forcing)
+        if not context_given:  # as if the sampler had made them (training/conditioning_use.rollout_drift's teacher forcing)
             ctx_v = (1 - cn) * ctx_v + cn * ctx_noise_video[:, :, :k0]
             ctx_s = tie_pad_rows((1 - cn) * ctx_s + cn * ctx_noise_struct[:, :k0])
         for br in branches:

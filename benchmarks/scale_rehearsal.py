@@ -27,26 +27,14 @@ FIGURES = ("wall_s_per_clip", "orchestration_s_per_clip", "peak_rss_mb", "prefec
            "log_lines", "stale_listing_s", "plan_s", "second_run_s_per_clip")
 
 
-def _api_count(path: str) -> int:
-    """A count from the Prefect REST API of this process's embedded server (POST /<kind>/count)."""
-    import httpx
-    from prefect.settings import PREFECT_API_URL
+def _db_counts(db: Path) -> dict[str, int]:
+    """Rows the run left in the Prefect database (the embedded server is gone by now, so read its SQLite file)."""
+    import sqlite3
 
-    return int(httpx.post(f"{PREFECT_API_URL.value()}/{path}", json={}, timeout=60).json())
-
-
-def _log_lines() -> int:
-    import httpx
-    from prefect.settings import PREFECT_API_URL
-
-    total, offset = 0, 0
-    while True:
-        page = httpx.post(f"{PREFECT_API_URL.value()}/logs/filter", json={"limit": 200, "offset": offset},
-                          timeout=60).json()
-        total += len(page)
-        offset += 200
-        if len(page) < 200:
-            return total
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        return {name: con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+                for name, table in (("task_runs", "task_run"), ("flow_runs", "flow_run"), ("artifacts", "artifact"),
+                                    ("log_lines", "log"), ("events", "events"))}
 
 
 def one_size(n: int, work: Path, steps: list[str], runner: str) -> dict[str, Any]:
@@ -77,8 +65,7 @@ def one_size(n: int, work: Path, steps: list[str], runner: str) -> dict[str, Any
     out["plan_s"] = time.perf_counter() - t0
     second = run_preprocess(manifest, work / "out", steps, workers=2, batch_size=8, **extra)
     out.update(second_run_s=second.wall_s, second_run_s_per_clip=second.wall_s / n)
-    out.update(task_runs=_api_count("task_runs/count"), flow_runs=_api_count("flow_runs/count"),
-               artifacts=_api_count("artifacts/count"), log_lines=_log_lines())
+    out.update(_db_counts(work / "prefect" / "prefect.db"))
     out["prefect_db_mb"] = sum(p.stat().st_size for p in (work / "prefect").glob("*.db*")) / 2**20
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out

@@ -30,12 +30,13 @@ def _failed_exit_code(state) -> int:
 def _done_exit_code(preprocess_report: dict | None) -> int:
     """0, or 5 (CLIPS-FAILED) when clips failed through our own error rather than being rejected."""
     from flows.outcomes import CLIPS_FAILED, EXIT_CODES, failed_clips
+    from tasks.reasons import shorten
 
     failed = failed_clips(preprocess_report or {})
     if not failed:
         return 0
     print(f"\n{CLIPS_FAILED}: {len(failed)} clip(s) failed through an error of ours (not their input); the rest "
-          f"finished. First: {failed[0]['clip_id']} at {failed[0]['step']}: {failed[0]['detail'][:300]}. "
+          f"finished. First: {failed[0]['clip_id']} at {failed[0]['step']}: {shorten(failed[0]['detail'], 300)}. "
           f"Re-run after the fix: finished steps are reused.", file=sys.stderr)
     return EXIT_CODES[CLIPS_FAILED]
 
@@ -152,13 +153,20 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _json_arg(value: str | None) -> dict | None:
-    """A JSON object given inline or as a path to a .json file."""
+    """A JSON object given inline or as a path to a .json file (else a usage error, exit 2)."""
+    from tasks.reasons import shorten
+
     if value is None:
         return None
     text = Path(value).read_text() if Path(value).is_file() else value
-    data = json.loads(text)
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        print(f"expected a JSON object or a .json file, got {shorten(value, 80)!r}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     if not isinstance(data, dict):
-        raise SystemExit(f"expected a JSON object, got {type(data).__name__}")
+        print(f"expected a JSON object, got {type(data).__name__} from {shorten(value, 80)!r}", file=sys.stderr)
+        raise SystemExit(2)
     return data
 
 
@@ -193,7 +201,10 @@ def cmd_program(args: argparse.Namespace) -> int:
     _prefect_env()
     from flows.program import training_program
     from flows.summary import program_lines
+    from training.program import load_program
 
+    if (code := _check_input_file("program", load_program, args.program)) is not None:
+        return code
     t0 = time.perf_counter()
     state = training_program(args.program, auto_approve=True if args.auto_approve else None,
                              review_timeout_s=args.review_timeout, return_state=True)
@@ -202,6 +213,30 @@ def cmd_program(args: argparse.Namespace) -> int:
         return _failed_exit_code(state)
     print("\n".join(program_lines(state.result(), time.perf_counter() - t0)))
     return 0
+
+
+def _check_input_file(what: str, load, path: str) -> int | None:
+    """Read a user's program / ablation file before any flow starts: None when it is usable, else the exit code
+    (2: no such file; 6: it cannot be parsed or does not validate) after one line naming the file and the problem."""
+    import pydantic
+
+    from flows.outcomes import EXIT_CODES, UNUSABLE_INPUT
+    from training.program import ConfigFileError
+
+    if not Path(path).is_file():
+        print(f"{what} file {path} does not exist", file=sys.stderr)
+        return 2
+    try:
+        load(path)
+    except ConfigFileError as exc:
+        print(f"unusable {what}: {exc}", file=sys.stderr)
+        return EXIT_CODES[UNUSABLE_INPUT]
+    except (pydantic.ValidationError, ValueError) as exc:
+        problems = exc.errors() if isinstance(exc, pydantic.ValidationError) else []
+        text = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in problems) or str(exc)
+        print(f"unusable {what} {path}: {text}", file=sys.stderr)
+        return EXIT_CODES[UNUSABLE_INPUT]
+    return None
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
@@ -284,7 +319,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"cannot generate from this input ({exc.reason}): {exc.detail}", file=sys.stderr)
         return EXIT_CODES[UNUSABLE_INPUT]
     except WeightsError as exc:
-        print(f"extractor weights: {exc}", file=sys.stderr)
+        print(f"generate: model or extractor weights: {exc}", file=sys.stderr)
         return EXIT_CODES[BAD_WEIGHTS]
     except (GenerateError, FileNotFoundError) as exc:
         print(f"generate: {exc}", file=sys.stderr)
@@ -299,9 +334,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     _prefect_env()
     from flows.evaluate import evaluate_flow
-    from flows.outcomes import BAD_WEIGHTS, EXIT_CODES
+    from flows.outcomes import BAD_WEIGHTS, EXIT_CODES, UNUSABLE_INPUT
     from models.weights import WeightsError
     from training.generate import GenerateError
+    from training.heldout import NoHeldOutClips, check_shard_set
 
     options = dict(split=args.split, clips=args.clips, sampler_steps=args.steps, audio_guidance=args.cfg,
                    seed=args.seed, long_seconds=args.long_seconds, conditioning_windows=args.conditioning_windows,
@@ -310,10 +346,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                    wan_vae_subfolder=args.wan_vae_subfolder, device=args.device, progress=not args.no_progress,
                    cache_window=args.cache_window, sink_frames=args.sink_frames, attention=args.attention)
     try:
+        check_shard_set(args.shards, args.split)  # before the flow: a flow's failure logs a traceback
         result = evaluate_flow(args.model, args.shards, args.out, options)
     except WeightsError as exc:
         print(f"evaluation weights: {exc}", file=sys.stderr)
         return EXIT_CODES[BAD_WEIGHTS]
+    except NoHeldOutClips as exc:
+        print(f"evaluate: unusable shard set: {exc}", file=sys.stderr)
+        return EXIT_CODES[UNUSABLE_INPUT]
     except (GenerateError, ValueError, FileNotFoundError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2
@@ -326,7 +366,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_ablate(args: argparse.Namespace) -> int:
     _prefect_env()
     from flows.ablate import ablation_flow
+    from training.ablation import load_matrix
 
+    if (code := _check_input_file("ablation matrix", load_matrix, args.matrix)) is not None:
+        return code
     state = ablation_flow(args.matrix, return_state=True)
     if not state.is_completed():
         print(f"ablation matrix failed: {state.message}", file=sys.stderr)
@@ -338,15 +381,39 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= `low` (a usage error, exit 2, before any work)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     """What generate and evaluate share: the sampler, the seed, the VAE override, the device."""
-    p.add_argument("--steps", type=int, default=20, help="Euler steps per latent frame")
+    p.add_argument("--steps", type=_at_least(1), default=20, help="Euler steps per latent frame")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance on the speech (1: none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-window", type=int,
+    p.add_argument("--cache-window", type=_at_least(0),
                    help="latent frames the KV cache keeps besides the sinks (default: as many as the model's training "
                         "window allows, so memory stays flat; 0: all)")
-    p.add_argument("--sink-frames", type=int, default=1,
+    p.add_argument("--sink-frames", type=_at_least(0), default=1,
                    help="first latent frames a bounded cache keeps for good (the reference always stays)")
     p.add_argument("--attention", choices=("sdpa", "flex"), help="masked attention path (default: the model's)")
     p.add_argument("--wan-vae", help="override the Wan VAE the model's training data was made with")
@@ -498,9 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", required=True, help="the face (any image OpenCV reads); cropped as the crop step crops")
     g.add_argument("--audio", required=True, help="the speech (any file ffmpeg reads; any rate and channels)")
     g.add_argument("-o", "--out", required=True, help="the mp4 to write (and <out>.json beside it)")
-    g.add_argument("--seconds", type=float, help="use the first this-many seconds of the speech")
+    g.add_argument("--seconds", type=_positive_float, help="use the first this-many seconds of the speech")
     g.add_argument("--reference-cfg", type=float, default=1.0, help="classifier-free guidance on the face (1: none)")
-    g.add_argument("--chunk-frames", type=int, default=1, help="latent frames denoised together")
+    g.add_argument("--chunk-frames", type=_at_least(1), default=1, help="latent frames denoised together")
     g.add_argument("--hubert", help="override the HuBERT the model's training data was made with")
     g.add_argument("--hubert-layers", type=int, nargs="+")
     _add_sampling_arguments(g)
@@ -512,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--shards", required=True, help="a shard set folder (ROOT/DATASET/shards)")
     ev.add_argument("-o", "--out", required=True, help="folder for evaluation.json / .md, plots and clips")
     ev.add_argument("--split", default="test", help="the held-out split (default: test)")
-    ev.add_argument("--clips", type=int, default=16)
+    ev.add_argument("--clips", type=_at_least(1), default=16)
     ev.add_argument("--long-seconds", type=float, default=60.0, help="the long generation (0: none)")
     ev.add_argument("--conditioning-windows", type=int, default=8,
                     help="windows for the conditioning-use ratios: speech / reference / bridge use, drift (0: none)")

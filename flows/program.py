@@ -26,6 +26,7 @@ from prefect.states import Failed, State
 from flows.outcomes import BAD_WEIGHTS
 from flows.train import train_flow
 from models.weights import WeightsError
+from tasks.reasons import shorten
 from training import checkpoint
 from training.config import TrainConfig
 from training.gates import read_gate_log
@@ -82,7 +83,7 @@ def run_concept(spec: ConceptSpec, program: ProgramConfig, record: ProgramRecord
         convergence = next((g for g in entry.gates if g["gate"] == "convergence"), None)
         rows.append({"sigma_struct_max": ceiling, "chosen": ceiling == spec.chosen, "verdict": entry.verdict,
                      "loss_at_gate": (convergence or {}).get("numbers", {}).get("loss_at_step"),
-                     "steps": entry.steps, "detail": entry.message[:200]})
+                     "steps": entry.steps, "detail": shorten(entry.message)})
         if ceiling == spec.chosen:
             chosen = entry
             converged = entry.verdict == "GO" and (convergence or {}).get("verdict") == "GO"
@@ -93,7 +94,7 @@ def run_concept(spec: ConceptSpec, program: ProgramConfig, record: ProgramRecord
     if converged:
         record.decide("concept", "go on", f"the multimodal loss converged at sigma_s max {spec.chosen:g}")
         return None
-    record.decide("concept", "stop", f"sigma_s max {spec.chosen:g}: {chosen.verdict}: {chosen.message[:200]}")
+    record.decide("concept", "stop", f"sigma_s max {spec.chosen:g}: {chosen.verdict}: {shorten(chosen.message)}")
     return Failed(name=chosen.verdict if chosen.verdict != "GO" else "NO-GO",
                   message=f"NO-GO: concept (sigma_s max {spec.chosen:g}): {chosen.message}. Recommendation: the "
                           "dual-stream objective does not converge at this scale; revisit the struct noise ceiling, "
@@ -137,13 +138,13 @@ def run_pretrain(spec: StageSpec, program: ProgramConfig, record: ProgramRecord,
         ckpt = Path(entry.run_dir) / "checkpoints"
         weights = checkpoint.weights_path(ckpt, checkpoint.latest_tag(ckpt))
         record.decide("pretrain", f"joint starts from pretrain's video DiT (step {entry.steps})",
-                      f"convergence gate GO: {entry.message[:200]}")
+                      f"convergence gate GO: {shorten(entry.message)}")
         return None, str(weights)
     if state.name == "NO-GO" and (state.message or "").startswith("NO-GO: convergence"):
         record.decide("pretrain", "option B: joint starts from scratch on talking-head data",
-                      f"pretrain's convergence gate said NO-GO: {state.message[:300]}")
+                      f"pretrain's convergence gate said NO-GO: {shorten(state.message or '', 300)}")
         return None, None
-    record.decide("pretrain", "stop", f"{state.name}: {(state.message or '')[:300]}")
+    record.decide("pretrain", "stop", f"{state.name}: {shorten(state.message or '', 300)}")
     return Failed(name=state.name, message=state.message), None  # a fresh state: the program's, not the subflow's
 
 
@@ -187,7 +188,7 @@ def training_program(
     state, _ = _train("joint", start, joint_cfg, cfg.joint, cfg, record, auto_approve=review.auto_approve,
                       review_timeout_s=review.timeout_s, review_on_timeout=review.on_timeout)
     if not state.is_completed():
-        record.decide("joint", "stop", f"{state.name}: {(state.message or '')[:300]}")
+        record.decide("joint", "stop", f"{state.name}: {shorten(state.message or '', 300)}")
         _publish(record, state.name)
         return Failed(name=state.name, message=state.message)  # the program ends as its stage did (exit code)
     record.decide("joint", "done", state.message or "")

@@ -1,6 +1,8 @@
 """The run summary the CLI prints, as text: the same lines become the top-level run's Prefect artifact."""
 from __future__ import annotations
 
+from tasks.reasons import shorten
+
 
 def preprocess_lines(report: dict, seconds: float | None = None) -> list[str]:
     profile = report.get("profile", "talking_head")
@@ -55,7 +57,7 @@ def program_lines(result: dict, seconds: float | None = None) -> list[str]:
     lines = [f"== training program {result['program']}",
              f"{'stage':<10}{'run':<{w}}{'verdict':<15}{'steps':>6}  gates judged"]
     lines += [f"{r['stage']:<10}{r['run']:<{w}}{r['verdict']:<15}{r['steps']:>6}  {r['gates']}" for r in result["stages"]]
-    lines += [f"after {d['stage']}: {d['decision']} ({d['why'][:160]})" for d in result["decisions"]]
+    lines += [f"after {d['stage']}: {d['decision']} ({shorten(d['why'], 160)})" for d in result["decisions"]]
     if seconds is not None:
         lines.append(f"wall time: {seconds:.1f}s")
     lines.append(f"record: {result['record']}")

@@ -9,6 +9,7 @@ import torch
 
 from models.dualforce import DualForce, SamplerConfig, build_model, generate
 from models.dualforce.serialization import CONFIG_FILE, WEIGHTS_FILE
+from models.weights import WeightsError
 from tests.test_dualforce_model import activate_zero_paths, make_inputs, run
 from tests.training_shards import train_config, train_in_process, write_shards
 from training import checkpoint
@@ -42,10 +43,10 @@ def test_a_folder_that_does_not_fit_is_refused(tmp_path):
     build_model("tiny").save_pretrained(tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())
     (tmp_path / "m" / CONFIG_FILE).write_text(json.dumps(dict(cfg, video_dims=3)))
-    with pytest.raises(ValueError, match="does not know: video_dims"):
+    with pytest.raises(WeightsError, match="does not know: video_dims"):  # the CLI's exit 7, before any build
         DualForce.from_pretrained(tmp_path / "m")
     (tmp_path / "m" / CONFIG_FILE).write_text(json.dumps(dict(cfg, video_blocks=4)))  # one block more than saved
-    with pytest.raises(RuntimeError, match="Missing key"):
+    with pytest.raises(WeightsError, match="missing keys"):  # from the file's header, before its data is read
         DualForce.from_pretrained(tmp_path / "m")
     with pytest.raises(FileNotFoundError, match="not an exported DualForce model"):
         DualForce.from_pretrained(tmp_path)

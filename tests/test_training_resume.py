@@ -79,7 +79,9 @@ def test_resume_two_processes(tmp_path, stage):
     proc = _torchrun(split, tmp_path / "s2.json")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "checkpoints/step00000002 at step 2" in proc.stdout + proc.stderr  # the "resumed from" log line
-    assert _losses(tmp_path / "split") == _losses(tmp_path / "full")
+    split_rows, full_rows = _losses(tmp_path / "split"), _losses(tmp_path / "full")
+    # bitwise, the EMA norm included: it once read DeepSpeed's uninitialised partition padding (CI: 1.6e-6 apart)
+    assert split_rows == full_rows
     assert [s.status for s in read_statuses(tmp_path / "split")] == [COMPLETED, COMPLETED]
     assert read_metrics(tmp_path / "full" / "metrics.jsonl")[0]["world_size"] == 2
 

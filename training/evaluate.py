@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from training.eval_metrics.latent import LatentPair
-from training.heldout import HeldOutClip, held_out_clips
+from training.heldout import HeldOutClip, NoHeldOutClips, held_out_clips, no_clips_message
 
 log = logging.getLogger(__name__)
 REPORT_FILE = "evaluation.json"
@@ -190,11 +190,11 @@ def evaluate_model(model_dir: str | Path, shards: str | Path, out_dir: str | Pat
     started = time.perf_counter()
     out = Path(out_dir)
     (out / "clips").mkdir(parents=True, exist_ok=True)
-    model, wan, device = _load(model_dir, options)
     root = shard_set_root(str(shards))
     held = held_out_clips(root, options.clips, options.split)
-    if not held:
-        raise ValueError(f"{shards}: no talking-head sample to evaluate on")
+    if not held:  # before the model is loaded: nothing to do
+        raise NoHeldOutClips(no_clips_message(root, options.split))
+    model, wan, device = _load(model_dir, options)
     weights = EvalWeights(*(Path(p) if p else None for p in (options.liveportrait, options.syncnet, options.i3d,
                                                               options.fid_inception)))
     networks = EvalModels.load(weights, device="cpu")

@@ -77,3 +77,39 @@ def held_out_clips(shard_root: str | Path, count: int, split: Optional[str] = No
             return clips
     return []
 
+
+
+class NoHeldOutClips(ValueError):
+    """A shard set with no talking-head sample in the split asked for; the message names the splits it has."""
+
+
+def no_clips_message(shard_root: str | Path, split: Optional[str]) -> str:
+    """Why there is nothing to evaluate on, and the `--split` that would give something (from stats.json)."""
+    import json
+
+    from tasks.shard import STATS_FILE
+
+    asked = f"split {split!r}" if split else f"a held-out split ({' / '.join(HELD_OUT_SPLITS)}) or train"
+    stats_file = Path(shard_root) / STATS_FILE
+    per_split = json.loads(stats_file.read_text()).get("per_split", {}) if stats_file.is_file() else {}
+    have = {name: v.get("clips", 0) for name, v in per_split.items() if v.get("samples")}
+    if not have:
+        return f"{shard_root}: no talking-head sample in {asked}; the set holds no samples at all"
+    listing = ", ".join(f"{name} ({n} clips)" for name, n in have.items())
+    best = max(have, key=lambda name: have[name])
+    return (f"{shard_root}: no talking-head sample in {asked}; the set has {listing}: pass --split {best} "
+            f"(held-out metrics on training clips measure fit, not generalisation)")
+
+
+def check_shard_set(shards: str | Path, split: Optional[str]) -> Path:
+    """The shard set's root, checked before any model is loaded or flow started: NoHeldOutClips when the set has
+    no stats.json or no shard in the split asked for (or in any split, with none asked)."""
+    from tasks.shard import STATS_FILE, shard_files
+    from training.shard_sets import shard_set_root
+
+    root = shard_set_root(str(shards))
+    if not (root / STATS_FILE).is_file():
+        raise NoHeldOutClips(f"{shards} is not a shard set (no {STATS_FILE} in it or above it)")
+    if not any(shard_files(root, name) for name in ((split,) if split else (*HELD_OUT_SPLITS, "train"))):
+        raise NoHeldOutClips(no_clips_message(root, split))
+    return root

@@ -144,15 +144,22 @@ def resolve_path(base: Path, p: str) -> str:
     return str(path if path.is_absolute() else (base / path).resolve())
 
 
+class ConfigFileError(ValueError):
+    """A program / ablation file that cannot be read or parsed (the CLI's exit 6: an unusable input)."""
+
+
 def read_config_file(source: str | Path | dict[str, Any], what: str) -> tuple[dict[str, Any], Path]:
     """(the mapping, the folder its relative paths are relative to) of a .yaml / .yml / .json file or a parsed dict."""
     if isinstance(source, dict):
         return source, Path.cwd()
     path = Path(source)
-    text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:  # safe loader: a Python tag is refused
+        raise ConfigFileError(f"{path}: {what} that cannot be read: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: {what} holds a mapping, got {type(data).__name__}")
+        raise ConfigFileError(f"{path}: {what} holds a mapping, got {type(data).__name__}")
     return data, path.resolve().parent
 
 

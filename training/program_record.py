@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from tasks.reasons import shorten
+
 RECORD_FILE = "program.json"
 
 
@@ -48,7 +50,7 @@ class ProgramRecord:
         """One row per stage run: what a person reads first."""
         return [{"stage": r.stage, "run": r.run, "verdict": r.verdict, "steps": r.steps,
                  "gates": ", ".join(f"{g['gate']}@{g['step']} {g['verdict']}" for g in r.gates),
-                 "seconds": round(r.seconds, 1), "detail": r.message[:300]} for r in self.runs]
+                 "seconds": round(r.seconds, 1), "detail": shorten(r.message, 300)} for r in self.runs]
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "out_dir": str(self.out_dir), "started": self.started,

@@ -14,6 +14,7 @@ normalised upstream. Residual streams, modulation and gated adds are float32 (mo
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -31,7 +32,7 @@ from .kv_cache import KVCache
 from .masking import REFERENCE_FRAME, frame_causal_mask
 from .modulation import AudioModulation, TimestepEmbedding
 from .rope import grid_positions, rope_angles
-from .serialization import read_pretrained, write_pretrained
+from .serialization import WEIGHTS_FILE, read_pretrained_config, weights_header, write_pretrained
 from .struct_dit import StructEmbed, StructHead
 from .video_dit import ReferenceEmbed, VideoHead, VideoPatchEmbed, given_condition
 
@@ -86,9 +87,20 @@ class DualForce(nn.Module):
     def from_pretrained(cls, path, device: Union[str, torch.device] = "cpu",
                         dtype: Optional[torch.dtype] = None) -> "DualForce":
         """A model from an exported folder (serialization.py); every weight must be there, nothing else may be."""
-        config, state, provenance = read_pretrained(path)
-        with torch.device("meta"):
-            model = cls(config)
+        from safetensors.torch import load_file
+
+        from models.weights import WeightsError, check_state_dict
+
+        config, provenance = read_pretrained_config(path)
+        weights_file = Path(path) / WEIGHTS_FILE
+        header = weights_header(weights_file)  # before anything is built: a config past the file's tensors is refused
+        try:
+            with torch.device("meta"):  # no memory: an absurd config fails here or at the shape check, not in malloc
+                model = cls(config)
+        except (RuntimeError, ValueError, OverflowError) as exc:
+            raise WeightsError(f"{Path(path) / 'config.json'} describes a model that cannot be built: {exc}") from None
+        check_state_dict(model, header, str(weights_file))  # every missing / extra / misshapen tensor, at once
+        state = load_file(str(weights_file))
         # fresh (aligned) storage, not the file's mapping: the same kernels, so bit-identical outputs
         model.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True, assign=True)
         model.provenance = provenance

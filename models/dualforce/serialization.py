@@ -163,9 +163,32 @@ def write_pretrained(path: str | Path, config: DualForceConfig, state_dict: dict
     return path
 
 
-def read_pretrained(path: str | Path) -> tuple[DualForceConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """(config, state dict, provenance) of an exported folder."""
-    from safetensors.torch import load_file
+# safetensors' dtype names (its header format) -> torch, for checking a file's tensors before reading them
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def weights_header(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as meta tensors (shape and dtype from its header, no data read), so a
+    config can be checked against them before anything is allocated. WeightsError when it is not a safetensors
+    file (truncated, renamed, another format)."""
+    from safetensors import SafetensorError, safe_open
+
+    from models.weights import WeightsError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta",
+                                   dtype=_SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), torch.float32))
+                    for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(f"{path} is not a readable safetensors file: {exc}") from None
+
+
+def read_pretrained_config(path: str | Path) -> tuple[DualForceConfig, dict[str, Any]]:
+    """(config, provenance) of an exported folder; WeightsError when config.json is not a DualForce config."""
+    from models.weights import WeightsError
 
     path = Path(path)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -173,7 +196,18 @@ def read_pretrained(path: str | Path) -> tuple[DualForceConfig, dict[str, torch.
             left = [p.name for p in leftovers(path)] if not path.exists() else []
             hint = f" (an interrupted export left {', '.join(left)} beside it: export again)" if left else ""
             raise FileNotFoundError(f"{path} is not an exported DualForce model (no {name}){hint}")
-    config = config_from_json(json.loads((path / CONFIG_FILE).read_text()))
+    try:
+        config = config_from_json(json.loads((path / CONFIG_FILE).read_text()))
+    except (ValueError, TypeError, KeyError) as exc:  # JSONDecodeError is a ValueError
+        raise WeightsError(f"{path / CONFIG_FILE} is not a usable DualForce config: {exc}") from None
     provenance_file = path / PROVENANCE_FILE
     provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
-    return config, load_file(str(path / WEIGHTS_FILE)), provenance
+    return config, provenance
+
+
+def read_pretrained(path: str | Path) -> tuple[DualForceConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """(config, state dict, provenance) of an exported folder."""
+    from safetensors.torch import load_file
+
+    config, provenance = read_pretrained_config(path)
+    return config, load_file(str(Path(path) / WEIGHTS_FILE)), provenance

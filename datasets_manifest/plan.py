@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -258,21 +259,39 @@ def format_plan(plan: CapacityPlan) -> str:
 DEFAULT_LEDGER = Path("dryrun-output") / "samples"
 
 
+USAGE, UNUSABLE_INPUT = 2, 6  # the exit codes of flows/outcomes.py (this package sits below flows/)
+
+
+def _refused(code: int, message: str) -> int:
+    print(f"plan: {message}", file=sys.stderr)
+    return code
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from datasets_manifest.schema import read_manifest
 
+    if args.cpus < 1 or args.gpus < 0:
+        return _refused(USAGE, f"--cpus must be at least 1 and --gpus at least 0, got {args.cpus} and {args.gpus}")
     manifest = Path(args.manifest or Path("data") / "manifests" / f"{args.dataset}.parquet")
     if not manifest.is_file():
-        raise SystemExit(f"error: manifest {manifest} not found (build it with `dualforce manifest {args.dataset} SRC "
-                         f"-o {manifest}` or pass --manifest)")
-    rows, bad = read_manifest(manifest)
+        return _refused(USAGE, f"manifest {manifest} not found (build it with `./run manifest {args.dataset} SRC "
+                               f"-o {manifest}` or pass --manifest)")
+    try:
+        rows, bad = read_manifest(manifest)
+    except Exception as exc:  # not parquet, another schema
+        return _refused(UNUSABLE_INPUT, f"manifest {manifest} cannot be read ({type(exc).__name__}: {exc})")
+    if args.ledger and not Path(args.ledger).exists():
+        return _refused(USAGE, f"--ledger {args.ledger} does not exist")
     ledger = Path(args.ledger or DEFAULT_LEDGER)
     try:
-        costs = load_costs(ledger)
         rates = parse_rates(args.rate or [])
+    except ValueError as exc:
+        return _refused(USAGE, f"--rate: {exc}")
+    try:
+        costs = load_costs(ledger)
     except (FileNotFoundError, ValueError) as exc:
-        hint = "" if args.ledger else " (run `dualforce dry-run` first, or pass --ledger DIR of a finished run)"
-        raise SystemExit(f"error: {exc}{hint}") from None
+        hint = "" if args.ledger else " (run `./run dry-run` first, or pass --ledger DIR of a finished run)"
+        return _refused(USAGE if isinstance(exc, FileNotFoundError) else UNUSABLE_INPUT, f"{exc}{hint}")
     plan = plan_capacity(rows, costs, args.cpus, args.gpus, dataset=args.dataset, rates=rates)
     extra = [f"{len(bad)} malformed manifest rows skipped"] if bad else []
     dry = [s for s in dryrun_steps(ledger if ledger.name != "ledger" else ledger.parent) if s not in rates]

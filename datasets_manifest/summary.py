@@ -34,7 +34,6 @@ MOTION_BYTES_PER_S = MOTION_VALUES_PER_FRAME * 2 * VIDEO_FPS  # 6,650
 FLAME_BYTES_PER_S = (1 + 2) * VIDEO_FPS  # 75
 
 # 5 HuBERT, float16, pooled 50 Hz -> 25 fps: base 768-d, large 1024-d per video frame.
-HUBERT_BASE_DIM = 768
 HUBERT_LARGE_DIM = 1024
 
 

@@ -8,6 +8,19 @@ import sys
 import time
 from pathlib import Path
 
+from flows.cli_checks import (
+    InputRejected,
+    at_least,
+    build_manifest_checked,
+    check_audit_inputs,
+    check_preprocess,
+    check_train_inputs,
+    fraction,
+    non_negative_float,
+    positive_float,
+    preprocess_options,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SAMPLES = REPO.parent / "shared" / "samples"
 
@@ -75,24 +88,33 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    _prefect_env()
+    _prefect_env()  # before the checks import Prefect
+    options = _checked_preprocess_options(args)
     from flows.preprocess import with_workers
 
     t0 = time.perf_counter()
     state = with_workers(args.workers)(dataset=args.dataset, manifest=args.manifest, output_root=args.out,
-                                       profile=args.profile, **_preprocess_options(args).flow_parameters(),
-                                       return_state=True)
+                                       profile=args.profile, **options.flow_parameters(), return_state=True)
     return _preprocess_exit(state, t0)
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    _prefect_env()
+    _prefect_env()  # before the checks import Prefect
+    options = _checked_preprocess_options(args)
     from flows.backfill import backfill
 
     t0 = time.perf_counter()
     state = backfill(dataset=args.dataset, manifest=args.manifest, output_root=args.out, profile=args.profile,
-                     preprocess_options=_preprocess_options(args), workers=args.workers, return_state=True)
+                     preprocess_options=options, workers=args.workers, return_state=True)
     return _preprocess_exit(state, t0)
+
+
+def _checked_preprocess_options(args: argparse.Namespace):
+    """The preprocess flags as the flow's options, refused (exit 2 / 6, one line) before any work when they, the
+    dataset name, the manifest or the steps cannot run."""
+    options = preprocess_options(lambda: _preprocess_options(args))
+    check_preprocess(args.dataset, args.manifest, args.profile, options)
+    return options
 
 
 def _preprocess_options(args: argparse.Namespace):
@@ -136,6 +158,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     shards = Path(args.shards).resolve()
     steps = Path(args.steps_root).resolve() if args.steps_root else shards.parent / "steps"
+    check_audit_inputs(shards, steps, args.fraction)
     models = audit_models_for(shards, args.models, args.liveportrait_root, args.wan_vae, args.wan_vae_subfolder)
     cfg = AuditConfig(fraction=args.fraction, seed=args.seed)
     from tqdm import tqdm
@@ -152,21 +175,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0 if report.ok else 4
 
 
-def _json_arg(value: str | None) -> dict | None:
+def _json_arg(value: str | None, flag: str = "") -> dict | None:
     """A JSON object given inline or as a path to a .json file (else a usage error, exit 2)."""
     from tasks.reasons import shorten
 
     if value is None:
         return None
+    if value.endswith(".json") and not Path(value).is_file():
+        raise InputRejected(2, f"{flag} {value}: no such file")
     text = Path(value).read_text() if Path(value).is_file() else value
     try:
         data = json.loads(text)
     except ValueError as exc:
-        print(f"expected a JSON object or a .json file, got {shorten(value, 80)!r}: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise InputRejected(2, f"{flag} expected a JSON object or a .json file, got {shorten(value, 80)!r}: {exc}") \
+            from None
     if not isinstance(data, dict):
-        print(f"expected a JSON object, got {type(data).__name__} from {shorten(value, 80)!r}", file=sys.stderr)
-        raise SystemExit(2)
+        raise InputRejected(2, f"{flag} expected a JSON object, got {type(data).__name__} from {shorten(value, 80)!r}")
     return data
 
 
@@ -174,7 +198,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     _prefect_env()
     from flows.train import launch_kwargs, train_flow
 
-    state = train_flow(_json_arg(args.config), gates=_json_arg(args.gates), return_state=True, **launch_kwargs(args),
+    config, gates = _json_arg(args.config, "--config"), _json_arg(args.gates, "--gates")
+    check_train_inputs(config, gates)
+    state = train_flow(config, gates=gates, return_state=True, **launch_kwargs(args),
                        auto_approve=args.auto_approve, review_timeout_s=args.review_timeout,
                        review_on_timeout=args.review_on_timeout)
     print(f"{state.name}: {state.message}", file=sys.stderr if not state.is_completed() else sys.stdout)
@@ -184,11 +210,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_pipeline(args: argparse.Namespace) -> int:
     _prefect_env()
     from flows.pipeline import pipeline
+    from flows.preprocess_options import PreprocessOptions
 
+    options = _json_arg(args.preprocess, "--preprocess") or {}
+    train, gates = _json_arg(args.train, "--train"), _json_arg(args.gates, "--gates")
+    check_preprocess(args.dataset, args.manifest, "talking_head",
+                     preprocess_options(lambda: PreprocessOptions.model_validate(options), "--preprocess"))
+    check_train_inputs({"shards": [], "out_dir": str(args.out), "window": 9, **(train or {})}, gates, "--train")
     t0 = time.perf_counter()
-    state = pipeline(dataset=args.dataset, manifest=args.manifest, output_root=args.out,
-                     preprocess_options=_json_arg(args.preprocess) or {}, train=_json_arg(args.train),
-                     gates=_json_arg(args.gates), nproc_per_node=args.nproc_per_node, launcher=args.launcher,
+    state = pipeline(dataset=args.dataset, manifest=args.manifest, output_root=args.out, preprocess_options=options,
+                     train=train, gates=gates, nproc_per_node=args.nproc_per_node, launcher=args.launcher,
                      workers=args.workers, return_state=True)
     result = _finish(state, time.perf_counter() - t0)
     if result is None:
@@ -240,15 +271,15 @@ def _check_input_file(what: str, load, path: str) -> int | None:
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
-    from datasets_manifest import manifest_command
-
-    print(manifest_command(args.dataset, args.src, args.out, seed=args.seed))
+    print(build_manifest_checked(args.dataset, args.src, args.out, args.seed))
     return 0
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
-    from models.dualforce import model_info
+    from models.dualforce import CONFIG_NAMES, model_info
 
+    if args.config not in CONFIG_NAMES:
+        raise InputRejected(2, f"unknown DualForce config {args.config!r}; known: {', '.join(CONFIG_NAMES)}")
     if args.init_from:
         return _print_wan_plan(args)
 
@@ -285,14 +316,15 @@ def _print_wan_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from flows.outcomes import EXIT_CODES, UNUSABLE_INPUT
     from models.dualforce.serialization import ForeignFolderError
-    from training.export import ExportError, export_run
+    from training.export import ExportError, UnusableRun, export_run
 
     try:
         result = export_run(args.run_dir, args.out, tag=args.tag, weights=args.weights)
     except (ExportError, ForeignFolderError, FileNotFoundError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CODES[UNUSABLE_INPUT] if isinstance(exc, UnusableRun) else 2
     print(f"exported step {result.step} ({result.weights} weights from {result.source}, {result.parameters:,} "
           f"parameters) to {result.out_dir}; load it with DualForce.from_pretrained({str(result.out_dir)!r})")
     return 0
@@ -336,6 +368,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from flows.evaluate import evaluate_flow
     from flows.outcomes import BAD_WEIGHTS, EXIT_CODES, UNUSABLE_INPUT
     from models.weights import WeightsError
+    from training.evaluate import REPORT_FILE, summary_lines
     from training.generate import GenerateError
     from training.heldout import NoHeldOutClips, check_shard_set
 
@@ -357,9 +390,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except (GenerateError, ValueError, FileNotFoundError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2
+    data = json.loads((Path(result["out_dir"]) / REPORT_FILE).read_text())
+    first, files = summary_lines(data, result["out_dir"])
+    print(first)
     print(result["table"])
-    print(f"\nwritten to {result['out_dir']} (evaluation.json, evaluation.md, metric-*.png, clips/) in "
-          f"{result['seconds']:.1f} s")
+    print(f"\n{files} ({result['seconds']:.1f} s)")
     return 0
 
 
@@ -381,39 +416,15 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _at_least(low: int):
-    """An argparse type: an integer >= `low` (a usage error, exit 2, before any work)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     """What generate and evaluate share: the sampler, the seed, the VAE override, the device."""
-    p.add_argument("--steps", type=_at_least(1), default=20, help="Euler steps per latent frame")
+    p.add_argument("--steps", type=at_least(1), default=20, help="Euler steps per latent frame")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance on the speech (1: none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-window", type=_at_least(0),
+    p.add_argument("--cache-window", type=at_least(0),
                    help="latent frames the KV cache keeps besides the sinks (default: as many as the model's training "
                         "window allows, so memory stays flat; 0: all)")
-    p.add_argument("--sink-frames", type=_at_least(0), default=1,
+    p.add_argument("--sink-frames", type=at_least(0), default=1,
                    help="first latent frames a bounded cache keeps for good (the reference always stays)")
     p.add_argument("--attention", choices=("sdpa", "flex"), help="masked attention path (default: the model's)")
     p.add_argument("--wan-vae", help="override the Wan VAE the model's training data was made with")
@@ -435,11 +446,11 @@ def _add_preprocess_arguments(p: argparse.ArgumentParser) -> None:
                     help="talking_head: face crop and every feature; general: centre crop + VAE, video-only shards "
                          "for the pretrain stage (Panda-70M, VoxCeleb2)")
     p.add_argument("--steps", nargs="*")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--window-n", type=int, default=8, help="windows of 4n+1 frames")
-    p.add_argument("--window-stride", type=int, help="frames between window starts (default: the window)")
+    p.add_argument("--limit", type=at_least(1))
+    p.add_argument("--batch-size", type=at_least(1), default=8)
+    p.add_argument("--workers", type=at_least(1), default=2)
+    p.add_argument("--window-n", type=at_least(1), default=8, help="windows of 4n+1 frames")
+    p.add_argument("--window-stride", type=at_least(1), help="frames between window starts (default: the window)")
     p.add_argument("--models", choices=["real", "dryrun"], default="real")
     p.add_argument("--liveportrait-root", help="folder holding LivePortrait's pretrained_weights/")
     p.add_argument("--hubert", help="HuBERT save_pretrained folder or a repo id in the HF cache")
@@ -451,16 +462,17 @@ def _add_preprocess_arguments(p: argparse.ArgumentParser) -> None:
                     help="local: threads of this process; processes: --workers worker processes on this machine; "
                          "ray: one Ray task per batch")
     p.add_argument("--ray-address", help="'auto', a cluster address, or none for a local Ray instance")
-    p.add_argument("--ray-num-cpus", type=int, help="CPUs of a local Ray instance")
-    p.add_argument("--cpus-per-batch", type=float, default=1.0)
-    p.add_argument("--gpus-per-batch", type=float, default=1.0, help="for the GPU steps, when the cluster has GPUs")
-    p.add_argument("--shard-groups", type=int, default=16, help="independent shard writers, merged at the end")
+    p.add_argument("--ray-num-cpus", type=at_least(1), help="CPUs of a local Ray instance")
+    p.add_argument("--cpus-per-batch", type=positive_float, default=1.0)
+    p.add_argument("--gpus-per-batch", type=non_negative_float, default=1.0,
+                   help="for the GPU steps, when the cluster has GPUs")
+    p.add_argument("--shard-groups", type=at_least(1), default=16, help="independent shard writers, merged at the end")
     p.add_argument("--work-root", help="folder or fsspec URL for step outputs (default: under --out)")
     p.add_argument("--scratch-root", help="local folder where workers stage step files when the step outputs are "
                                            "remote (default: a per-user folder in the system temp dir)")
     p.add_argument("--retry-rejected", action="store_true",
                     help="run clips whose cached result is a rejection again (after fixing what rejected them)")
-    p.add_argument("--audit-fraction", type=float, default=0.02,
+    p.add_argument("--audit-fraction", type=fraction, default=0.02,
                     help="share of the new shard set's samples re-derived and compared member by member (0: none)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -473,11 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "a few training steps")
     d.add_argument("--out", help="output folder (default: ./dryrun-output)")
     d.add_argument("--samples", default=str(DEFAULT_SAMPLES), help="folder of sample clips")
-    d.add_argument("--workers", type=int, default=2)
-    d.add_argument("--batch-size", type=int, default=1)
-    d.add_argument("--window-n", type=int, default=4, help="windows of 4n+1 frames")
-    d.add_argument("--window-stride", type=int, default=200, help="frames between window starts")
-    d.add_argument("--train-steps", type=int, default=4, help="ZeRO-2 steps on 2 CPU processes (0: no training)")
+    d.add_argument("--workers", type=at_least(1), default=2)
+    d.add_argument("--batch-size", type=at_least(1), default=1)
+    d.add_argument("--window-n", type=at_least(1), default=4, help="windows of 4n+1 frames")
+    d.add_argument("--window-stride", type=at_least(1), default=200, help="frames between window starts")
+    d.add_argument("--train-steps", type=at_least(0), default=4, help="ZeRO-2 steps on 2 CPU processes (0: no training)")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_dry_run)
 
@@ -492,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("audit", help="re-derive a fraction of a shard set's samples from the step outputs and "
                                      "compare their content (exit 4 on a mismatch)")
     a.add_argument("shards", help="a shard set folder (ROOT/DATASET/shards)")
-    a.add_argument("--fraction", type=float, default=0.05)
+    a.add_argument("--fraction", type=positive_float, default=0.05, help="share of the samples audited, in (0, 1]")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--key", action="append", help="audit this sample (repeatable) instead of a random fraction")
     a.add_argument("--steps-root", help="the step outputs (default: the shard folder's sibling steps/)")
@@ -526,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     pg = sub.add_parser("program", help="the staged training program (concept -> pretrain -> joint), gate by gate")
     pg.add_argument("program", help="a program file (configs/program-lite.yaml; training/program.py documents it)")
     pg.add_argument("--auto-approve", action="store_true", help="answer the sample review with continue (unattended)")
-    pg.add_argument("--review-timeout", type=int, help="seconds the sample review waits for a person")
+    pg.add_argument("--review-timeout", type=at_least(1), help="seconds the sample review waits for a person")
     pg.set_defaults(func=cmd_program)
 
     pl = sub.add_parser("pipeline", help="preprocess -> 3D-latent gate -> train, as one flow")
@@ -535,16 +547,16 @@ def build_parser() -> argparse.ArgumentParser:
                                          "e.g. '{\"weights\": {\"models\": \"dryrun\"}}'")
     pl.add_argument("--train", help="TrainConfig fields as JSON (the data fields come from the shards)")
     pl.add_argument("--gates", help="TrainingGateConfig fields as JSON")
-    pl.add_argument("--nproc-per-node", type=int, default=2)
+    pl.add_argument("--nproc-per-node", type=at_least(1), default=2)
     pl.add_argument("--launcher", choices=["torchrun", "deepspeed"], default="torchrun")
-    pl.add_argument("--workers", type=int, default=2)
+    pl.add_argument("--workers", type=at_least(1), default=2)
     pl.set_defaults(func=cmd_pipeline)
 
     add_server_parser(sub)
     add_plan_parser(sub)
 
     mi = sub.add_parser("model-info", help="parameter counts per module and FLOPs per training step of a DualForce config")
-    mi.add_argument("config", help="tiny | lite")
+    mi.add_argument("config", help="a DualForce preset: tiny | lite")
     mi.add_argument("--init-from", metavar="wan:PATH", help="also print what a warm start from these Wan 2.1 "
                     "transformer weights would transfer (a diffusers folder, or the original release's file)")
     mi.add_argument("--layers", default="even", help="source blocks for the warm start: even | first | 0,2,4,...")
@@ -561,13 +573,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_export)
 
     g = sub.add_parser("generate", help="an exported model + a face image + speech -> an mp4 (the speech muxed in)")
-    g.add_argument("--model", required=True, help="an exported model folder (dualforce export)")
+    g.add_argument("--model", required=True, help="an exported model folder (./run export)")
     g.add_argument("--image", required=True, help="the face (any image OpenCV reads); cropped as the crop step crops")
     g.add_argument("--audio", required=True, help="the speech (any file ffmpeg reads; any rate and channels)")
     g.add_argument("-o", "--out", required=True, help="the mp4 to write (and <out>.json beside it)")
-    g.add_argument("--seconds", type=_positive_float, help="use the first this-many seconds of the speech")
+    g.add_argument("--seconds", type=positive_float, help="use the first this-many seconds of the speech")
     g.add_argument("--reference-cfg", type=float, default=1.0, help="classifier-free guidance on the face (1: none)")
-    g.add_argument("--chunk-frames", type=_at_least(1), default=1, help="latent frames denoised together")
+    g.add_argument("--chunk-frames", type=at_least(1), default=1, help="latent frames denoised together")
     g.add_argument("--hubert", help="override the HuBERT the model's training data was made with")
     g.add_argument("--hubert-layers", type=int, nargs="+")
     _add_sampling_arguments(g)
@@ -575,13 +587,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="an exported model on a shard set's held-out clips: identity, LMD, pose / "
                                          "expression error, LSE-C/D, FID, FVD, long-sequence drift")
-    ev.add_argument("--model", required=True, help="an exported model folder (dualforce export)")
+    ev.add_argument("--model", required=True, help="an exported model folder (./run export)")
     ev.add_argument("--shards", required=True, help="a shard set folder (ROOT/DATASET/shards)")
     ev.add_argument("-o", "--out", required=True, help="folder for evaluation.json / .md, plots and clips")
     ev.add_argument("--split", default="test", help="the held-out split (default: test)")
-    ev.add_argument("--clips", type=_at_least(1), default=16)
-    ev.add_argument("--long-seconds", type=float, default=60.0, help="the long generation (0: none)")
-    ev.add_argument("--conditioning-windows", type=int, default=8,
+    ev.add_argument("--clips", type=at_least(1), default=16)
+    ev.add_argument("--long-seconds", type=non_negative_float, default=60.0, help="the long generation (0: none)")
+    ev.add_argument("--conditioning-windows", type=at_least(0), default=8,
                     help="windows for the conditioning-use ratios: speech / reference / bridge use, drift (0: none)")
     ev.add_argument("--liveportrait-root", help="LivePortrait weights: pose / expression error and pose drift")
     ev.add_argument("--syncnet", help="SyncNet weights (syncnet_v2.model or safetensors): LSE-C / LSE-D")
@@ -599,7 +611,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except InputRejected as exc:  # checked before any work: one line, no traceback
+        print(f"{args.command}: {exc}", file=sys.stderr)
+        return exc.code
 
 
 if __name__ == "__main__":

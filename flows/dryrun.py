@@ -11,11 +11,12 @@ from prefect import flow, get_run_logger
 from datasets_manifest import build_manifest
 from datasets_manifest.schema import write_manifest
 from flows.layout import DatasetLayout
+from flows.next_steps import FACE_IMAGE, next_commands, write_face_image
 from flows.pipeline import training_summary
 from flows.preprocess import with_workers
 from flows.preprocess_options import ModelWeights, PreprocessOptions, QualityChecks, RunnerOptions, WindowOptions
 from flows.program import training_program
-from flows.run_artifacts import publish_summary
+from flows.run_artifacts import ProgressArtifact, publish_summary
 from models.dryrun_models import WAN_TRANSFORMER_SUBDIR, write_dryrun_wan_transformer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,13 +70,15 @@ def dry_run(
         weights=ModelWeights(models="dryrun"), runner=RunnerOptions(batch_size=batch_size, progress=progress),
         windows=WindowOptions(window_n=window_n, window_stride=window_stride, shard_max_samples=2),
         checks=QualityChecks(audit_fraction=0.5))  # 2 of the 4 samples, every member
+    stages = ProgressArtifact(3, "dry-run", "stages: preprocess, general-video preprocess, training program")
     pre = with_workers(workers)(dataset="samples", manifest=str(manifest), output_root=str(out_dir),
                                 **options.flow_parameters(), return_state=True)
     if not pre.is_completed() or train_steps <= 0:
         result = pre if not pre.is_completed() else {"preprocess": pre.result(), "training": None}
         if isinstance(result, dict):
-            publish_summary(result, "dry-run")
+            publish_summary(result, "dry-run", contact_sheet=True)
         return result
+    stages.advance()
     general_root = out_dir / "general"
     options.windows = options.windows.model_copy(update=dict(window_stride=10_000, shard_max_samples=1))
     options.checks = QualityChecks(audit_fraction=1.0)
@@ -84,6 +87,7 @@ def dry_run(
         **options.flow_parameters(), return_state=True)
     if not general.is_completed():
         return general
+    stages.advance()
     wan = write_dryrun_wan_transformer(out_dir / "weights" / WAN_TRANSFORMER_SUBDIR)  # random, in diffusers' layout
     program = dryrun_program(out_dir, DatasetLayout(out_dir, "samples").shards,
                              DatasetLayout(general_root, "samples").shards, train_steps, train_processes, wan)
@@ -91,8 +95,13 @@ def dry_run(
     if not trained.is_completed():
         return trained
     program_result = trained.result()
+    stages.advance()
     joint = program_result["stages"][-1]  # the joint stage's row: its verdict and what it said
+    first = built.rows[0]  # a real face and real speech for `generate`
+    face = write_face_image(Path(first.source), out_dir / FACE_IMAGE)
+    training = training_summary(Path(program_result["joint_dir"]), joint["verdict"], joint["detail"])
     result = {"preprocess": pre.result(), "general": general.result(), "program": program_result,
-              "training": training_summary(Path(program_result["joint_dir"]), joint["verdict"], joint["detail"])}
-    publish_summary(result, "dry-run")  # the run a user opens in the UI carries the CLI's summary
+              "training": training,
+              "next_commands": next_commands(out_dir, Path(training["run_dir"]), face, Path(first.source))}
+    publish_summary(result, "dry-run", contact_sheet=True)  # the run a user opens in the UI: summary and crops
     return result

@@ -36,7 +36,7 @@ def failed_clips(report: dict) -> list[dict]:
 def unusable_manifest_message(manifest: str, errors: list) -> str:
     """What to fix when no row of the manifest can be used."""
     if not errors:
-        return f"manifest {manifest} has no rows: nothing to do (build one with `dualforce manifest`)"
+        return f"manifest {manifest} has no rows: nothing to do (build one with `./run manifest DATASET SRC -o OUT.parquet`)"
     shown = "; ".join(shorten(f"row {e.clip_id.removeprefix('row-')}: {e.detail}", 300) for e in errors[:3])
     return (f"manifest {manifest}: none of its {len(errors)} rows is valid, nothing was run. First: {shown}. "
             f"Fix those rows (the full list is in the ledger) or point at the right manifest.")

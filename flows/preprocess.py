@@ -77,9 +77,6 @@ from tasks.steps import (
     VaeLatentsStep,
 )
 
-CLIP_STEPS = TALKING_HEAD.clip_steps  # the default profile's
-ALL_STEPS = TALKING_HEAD.steps
-
 
 @dataclass
 class BatchResult:
@@ -234,7 +231,8 @@ def contact_sheet_task(states: list[ClipState], layout: DatasetLayout, run_name:
         local = Path(s.row.source.split("#sha256=")[0])
         source = downloaded if downloaded.is_file() else (local if local.is_absolute() and local.is_file() else None)
         rejected.append(RejectedClip(s.row.clip_id, s.failure.step, s.failure.reason, source))
-    png = contact_sheet(accepted, rejected, layout.base / LEDGER_DIR / f"contact-sheet-{run_name}.png")
+    png = contact_sheet(accepted, rejected, layout.base / LEDGER_DIR / f"contact-sheet-{run_name}.png",
+                        run_id=f"{layout.dataset} {run_name}")
     if png is not None:
         publish_contact_sheet(png, f"preprocess-{layout.dataset}")
     return png

@@ -23,7 +23,6 @@ from prefect.states import Running
 from tasks.gates import GateVerdict
 from training.validation import latest_samples
 
-DECISIONS = ("continue", "stop", "adjust")
 OnTimeout = Literal["continue", "stop"]  # what an unanswered review does
 
 

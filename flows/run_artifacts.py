@@ -11,13 +11,18 @@ import cv2
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 from flows.gate_artifacts import artifact_key
-from flows.summary import run_lines
+from flows.summary import run_markdown
 
 
-def publish_summary(result: dict, key_prefix: str, seconds: Optional[float] = None) -> None:
-    text = "\n".join(run_lines(result, seconds))
-    create_markdown_artifact(f"```\n{text}\n```", key=artifact_key(key_prefix, "summary"),
+def publish_summary(result: dict, key_prefix: str, seconds: Optional[float] = None,
+                    contact_sheet: bool = False) -> None:
+    """The summary as markdown tables; `contact_sheet`: also a copy of the crops' contact sheet, so a top-level run
+    (the dry-run) shows at its top what its preprocess subflow shows one level deeper."""
+    create_markdown_artifact(run_markdown(result, seconds), key=artifact_key(key_prefix, "summary"),
                              description="clips in/out with reasons, seconds per step, shards, gates, output")
+    sheet = result.get("preprocess", result).get("contact_sheet")
+    if contact_sheet and sheet and Path(sheet).is_file():
+        publish_contact_sheet(Path(sheet), key_prefix)
 
 
 def publish_contact_sheet(png: Path, key_prefix: str, max_width: int = 960) -> None:

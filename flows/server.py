@@ -32,11 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from flows.cli_checks import port, positive_float
 from flows.server_state import (
     ProcessRecord,
     ServerRecord,
     is_running,
     load_record,
+    record_path,
     remove_record,
     save_record,
     started,
@@ -221,7 +223,8 @@ def server_up(cfg: ServerConfig, log=print) -> ServerRecord:
             if all(alive.values()) and alive:
                 if record.port != cfg.port:
                     raise ServerError(f"the server is already up on port {record.port} ({record.api_url}); "
-                                      f"run `dualforce server down` before starting it on port {cfg.port}")
+                                      f"run `{REPO / 'run'} server down --state-dir {cfg.state_dir}` before "
+                                      f"starting it on port {cfg.port}")
                 log(f"already up: {record.api_url} (pids {', '.join(str(p.pid) for p in record.processes)})")
                 return record
             log(f"stale record {state_dir / 'server.json'} ({alive}): stopping what is left of it")
@@ -273,6 +276,9 @@ def server_up(cfg: ServerConfig, log=print) -> ServerRecord:
 def server_down(state_dir: Path, timeout: float = 15.0, log=print) -> list[int]:
     """Stop what the record names (worker first), then remove the record; returns the pids signalled."""
     state_dir = Path(state_dir)
+    if not record_path(state_dir).is_file():  # nothing to stop: and no lock file made in a folder we never had
+        log(f"nothing to stop: no server record in {state_dir}")
+        return []
     with _locked(state_dir):
         record = load_record(state_dir)
         if record is None:
@@ -303,19 +309,27 @@ def server_status(state_dir: Path) -> dict:
             "prefect_home": record.prefect_home, "record": str(Path(state_dir) / "server.json")}
 
 
-def _how_to_use(record: ServerRecord) -> str:
+def _how_to_use(record: ServerRecord, state_dir: Path) -> str:
+    """Commands that run as printed: the venv's `prefect` by its path, `./run` by the repository's, and the
+    --state-dir the user passed (the default one is left out)."""
     ui = record.api_url.removesuffix("/api")
+    prefect = Path(sys.executable).parent / "prefect"
+    state = "" if Path(state_dir).resolve() == default_state_dir().resolve() else f" --state-dir {state_dir}"
     return "\n".join([
         f"Prefect API: {record.api_url}   (UI: {ui})",
         "Submit a run (the worker picks it up within its poll interval):",
-        f"  PREFECT_API_URL={record.api_url} prefect deployment run dry-run/dry-run",
-        f"  PREFECT_API_URL={record.api_url} prefect deployment run preprocess/preprocess-hdtf "
+        f"  PREFECT_API_URL={record.api_url} {prefect} deployment run dry-run/dry-run",
+        f"  PREFECT_API_URL={record.api_url} {prefect} deployment run preprocess/preprocess-hdtf "
         f"-p manifest=/data/manifests/hdtf.parquet",
-        f"Logs: {Path(record.processes[0].log).parent}   Stop: dualforce server down",
+        f"Logs: {Path(record.processes[0].log).parent}   Stop: {REPO / 'run'} server down{state}",
     ])
 
 
 def cmd_server_up(args: argparse.Namespace) -> int:
+    for flag, value in (("--state-dir", args.state_dir), ("--prefect-home", args.prefect_home)):
+        if value and Path(value).exists() and not Path(value).is_dir():
+            print(f"server up: {flag} {value} is a file, not a folder", file=sys.stderr)
+            return 2
     cfg = ServerConfig(port=args.port, state_dir=Path(args.state_dir),
                        prefect_home=Path(args.prefect_home) if args.prefect_home else None,
                        worker_poll_seconds=args.poll_seconds, ui=not args.no_ui)
@@ -324,7 +338,7 @@ def cmd_server_up(args: argparse.Namespace) -> int:
     except (ServerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(_how_to_use(record))
+    print(_how_to_use(record, Path(args.state_dir)))
     return 0
 
 
@@ -362,16 +376,16 @@ def add_server_parser(subparsers) -> argparse.ArgumentParser:
                        help="record, logs and the server's PREFECT_HOME (default: .prefect/server or $DUALFORCE_SERVER_DIR)")
 
     up = sub.add_parser("up", help="start server, work pool, deployments and a worker")
-    up.add_argument("--port", type=int, default=DEFAULT_PORT)
+    up.add_argument("--port", type=port, default=DEFAULT_PORT)
     state_arg(up)
     up.add_argument("--prefect-home", help="the server's PREFECT_HOME (default: <state-dir>/home)")
-    up.add_argument("--poll-seconds", type=float, default=10.0, help="how often the worker asks for runs")
+    up.add_argument("--poll-seconds", type=positive_float, default=10.0, help="how often the worker asks for runs")
     up.add_argument("--no-ui", action="store_true", help="serve the API only")
     up.set_defaults(func=cmd_server_up)
 
     down = sub.add_parser("down", help="stop what `server up` started")
     state_arg(down)
-    down.add_argument("--timeout", type=float, default=15.0, help="seconds between SIGTERM and SIGKILL")
+    down.add_argument("--timeout", type=positive_float, default=15.0, help="seconds between SIGTERM and SIGKILL")
     down.set_defaults(func=cmd_server_down)
 
     st = sub.add_parser("status", help="what runs (exit 0 only when fully up)")

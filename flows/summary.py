@@ -1,4 +1,5 @@
-"""The run summary the CLI prints, as text: the same lines become the top-level run's Prefect artifact."""
+"""The run summary: as text for the CLI, and as markdown tables (which wrap in the Prefect UI, where a fixed-width
+block was cut off at 1400 px) for the top-level run's artifact. Both read the same report."""
 from __future__ import annotations
 
 from tasks.reasons import shorten
@@ -48,6 +49,9 @@ def run_lines(result: dict, seconds: float | None = None) -> list[str]:
         lines += program_lines(result["program"], seconds)
     if result.get("training"):
         lines += training_lines(result["training"])
+    if result.get("next_commands"):
+        lines += ["", "next: export the joint model, generate from a sample face and speech, evaluate it"]
+        lines += [f"  {c}" for c in result["next_commands"]]
     return lines
 
 
@@ -62,3 +66,58 @@ def program_lines(result: dict, seconds: float | None = None) -> list[str]:
         lines.append(f"wall time: {seconds:.1f}s")
     lines.append(f"record: {result['record']}")
     return lines
+
+
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")  # a pipe or newline would break the row
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+
+
+def preprocess_markdown(report: dict) -> list[str]:
+    profile = report.get("profile", "talking_head")
+    lines = [f"### {report['dataset']}: {report['clips_out']}/{report['clips_in']} clips made it through"
+             + ("" if profile == "talking_head" else f" ({profile} profile)"), ""]
+    if report["rejected"]:
+        lines += _table(["clip", "status", "step", "reason", "detail"],
+                        [[r["clip_id"], r["status"], r["step"], r["reason"], r["detail"]] for r in report["rejected"]])
+        lines.append("")
+    lines += _table(["step", "ok", "rejected", "retry", "failed", "cached", "seconds"],
+                    [[c["step"], c["ok"], c["rejected"], c.get("retryable", 0), c["failed"], c["skipped"],
+                      f"{c['seconds']:.2f}"] for c in report["step_counts"]])
+    lines.append("")
+    sh = report.get("shards")
+    if sh:
+        lines.append(f"- samples: **{sh['samples']}** in {sh['shards']} shards ({sh['bytes'] / 1e6:.1f} MB), "
+                     f"per split {sh['per_split']}")
+    if report.get("gate"):
+        lines.append(f"- gate `3d_latent_quality`: **{report['gate']['name']}**: {report['gate']['message']}")
+    if report.get("audit"):
+        lines.append(f"- audit: {report['audit']['summary']}")
+    lines.append(f"- output: `{report['output']}`")
+    return lines + [""]
+
+
+def run_markdown(result: dict, seconds: float | None = None) -> str:
+    """`run_lines`' content as markdown: per preprocess a step table, the program's stage table with each stage's
+    verdict and gates, the training line and the next commands."""
+    lines = ["## Summary" + (f" ({seconds:.1f} s)" if seconds is not None else ""), ""]
+    lines += preprocess_markdown(result.get("preprocess", result))
+    if result.get("general"):
+        lines += preprocess_markdown(result["general"])
+    program = result.get("program")
+    if program:
+        lines += [f"### Training program `{program['program']}`", ""]
+        lines += _table(["stage", "run", "verdict", "steps", "gates judged"],
+                        [[r["stage"], r["run"], f"**{r['verdict']}**", r["steps"], r["gates"]] for r in program["stages"]])
+        lines += [""] + [f"- after {d['stage']}: **{d['decision']}** ({shorten(d['why'], 300)})"
+                         for d in program["decisions"]]
+        lines += [f"- record: `{program['record']}`", ""]
+    if result.get("training"):
+        lines += [f"- {line}" for line in training_lines(result["training"])] + [""]
+    if result.get("next_commands"):
+        lines += ["### Next", "", "```bash", *result["next_commands"], "```"]
+    return "\n".join(lines)

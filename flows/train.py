@@ -35,6 +35,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed, State
 
+from flows.cli_checks import at_least
 from flows.gate_artifacts import publish_gate
 from flows.outcomes import BAD_WEIGHTS
 from flows.review import OnTimeout, ask_reviewer, publish_review_request, review_verdict
@@ -386,16 +387,17 @@ def train_flow(
 
 def add_launch_arguments(parser) -> None:
     """The launch flags of `python -m flows.train` (and what a `dualforce train` command would take)."""
-    parser.add_argument("--nproc-per-node", type=int, default=2, help="trainer processes per node")
+    parser.add_argument("--nproc-per-node", type=at_least(1), default=2, help="trainer processes per node")
     parser.add_argument("--launcher", default="torchrun", choices=LAUNCHERS)
-    parser.add_argument("--nnodes", type=int, default=1)
-    parser.add_argument("--node-rank", type=int, default=0, help="this node, 0..nnodes-1 (e.g. $SLURM_NODEID)")
+    parser.add_argument("--nnodes", type=at_least(1), default=1)
+    parser.add_argument("--node-rank", type=at_least(0), default=0, help="this node, 0..nnodes-1 (e.g. $SLURM_NODEID)")
     parser.add_argument("--master-addr", help="rendezvous host: node 0 (e.g. first host of $SLURM_JOB_NODELIST)")
-    parser.add_argument("--master-port", type=int, default=29500)
+    parser.add_argument("--master-port", type=at_least(1), default=29500)
     parser.add_argument("--hostfile", help="deepspeed launcher: 'HOST slots=N' per node")
     parser.add_argument("--rdzv-backend", default="static", choices=["static", "c10d"], help="torchrun, many nodes")
     parser.add_argument("--rdzv-id", default="dualforce", help="torchrun c10d: one id per job (e.g. $SLURM_JOB_ID)")
-    parser.add_argument("--rdzv-timeout", type=int, dest="rdzv_timeout_s", help="torchrun c10d: seconds to wait for all nodes")
+    parser.add_argument("--rdzv-timeout", type=at_least(1), dest="rdzv_timeout_s",
+                        help="torchrun c10d: seconds to wait for all nodes")
     parser.add_argument("--no-ssh", action="store_true", help="deepspeed: one launcher per node, no pdsh/ssh")
     parser.add_argument("--ds-launcher", default="pdsh",
                         help="deepspeed over ssh: pdsh | openmpi | mvapich | slurm | mpich | impi")

@@ -22,7 +22,6 @@ VIDEO_SIZE = 224  # the video stream's spatial input (its last conv reduces 6x6 
 WINDOW_FRAMES = 5  # video frames per window (0.2 s at 25 fps)
 MFCC_STEPS = 20  # MFCC frames per window (10 ms hop)
 MFCC_PER_VIDEO_FRAME = 4  # 100 MFCC frames/s over 25 video frames/s
-NUM_MFCC = 13
 
 
 @dataclass(frozen=True)

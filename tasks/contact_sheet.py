@@ -51,10 +51,27 @@ def _frames_at(video: Path, picks: list[int], size: tuple[int, int]) -> list[np.
     return out
 
 
-def caption_bar(width: int, text: str, colour=(230, 230, 230)) -> np.ndarray:
-    bar = np.full((LABEL, width, 3), 30, np.uint8)
-    cv2.putText(bar, text[: width // 8], (4, LABEL - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1, cv2.LINE_AA)
+HEADER_COLOURS = ((255, 255, 255), (255, 255, 160))  # the run line, the legend
+LEGEND = "yellow number: frame index in the crop   green dots: the 68 landmarks   red tiles: rejected, with the reason"
+
+
+def caption_bar(width: int, text: str, colour=(230, 230, 230), height: int = LABEL) -> np.ndarray:
+    """`text` on a dark bar, vertically centred; the font shrinks (to 0.3) before the text is cut to fit."""
+    bar = np.full((height, width, 3), 30, np.uint8)
+    scale = 0.45
+    while scale > 0.3 and cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] > width - 8:
+        scale -= 0.05
+    while text and cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] > width - 8:
+        text = text[:-1]
+    y = (height + cv2.getTextSize("Ag", cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][1]) // 2
+    cv2.putText(bar, text, (4, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
     return bar
+
+
+def sheet_header(run_id: str, accepted: int, rejected: int, shown: int) -> list[str]:
+    """The two lines above the tiles: which run, how many clips of each kind (and how many are shown), the legend."""
+    return [f"{run_id}: {accepted} accepted, {rejected} rejected clip(s); the first {shown} of each kind shown",
+            LEGEND]
 
 
 def accepted_row(clip: AcceptedClip, per_clip: int) -> np.ndarray:
@@ -96,8 +113,9 @@ def rejected_tile(clip: RejectedClip) -> np.ndarray:
 
 
 def contact_sheet(accepted: list[AcceptedClip], rejected: list[RejectedClip], out_png: Path,
-                  per_clip: int = 6, max_clips: int = 24) -> Optional[Path]:
-    """Write the sheet to `out_png` (temp name + rename); None when there is nothing to show."""
+                  per_clip: int = 6, max_clips: int = 24, run_id: str = "") -> Optional[Path]:
+    """Write the sheet to `out_png` (temp name + rename), headed by `sheet_header`; None when there is nothing
+    to show."""
     rows = [accepted_row(c, per_clip) for c in sorted(accepted, key=lambda c: c.clip_id)[:max_clips]]
     width = max([r.shape[1] for r in rows] + [TILE * per_clip])
     rej = [rejected_tile(c) for c in sorted(rejected, key=lambda c: c.clip_id)[:max_clips]]
@@ -105,6 +123,8 @@ def contact_sheet(accepted: list[AcceptedClip], rejected: list[RejectedClip], ou
         rows.append(np.concatenate(rej[i: i + per_clip], axis=1))
     if not rows:
         return None
+    header = sheet_header(run_id or out_png.stem, len(accepted), len(rejected), max_clips)
+    rows = [caption_bar(width, line, HEADER_COLOURS[i]) for i, line in enumerate(header)] + rows
     sheet = np.full((sum(r.shape[0] for r in rows), width, 3), 20, np.uint8)
     y = 0
     for r in rows:

@@ -39,7 +39,6 @@ from tasks.fetchers.retry import RetryPolicy
 from tasks.fetchers.youtube import fetch_youtube
 from tasks.media import MediaError, MediaInfo, decode_errors, error_stream, locate_decode_error, probe, run_ffmpeg
 
-STEP_NAME = "download"
 STEP_VERSION = "1"
 
 _CHECKSUM_FRAGMENT = re.compile(r"#sha256=([0-9a-fA-F]{64})$")

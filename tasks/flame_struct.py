@@ -19,7 +19,6 @@ from tasks.pose_check import load_flame_npz
 
 FLAME_SOURCE = "flame"
 LIVEPORTRAIT_SOURCE = "liveportrait"
-STRUCT_SOURCES = (LIVEPORTRAIT_SOURCE, FLAME_SOURCE)
 DEFAULT_FLAME_EXPRESSION = 50  # DECA / EMOCA / SMIRK fit 50 expression coefficients; others are padded or cut
 
 

@@ -21,7 +21,10 @@ from tasks.reasons import shorten
 from tests.test_generate import _provenance
 
 REPO = Path(__file__).resolve().parents[1]
-IN_A_PROCESS = {"evaluate"}  # commands run as `python -m flows.cli`: the entry point itself
+IN_A_PROCESS = {"evaluate"}  # commands run as `python -m flows.cli`: a flow inside
+# cases run through `./run` itself, the user's entry point (these also log through Prefect's console handler,
+# which outlives pytest's capture in-process)
+THROUGH_RUN = {"generate-image-not-an-image", "generate-audio-not-media", "plan-no-manifest"}
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +40,27 @@ def world(tmp_path_factory, samples_dir):
     (root / "a-list.yaml").write_text("- concept\n- pretrain\n")
     (root / "broken.yaml").write_text("name: [unclosed\n")
     (root / "unknown-key.yaml").write_text("name: x\nno_such_field: 1\n")
+    (root / "bad.json").write_text("{not json")
+    (root / "number.json").write_text("42")
+    (root / "bad.csv").write_text("a,b\n1,2\n")
+    (root / "garbage.parquet").write_text("this is not parquet\n")
+    (root / "empty").mkdir()
+    (root / "user-folder").mkdir()
+    (root / "user-folder" / "notes.txt").write_text("mine")
+    (root / "broken-run").mkdir()
+    (root / "broken-run" / "train_config.json").write_text("{not json")
+    (root / "unindexed-shards").mkdir()
+    (root / "indexed-shards").mkdir()
+    (root / "indexed-shards" / "index.parquet").write_text("an index, with no steps/ beside it")
+    # found by tests/test_user_files_hypothesis.py: a None where a count goes, a mapping field given a scalar
+    program = (REPO / "configs" / "program-lite.yaml").read_text()
+    (root / "null-steps.yaml").write_text(program.replace("total_steps: 100000", "total_steps: null"))
+    matrix = (REPO / "configs" / "ablations" / "review.yaml").read_text()
+    (root / "scalar-overrides.yaml").write_text(matrix + "\n  - {name: bad, review_item: bridge, train: {model_overrides: 3}}\n")
+    (root / "unknown-variant.yaml").write_text("base: {}\nvariants: {a: {no_such_field: 1}}\n")
+    from datasets_manifest import manifest_command
+
+    manifest_command("samples", str(samples_dir), str(root / "samples.parquet"))
     train_only = root / "train-only"
     train_only.mkdir()
     (train_only / "stats.json").write_text(json.dumps(
@@ -67,9 +91,32 @@ def _missing_tensor(folder: Path) -> None:
     save_file(state, folder / "model.safetensors")
 
 
-def _generate(world, *extra, model=None):
-    return ["generate", "--model", str(model or world / "model"), "--image", str(world / "face.png"),
-            "--audio", str(world / "speech.mp4"), "-o", "OUT/out.mp4", *extra]
+def _generate(world, *extra, model=None, image=None, audio=None):
+    return ["generate", "--model", str(model or world / "model"), "--image", str(image or world / "face.png"),
+            "--audio", str(audio or world / "speech.mp4"), *extra, "-o", "OUT/out.mp4"]
+
+
+def _evaluate(world, *extra):
+    return ["evaluate", "--model", str(world / "model"), "--shards", str(world / "train-only"), *extra, "-o", "OUT/eval"]
+
+
+def _pre(command, manifest, *extra, dataset="t", models="dryrun"):
+    return [command, dataset, "--manifest", str(manifest), "--out", "OUT/p", *(["--models", models] if models else []),
+            *extra]
+
+
+def _pipe(world, *extra, manifest=None, dataset="t", preprocess='{"weights": {"models": "dryrun"}}'):
+    return ["pipeline", dataset, "--manifest", str(manifest or world / "samples.parquet"), "--out", "OUT/p",
+            "--preprocess", preprocess, *extra]
+
+
+def _train(world, **config):
+    return ["train", "--config", json.dumps({"shards": [str(world / "train-only")], "out_dir": "OUT/t", "window": 9,
+                                             **config})]
+
+
+def _plan(world, *extra):
+    return ["plan", "t", "--cpus", "4", "--gpus", "1", "--manifest", str(world / "samples.parquet"), *extra]
 
 
 # (case id, argv builder (world) -> list, exit code, text the message must hold)
@@ -113,6 +160,117 @@ CASES = [
     ("train-config-not-json", lambda w: ["train", "--config", "{window: 3"], 2, "JSON"),
     ("train-config-a-list", lambda w: ["train", "--config", "[1, 2]"], 2, "list"),
     ("model-info-init-from-bogus", lambda w: ["model-info", "--init-from", "somewhere"], 2, "wan:PATH"),
+    ("model-info-unknown-config", lambda w: ["model-info", "huge"], 2, "huge"),
+    ("model-info-init-from-missing", lambda w: ["model-info", "tiny", "--init-from", f"wan:{w / 'nope'}"], 7, "nope"),
+    ("model-info-init-from-not-weights", lambda w: ["model-info", "tiny", "--init-from", f"wan:{w / 'bad.json'}"], 7,
+     "bad.json"),
+    ("model-info-init-from-empty-folder", lambda w: ["model-info", "tiny", "--init-from", f"wan:{w / 'empty'}"], 7,
+     "empty"),
+    ("model-info-layers-bogus", lambda w: ["model-info", "tiny", "--init-from", f"wan:{w / 'empty'}", "--layers", "0,x"],
+     2, "0,x"),
+    # manifest
+    ("manifest-unknown-dataset", lambda w: ["manifest", "nosuch", str(w / "empty"), "-o", "OUT/m.parquet"], 2, "nosuch"),
+    ("manifest-no-source", lambda w: ["manifest", "hdtf", str(w / "nope"), "-o", "OUT/m.parquet"], 2, "nope"),
+    ("manifest-celebvhq-not-json", lambda w: ["manifest", "celebvhq", str(w / "bad.json"), "-o", "OUT/m.parquet"], 6,
+     "bad.json"),
+    ("manifest-talkvid-a-number", lambda w: ["manifest", "talkvid", str(w / "number.json"), "-o", "OUT/m.parquet"], 6,
+     "number.json"),
+    ("manifest-panda70m-wrong-columns", lambda w: ["manifest", "panda70m", str(w / "bad.csv"), "-o", "OUT/m.parquet"],
+     6, "videoID"),
+    ("manifest-hdtf-empty-folder", lambda w: ["manifest", "hdtf", str(w / "empty"), "-o", "OUT/m.parquet"], 6, "empty"),
+    ("manifest-out-is-a-folder", lambda w: ["manifest", "samples", str(w / "empty"), "-o", str(w / "user-folder")], 2,
+     "is a folder"),
+    ("manifest-mead-no-videos", lambda w: ["manifest", "mead", str(w / "empty"), "-o", "OUT/m.parquet"], 6,
+     "no MEAD videos"),
+    ("manifest-seed-word", lambda w: ["manifest", "hdtf", str(w / "empty"), "-o", "OUT/m.parquet", "--seed", "x"], 2,
+     "argument --seed"),
+    # preprocess / backfill: refused before the flow (and its embedded server) starts
+    ("preprocess-no-manifest", lambda w: _pre("preprocess", w / "nope.parquet"), 2, "nope.parquet"),
+    ("preprocess-manifest-not-parquet", lambda w: _pre("preprocess", w / "garbage.parquet"), 6, "garbage.parquet"),
+    ("preprocess-workers-0", lambda w: _pre("preprocess", w / "samples.parquet", "--workers", "0"), 2,
+     "argument --workers"),
+    ("preprocess-batch-size-0", lambda w: _pre("preprocess", w / "samples.parquet", "--batch-size", "0"), 2,
+     "argument --batch-size"),
+    ("preprocess-window-n-0", lambda w: _pre("preprocess", w / "samples.parquet", "--window-n", "0"), 2,
+     "argument --window-n"),
+    ("preprocess-audit-fraction-2", lambda w: _pre("preprocess", w / "samples.parquet", "--audit-fraction", "2"), 2,
+     "argument --audit-fraction"),
+    ("preprocess-dataset-escapes", lambda w: _pre("preprocess", w / "samples.parquet", dataset="../evil"), 2, "../evil"),
+    ("preprocess-unknown-step", lambda w: _pre("preprocess", w / "samples.parquet", "--steps", "crop", "teleport"), 2,
+     "teleport"),
+    ("preprocess-real-run-without-weights", lambda w: _pre("preprocess", w / "samples.parquet", models=None), 2,
+     "--liveportrait-root"),
+    ("preprocess-unknown-profile", lambda w: _pre("preprocess", w / "samples.parquet", "--profile", "cartoon"), 2,
+     "argument --profile"),
+    ("backfill-no-manifest", lambda w: _pre("backfill", w / "nope.parquet"), 2, "nope.parquet"),
+    ("backfill-manifest-not-parquet", lambda w: _pre("backfill", w / "garbage.parquet"), 6, "garbage.parquet"),
+    ("backfill-workers-0", lambda w: _pre("backfill", w / "samples.parquet", "--workers", "0"), 2, "argument --workers"),
+    ("backfill-unknown-step", lambda w: _pre("backfill", w / "samples.parquet", "--steps", "teleport"), 2, "teleport"),
+    ("backfill-dataset-escapes", lambda w: _pre("backfill", w / "samples.parquet", dataset="a/b"), 2, "a/b"),
+    # pipeline
+    ("pipeline-no-manifest", lambda w: _pipe(w, manifest=w / "nope.parquet"), 2, "nope.parquet"),
+    ("pipeline-unknown-models", lambda w: _pipe(w, preprocess='{"weights": {"models": "magic"}}'), 2, "weights.models"),
+    ("pipeline-unknown-group", lambda w: _pipe(w, preprocess='{"nope": 1}'), 2, "--preprocess nope"),
+    ("pipeline-unknown-train-key", lambda w: _pipe(w, "--train", '{"no_such": 1}'), 2, "--train no_such"),
+    ("pipeline-gates-not-json", lambda w: _pipe(w, "--gates", "{x"), 2, "--gates"),
+    ("pipeline-nproc-0", lambda w: _pipe(w, "--nproc-per-node", "0"), 2, "argument --nproc-per-node"),
+    ("pipeline-dataset-escapes", lambda w: _pipe(w, dataset="../x"), 2, "../x"),
+    # train
+    ("train-config-no-file", lambda w: ["train", "--config", str(w / "nope.json")], 2, "nope.json"),
+    ("train-config-unknown-key", lambda w: ["train", "--config", '{"no_such_key": 1}'], 2, "no_such_key"),
+    ("train-config-lr-negative", lambda w: _train(w, lr=-1), 2, "lr=-1"),
+    ("train-config-steps-0", lambda w: _train(w, total_steps=0), 2, "total_steps=0"),
+    ("train-shards-missing", lambda w: _train(w, shards=[str(w / "nope")]), 2, "nope"),
+    ("train-shards-hold-none", lambda w: _train(w, shards=[str(w / "empty")]), 6, "holds no shard"),
+    ("train-gates-unknown-key", lambda w: _train(w) + ["--gates", '{"nope": 1}'], 2, "--gates nope"),
+    ("train-nproc-0", lambda w: _train(w) + ["--nproc-per-node", "0"], 2, "argument --nproc-per-node"),
+    ("program-review-timeout-0", lambda w: ["program", str(w / "broken.yaml"), "--review-timeout", "0"], 2,
+     "argument --review-timeout"),
+    ("program-null-count", lambda w: ["program", str(w / "null-steps.yaml")], 6, "total_steps"),
+    ("ablate-scalar-overrides", lambda w: ["ablate", str(w / "scalar-overrides.yaml")], 6, "model_overrides"),
+    ("ablate-unknown-variant-key", lambda w: ["ablate", str(w / "unknown-variant.yaml")], 6, "unknown-variant.yaml"),
+    # audit
+    ("audit-no-shards", lambda w: ["audit", str(w / "nope")], 2, "nope"),
+    ("audit-not-a-shard-set", lambda w: ["audit", str(w / "unindexed-shards")], 6, "index.parquet"),
+    ("audit-no-steps", lambda w: ["audit", str(w / "indexed-shards")], 2, "--steps-root"),
+    ("audit-fraction-2", lambda w: ["audit", str(w / "indexed-shards"), "--fraction", "2"], 2, "--fraction"),
+    ("audit-fraction-0", lambda w: ["audit", str(w / "indexed-shards"), "--fraction", "0"], 2, "argument --fraction"),
+    # export
+    ("export-no-run", lambda w: ["export", str(w / "nope"), "-o", "OUT/e"], 2, "not a training run"),
+    ("export-empty-folder", lambda w: ["export", str(w / "empty"), "-o", "OUT/e"], 2, "not a training run"),
+    ("export-broken-config", lambda w: ["export", str(w / "broken-run"), "-o", "OUT/e"], 6, "train_config.json"),
+    ("export-into-a-users-folder", lambda w: ["export", str(w / "broken-run"), "-o", str(w / "user-folder")], 2,
+     "user-folder"),
+    ("export-weights-unknown", lambda w: ["export", str(w / "broken-run"), "-o", "OUT/e", "--weights", "best"], 2,
+     "argument --weights"),
+    # generate: the inputs
+    ("generate-no-image", lambda w: _generate(w, image=w / "nope.png"), 2, "nope.png"),
+    ("generate-no-audio", lambda w: _generate(w, audio=w / "nope.wav"), 2, "nope.wav"),
+    ("generate-image-not-an-image", lambda w: _generate(w, image=w / "not-an-image.png"), 6, "not-an-image.png"),
+    ("generate-audio-not-media", lambda w: _generate(w, audio=w / "bad.json"), 6, "bad.json"),
+    ("generate-out-a-folder", lambda w: _generate(w)[:-1] + [str(w / "user-folder")], 2, "user-folder"),
+    ("evaluate-long-seconds-negative", lambda w: _evaluate(w, "--long-seconds", "-1"), 2, "argument --long-seconds"),
+    ("evaluate-conditioning-windows-negative", lambda w: _evaluate(w, "--conditioning-windows", "-1"), 2,
+     "argument --conditioning-windows"),
+    # plan
+    ("plan-cpus-0", lambda w: ["plan", "t", "--cpus", "0", "--gpus", "1"], 2, "--cpus"),
+    ("plan-gpus-negative", lambda w: ["plan", "t", "--cpus", "4", "--gpus", "-1"], 2, "--gpus"),
+    ("plan-no-manifest", lambda w: ["plan", "t", "--cpus", "4", "--gpus", "1", "--manifest", str(w / "nope.parquet")], 2,
+     "nope.parquet"),
+    ("plan-manifest-not-parquet", lambda w: ["plan", "t", "--cpus", "4", "--gpus", "1", "--manifest",
+                                             str(w / "garbage.parquet")], 6, "garbage.parquet"),
+    ("plan-rate-without-value", lambda w: _plan(w, "--rate", "crop"), 2, "--rate"),
+    ("plan-no-ledger", lambda w: _plan(w, "--ledger", str(w / "nope")), 2, "nope"),
+    # server: refused before anything starts
+    ("server-port-0", lambda w: ["server", "up", "--port", "0", "--state-dir", "OUT/state"], 2, "argument --port"),
+    ("server-port-too-big", lambda w: ["server", "up", "--port", "99999", "--state-dir", "OUT/state"], 2,
+     "argument --port"),
+    ("server-poll-negative", lambda w: ["server", "up", "--poll-seconds", "-1", "--state-dir", "OUT/state"], 2,
+     "argument --poll-seconds"),
+    ("server-state-dir-a-file", lambda w: ["server", "up", "--state-dir", str(w / "bad.json")], 2, "bad.json"),
+    ("server-down-timeout-0", lambda w: ["server", "down", "--timeout", "0", "--state-dir", "OUT/state"], 2,
+     "argument --timeout"),
+    ("server-down-nothing-there", lambda w: ["server", "down", "--state-dir", "OUT/state"], 0, "nothing to stop"),
 ]
 
 
@@ -134,8 +292,9 @@ def test_bad_input_gets_its_exit_code_and_one_clear_line(case, world, tmp_path, 
     before = _inputs(world)
     monkeypatch.chdir(tmp_path)
     args = [a.replace("OUT/", str(tmp_path / "out") + "/") for a in argv(world)]
-    if args[0] in IN_A_PROCESS:  # a flow inside: its Prefect console handler outlives pytest's capture
-        run = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=300,
+    if args[0] in IN_A_PROCESS or name in THROUGH_RUN:
+        entry = [str(REPO / "run")] if name in THROUGH_RUN else [sys.executable, "-m", "flows.cli"]
+        run = subprocess.run([*entry, *args], capture_output=True, text=True, timeout=300,
                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
         got, message = run.returncode, run.stderr + run.stdout
     else:
@@ -149,7 +308,8 @@ def test_bad_input_gets_its_exit_code_and_one_clear_line(case, world, tmp_path, 
     assert names in message, f"{name}: the message does not name {names!r}:\n{message}"
     assert "Traceback" not in message
     assert _inputs(world) == before  # nothing written beside the inputs
-    assert not (tmp_path / "out" / "out.mp4").exists()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))  # nor any output
+    assert not any(tmp_path.iterdir()) or [p.name for p in tmp_path.iterdir()] == ["out"]  # nor in the working dir
 
 
 def test_a_failed_generate_leaves_an_earlier_output_intact(world, tmp_path):

@@ -20,6 +20,7 @@ import soundfile as sf
 
 from tasks import contract
 from tasks.audit import CHECKS, AuditModels, audit_shards
+from tasks.contact_sheet import LABEL
 from tasks.feature_models import dryrun_models, motion_extractor
 from tasks.ledger import latest_status, read_ledger
 from tasks.media import probe, read_frames
@@ -128,7 +129,7 @@ def test_dry_run_runs_the_training_program_stage_by_stage(dry_run):
     round3 = json.loads((run / "step000003.json").read_text())
     assert round3["weights"] == "module" and len(round3["clips"]) == 1 and round3["clips"][0]["frames"] == 17
     video = probe(run / round3["clips"][0]["video"])
-    assert (video.width, video.height, video.has_audio) == (1024, 512, True)
+    assert (video.width, video.height, video.has_audio) == (1024, 512 + LABEL, True)  # the "truth | generated" bar
     assert "validation samples at step 3" in stdout
     # joint started from the weights pretrain saved at its gate step; pretrain trained on video-only samples
     joint_cfg = json.loads(next((out / "program" / "joint" / "from-pretrain").glob("run-*/train_config.json")).read_text())
@@ -274,3 +275,43 @@ def test_killed_run_resumes_to_identical_shards(dry_run, prefect_test_server, tm
     assert actions == {**{(c, s): ("ok", "skipped") for c in CLIPS for s in steps},
                        (fresh_clip, "vae_latents"): ("ok", "ran"),
                        (done_clip, "shard"): ("ok", "ran"), (fresh_clip, "shard"): ("ok", "ran")}
+
+
+def test_the_summary_ends_with_next_commands_that_run_as_printed(dry_run, prefect_test_server):
+    """export -> generate -> evaluate, as the summary prints them (this run's paths filled in), all exit 0."""
+    import shlex
+
+    from flows.cli import main
+
+    out, _, stdout = dry_run
+    commands = json.loads((out / "dryrun-report.json").read_text())["next_commands"]
+    assert [c.split()[1] for c in commands] == ["export", "generate", "evaluate"]
+    tail = [line.strip() for line in stdout.rstrip().splitlines()[-10:]]
+    assert all(c in tail for c in commands), tail
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[0] == "./run" and (REPO / "run").is_file()  # the dry-run ran in the repository
+        assert main(argv[1:]) == 0, command
+    record = json.loads((out / "generated.mp4.json").read_text())
+    assert (out / "face.png").is_file() and record["frames"] == 50 and probe(out / "generated.mp4").has_audio
+    assert json.loads((out / "evaluation" / "evaluation.json").read_text())["split"] == "train"
+
+
+def test_the_top_level_run_carries_summary_tables_progress_and_contact_sheet(dry_run):
+    """What a user sees first in the UI: the dry-run's own run, not one subflow deeper (read from the run's
+    Prefect database: its embedded server is gone)."""
+    import sqlite3
+
+    _, home, _ = dry_run
+    with sqlite3.connect(f"file:{home / 'prefect.db'}?mode=ro", uri=True) as con:
+        rows = con.execute(
+            "SELECT a.key, a.data FROM artifact a JOIN flow_run r ON a.flow_run_id = r.id JOIN flow f ON "
+            "r.flow_id = f.id WHERE f.name = 'dry-run' AND r.parent_task_run_id IS NULL").fetchall()
+    artifacts = {key: json.loads(data) if isinstance(data, str) else data for key, data in rows}  # progress: a number
+    summary = artifacts["dry-run-summary"]
+    assert "```" not in summary.split("### Next")[0]  # tables, not a fixed-width block
+    assert "| step | ok | rejected | retry | failed | cached | seconds |" in summary
+    assert "| crop | 2 | 0 | 0 | 0 | 0 |" in summary and "| stage | run | verdict | steps | gates judged |" in summary
+    assert "| joint |" in summary and "**GO**" in summary and "./run export" in summary.split("### Next")[1]
+    assert "data:image/jpeg;base64," in artifacts["dry-run-contact-sheet"]
+    assert float(artifacts["dry-run-progress"]) == 100.0

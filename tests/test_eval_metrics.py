@@ -336,15 +336,15 @@ def test_suite_on_gt_against_itself_gives_ideal_values(clip, audio, models):
 def test_suite_skips_what_has_no_weights_and_refuses_weights_that_do_not_fit(clip, tmp_path, weights):
     models = EvalModels.load(EvalWeights(syncnet=tmp_path / "absent.safetensors"))
     assert models.absent["syncnet"] == f"weights not found: {tmp_path / 'absent.safetensors'}"
-    assert models.absent["i3d"] == "weights not given"
+    assert models.absent["i3d"] == "weights not given (pass --i3d)"
     pair = EvalClip("no-weights", generated=clip[:2], reference=clip[0], gt=clip[:2].copy(),
                     audio=np.zeros(2 * 640, np.float32))
     _, summary = evaluate_set([pair], models)
     status = {r.name: (r.status, r.reason) for r in summary}
     assert status["lmd_mouth"] == ("ok", "")  # dlib's models ship with the package
-    assert status["pose_error_deg"] == ("skipped", "motion_extractor: weights not given")
+    assert status["pose_error_deg"] == ("skipped", "motion_extractor: weights not given (pass --liveportrait-root)")
     assert status["lse_d"][0] == "skipped" and "absent.safetensors" in status["lse_d"][1]
-    assert status["fid"] == ("skipped", "inception: weights not given")
-    assert status["fvd"] == ("skipped", "i3d: weights not given")
+    assert status["fid"] == ("skipped", "inception: weights not given (pass --fid-inception)")
+    assert status["fvd"] == ("skipped", "i3d: weights not given (pass --i3d)")
     with pytest.raises(WeightsError, match="SyncNet"):  # a file that is there but wrong is an error, not a skip
         EvalModels.load(EvalWeights(syncnet=weights.i3d))

@@ -144,3 +144,48 @@ def test_evaluate_command(setup, capsys, prefect_test_server):
     assert code == 0
     out = capsys.readouterr().out
     assert "| lse_d |" in out and (root / "cli" / "evaluation.json").is_file()
+
+
+def test_the_summary_counts_metrics_and_lists_only_files_written(tmp_path):
+    from training.evaluate import summary_lines
+
+    def row(name, value, reason=""):
+        return {"name": name, "value": value, "status": "ok" if value is not None else "skipped", "reason": reason,
+                "seconds": 0.0}
+
+    data = {"summary": [row("latent_mse", 0.5), row("lse_c", None, "syncnet: weights not given (pass --syncnet)")],
+            "long_sequence": [row("identity_per_second", None, "no usable frame in the clip")], "conditioning": []}
+    (tmp_path / "evaluation.json").write_text("{}")
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "empty").mkdir()
+    first, files = summary_lines(data, tmp_path)
+    assert first.startswith("1 of 3 metrics computed") and "pass --syncnet" in first
+    assert files == f"written to {tmp_path}: evaluation.json"  # no metric-*.png claimed, no empty folder
+    (tmp_path / "clips" / "a.mp4").write_bytes(b"x")
+    assert summary_lines(data, tmp_path)[1].endswith("clips/, evaluation.json")
+
+
+def test_the_long_generation_is_not_decoded_when_nothing_can_measure_its_frames(setup, monkeypatch):
+    """No motion extractor and no face in the 64x64 reference: the long generation runs latent-only, and its
+    latent identity drift equals the decoded run's (same seed, same chunks)."""
+    import training.evaluate as ev
+
+    root, models = setup
+    decoded = ev.evaluate_model(root / "model", root / "shards", root / "out-decoded",
+                                _options(models, conditioning_windows=0))
+    calls, real = [], ev._generated
+
+    def spy(*args, **kwargs):
+        calls.append(len(args[4]))  # the audio rows it was driven with
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "_generated", spy)
+    report = ev.evaluate_model(root / "model", root / "shards", root / "out-latent",
+                               _options(models, liveportrait=None, conditioning_windows=0))
+    assert calls == [9, 9]  # the two clips' windows; the long generation's 33 frames were never decoded
+    long = {r["name"]: r for r in report.long_sequence}
+    assert long["identity_per_second"]["status"] == "skipped"
+    assert "pass --liveportrait-root" in long["pose_drift_deg_per_second"]["reason"]
+    before = {r["name"]: r for r in decoded.long_sequence}["latent_identity_drift"]
+    assert long["latent_identity_drift"]["series"] == before["series"] and len(before["series"]) == 2
+    assert not list((root / "out-latent").glob("metric-pose_drift*.png"))

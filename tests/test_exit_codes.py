@@ -53,8 +53,8 @@ def test_a_manifest_without_a_valid_row_is_unusable_input(prefect_test_server, t
     assert "end_s (1.0) must be after start_s" in err
     assert not (tmp_path / "out" / "t" / "steps").exists()
     missing = str(tmp_path / "nowhere.parquet")
-    assert main(["preprocess", "t", "--manifest", missing, "--out", str(tmp_path / "out"), *DOWNLOAD_ONLY]) == 6
-    assert "cannot be read" in capsys.readouterr().err
+    assert main(["preprocess", "t", "--manifest", missing, "--out", str(tmp_path / "out"), *DOWNLOAD_ONLY]) == 2
+    assert "does not exist" in capsys.readouterr().err  # a missing file is a usage error, found before the flow
 
 
 def test_a_clip_failing_through_our_error_exits_5_and_the_rest_is_kept(prefect_test_server, samples_dir, tmp_path,

@@ -37,6 +37,9 @@ def test_save_and_load_are_bit_identical(tmp_path):
     # safetensors + JSON only: the folder holds no pickle
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE, "provenance.json"]
     assert json.loads((tmp_path / "m" / CONFIG_FILE).read_text())["struct_tokens_per_frame"] == 3
+    # the weights get the mode the umask gives the other files (safetensors alone writes 0600)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()}
+    assert len(set(modes.values())) == 1, modes
 
 
 def test_a_folder_that_does_not_fit_is_refused(tmp_path):

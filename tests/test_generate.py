@@ -76,6 +76,15 @@ def test_mp4_frames_are_speech_seconds_times_25_with_the_speech(inputs, generate
     record = json.loads(result.record.read_text())
     assert record["frames"] == 28 and record["untrained_dryrun"] is True and record["step"] == 4
     assert record["extractors"]["crop_size"] == 64 and result.dryrun
+    # the face it used, beside the mp4: the crop of the image's face, where it was found
+    face = cv2.cvtColor(cv2.imread(record["face"]["crop"]), cv2.COLOR_BGR2RGB)
+    assert record["face"]["crop"] == str(result.path) + ".face.png" and record["face"]["faces_found"] == 1
+    from tasks.crop import CropConfig
+    from tasks.crop_geometry import CropParams
+    from tasks.face_image import crop_face_image, read_image
+
+    expected = crop_face_image(read_image(root / "face.png"), CropConfig(params=CropParams(dsize=64)))
+    assert np.array_equal(face, expected.crop) and record["face"]["center_xy"] == pytest.approx(expected.rect[:2])
 
 
 def test_mp4_holds_the_samplers_frames(inputs, generated, tmp_path):
@@ -163,3 +172,18 @@ def test_cli_exit_codes_for_bad_inputs(inputs, tmp_path, capsys):
     args[2] = str(tmp_path / "wide")
     assert main(args) == 2 and "32-wide" in capsys.readouterr().err
     assert not any(tmp_path.glob("*.mp4"))
+
+
+def test_the_record_names_the_cache_window_it_chose(inputs, tmp_path):
+    from training.generate import GenerateOptions, generate_video, streaming_sampler
+
+    root, models, model = inputs
+    provenance = _provenance(models)
+    provenance["training_data"][0]["window_frames"] = 17  # 5 latent frames: the window bounds the cache
+    model.save_pretrained(tmp_path / "model", provenance)
+    result = generate_video(tmp_path / "model", root / "face.png", root / "speech.wav", tmp_path / "o.mp4",
+                            GenerateOptions(steps=2, progress=False))
+    record = json.loads(result.record.read_text())
+    chosen = streaming_sampler(provenance, 2).cache_window
+    assert isinstance(chosen, int) and record["sampler"]["cache_window"] == chosen
+    assert record["options"]["cache_window"] is None  # what the user asked for: nothing

@@ -89,3 +89,47 @@ def test_a_wrong_parameter_is_caught():
     with pytest.raises(ParameterTypeError):
         flow.validate_parameters({"dataset": "hdtf", "manifest": "m", "output_root": "o",
                                   "runner": {"batch_size": "lots"}})
+
+
+GENERAL_VIDEO = {"panda70m", "voxceleb2"}  # the pretrain stage's data: video-only shards (configs/program-lite.yaml)
+
+
+def _named(name: str) -> dict:
+    return next(d for d in DEPLOYMENTS if d["name"] == name)
+
+
+def _generic(deployment: dict, dataset: str) -> str:
+    """A deployment with its dataset's name taken out: what two datasets' deployments must share."""
+    import json
+
+    return json.dumps(deployment, sort_keys=True).replace(dataset, "DATASET")
+
+
+def test_per_dataset_deployments_differ_only_in_the_dataset_and_its_profile():
+    datasets = [d for d in DATASETS if d != "samples"]
+    for kind in ("preprocess", "backfill", "pipeline"):
+        shapes: dict[bool, set[str]] = {}
+        for d in datasets:
+            if kind == "pipeline" and d in GENERAL_VIDEO:
+                assert not any(x["name"] == f"pipeline-{d}" for x in DEPLOYMENTS)  # the pipeline trains talking heads
+                continue
+            shapes.setdefault(d in GENERAL_VIDEO, set()).add(_generic(_named(f"{kind}-{d}"), d))
+        assert all(len(s) == 1 for s in shapes.values()), (kind, shapes)  # one shape per profile, nothing else
+    for d in datasets:
+        pre = _named(f"preprocess-{d}")["parameters"]
+        assert pre["profile"] == ("general" if d in GENERAL_VIDEO else "talking_head")
+        assert set(pre["weights"]) == ({"wan_vae", "wan_vae_subfolder"} if d in GENERAL_VIDEO else
+                                       {"liveportrait_root", "hubert", "wan_vae", "wan_vae_subfolder"})
+
+
+def test_the_program_file_reads_the_shard_sets_the_deployments_write():
+    from training.program import load_program
+
+    program = load_program(REPO / "configs" / "program-lite.yaml")
+    written = {(REPO / d["parameters"]["output_root"] / d["parameters"]["dataset"] / "shards").resolve()
+               for d in DEPLOYMENTS if d["name"].startswith("preprocess-")}
+    for stage in ("pretrain", "joint"):
+        for shards in getattr(program, stage).shards:
+            assert Path(shards).resolve() in written, (stage, shards)
+    assert Path(program.pretrain.init_from.wan).resolve().parent == (REPO / _named("preprocess-hdtf")["parameters"][
+        "weights"]["wan_vae"]).resolve()  # the Wan transformer sits beside the VAE the deployments name

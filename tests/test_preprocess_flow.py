@@ -91,21 +91,32 @@ def test_bad_inputs_are_recorded_and_the_rest_completes(prefect_test_server, sam
 def _check_run_pictures(report: dict, base) -> None:
     """The contact sheet beside the ledger shows the accepted crop's own frames and the 4 rejected clips; the
     run carries it, its summary and a finished progress bar as artifacts."""
+    from pathlib import Path
+
     import cv2
     import numpy as np
     from prefect.artifacts import Artifact
 
-    from tasks.contact_sheet import LABEL, TILE
+    from tasks.contact_sheet import HEADER_COLOURS, LABEL, LEGEND, TILE, caption_bar, sheet_header
     from tasks.media import read_frames
 
     sheet_path = report["contact_sheet"]
     assert sheet_path and sheet_path.startswith(str(base / "ledger" / "contact-sheet-run-"))
     sheet = cv2.cvtColor(cv2.imread(sheet_path), cv2.COLOR_BGR2RGB)
-    assert sheet.shape[0] == (TILE + LABEL) + (TILE + 2 * LABEL)  # one accepted row, one row of rejected tiles
+    # the header (run id and counts, the legend), one accepted row, one row of rejected tiles
+    assert sheet.shape[0] == 2 * LABEL + (TILE + LABEL) + (TILE + 2 * LABEL)
+    run_id = f"t {Path(sheet_path).stem.removeprefix('contact-sheet-')}"
+    shown = [r for r in report["rejected"] if r["step"] != "manifest"]  # a malformed row has no clip to show
+    header = sheet_header(run_id, 1, len(shown), 24)
+    assert header[0].startswith(f"{run_id}: 1 accepted, 4 rejected") and header[1] == LEGEND
+    for i, line in enumerate(header):  # the text drawn is that line: the same bar rendered again, pixel for pixel
+        assert np.array_equal(sheet[i * LABEL:(i + 1) * LABEL], caption_bar(sheet.shape[1], line, HEADER_COLOURS[i]))
+    assert not np.array_equal(sheet[:LABEL], caption_bar(sheet.shape[1], "another run", HEADER_COLOURS[0]))
+    top = 2 * LABEL
     crop0 = read_frames(base / "steps" / "crop" / "good" / "crop.mp4", scale_to=(TILE, TILE))[0]
-    diff = np.abs(sheet[:TILE, :TILE].astype(int) - crop0.astype(int))
+    diff = np.abs(sheet[top:top + TILE, :TILE].astype(int) - crop0.astype(int))
     assert np.median(diff) <= 3  # the first tile is the crop's frame 0 (landmark dots aside)
-    rejected_tiles = sheet[TILE + LABEL:, :4 * TILE]
+    rejected_tiles = sheet[top + TILE + LABEL:, :4 * TILE]
     assert rejected_tiles[:TILE].std() > 0  # the 4 tiles are there (corrupt/missing sources stay grey)
     art = Artifact.get("preprocess-t-contact-sheet")
     assert art is not None and "data:image/jpeg;base64," in art.data and sheet_path in art.data
@@ -159,3 +170,17 @@ def test_latent_quality_gate_no_go_ends_the_run_before_shards(prefect_test_serve
     status = latest_status(tmp_path / "out" / "t")
     assert status[("good", "pose_check")]["reason"] == "pose_disagreement"
     assert (tmp_path / "out" / "t" / "gate-no-go.json").exists()
+
+
+def test_the_markdown_summary_is_tables_with_every_rejection():
+    from flows.summary import run_markdown
+
+    report = {"dataset": "t", "clips_in": 3, "clips_out": 1, "profile": "talking_head", "output": "/o",
+              "rejected": [{"clip_id": "a|b", "status": "rejected", "step": "crop", "reason": "no_face",
+                            "detail": "no face in\nframe 0"}],
+              "step_counts": [{"step": "crop", "ok": 1, "rejected": 1, "failed": 1, "skipped": 0, "seconds": 1.5}],
+              "shards": {"samples": 2, "shards": 1, "bytes": 2e6, "per_split": {"train": 2}}}
+    text = run_markdown(report, 3.0)
+    assert text.startswith("## Summary (3.0 s)") and "### t: 1/3 clips made it through" in text
+    assert "| a\\|b | rejected | crop | no_face | no face in frame 0 |" in text  # a pipe or newline stays in its cell
+    assert "| crop | 1 | 1 | 0 | 1 | 0 | 1.50 |" in text and "samples: **2** in 1 shards" in text

@@ -242,3 +242,19 @@ def test_dry_run_deployment_runs_through_the_worker(tmp_path, samples_dir):
     assert srv.port_is_free(port) and not record_path(state).exists()
     assert _server_cli("status", "--state-dir", str(state)).returncode == 1
     print(f"\nserver mode e2e: up {t_up:.1f} s, dry-run through the worker {t_run:.1f} s, down {t_down:.1f} s")
+
+
+def test_the_printed_hints_run_as_printed(tmp_path):
+    """`up`'s hints name the venv's prefect by its path, ./run by the repository's, and a --state-dir the user gave."""
+    from flows.server_state import ProcessRecord
+
+    record = ServerRecord(port=4321, api_url="http://127.0.0.1:4321/api", prefect_home=str(tmp_path / "home"),
+                          repo=str(REPO), work_pool="dualforce", started_at=0.0,
+                          processes=[ProcessRecord("server", 1, 1, 0.0, [], str(tmp_path / "logs" / "server.log"))])
+    text = srv._how_to_use(record, tmp_path / "state")
+    prefect = re.search(r"PREFECT_API_URL=\S+ (\S+) deployment run dry-run/dry-run", text).group(1)
+    assert Path(prefect).is_file() and os.access(prefect, os.X_OK)
+    stop = text.split("Stop: ")[1].split()
+    assert Path(stop[0]) == REPO / "run" and Path(stop[0]).is_file()
+    assert stop[1:] == ["server", "down", "--state-dir", str(tmp_path / "state")]
+    assert "--state-dir" not in srv._how_to_use(record, srv.default_state_dir()).split("Stop: ")[1]

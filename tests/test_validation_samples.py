@@ -48,8 +48,24 @@ def test_files_of_a_validation_round(validated_run):
     assert sorted(p.name for p in samples.glob("*.mp4")) == [f"step000002-{c['key']}.mp4" for c in record["clips"]]
     import cv2
 
-    png = cv2.imread(str(samples / "step000002.png"))
-    assert png.shape[0] == 2 * (2 * 160 + 22) and png.shape[1] == 6 * 160
+    from tasks.contact_sheet import LABEL, caption_bar
+    from training.validation import ROW_LABEL_WIDTH, TILE
+
+    png = cv2.cvtColor(cv2.imread(str(samples / "step000002.png")), cv2.COLOR_BGR2RGB)
+    row = 2 * TILE + 2 * LABEL  # truth, generated, the times, the caption
+    assert png.shape[0] == 2 * row and png.shape[1] == ROW_LABEL_WIDTH + 6 * TILE
+    for r in range(2):  # the labels drawn are these texts: the same bars rendered again, pixel for pixel
+        top = r * row
+        assert np.array_equal(png[top:top + TILE, :ROW_LABEL_WIDTH], caption_bar(ROW_LABEL_WIDTH, "truth", height=TILE))
+        assert np.array_equal(png[top + TILE:top + 2 * TILE, :ROW_LABEL_WIDTH],
+                              caption_bar(ROW_LABEL_WIDTH, "generated", height=TILE))
+        times = png[top + 2 * TILE:top + 2 * TILE + LABEL, ROW_LABEL_WIDTH:]
+        # the window's 9 frames at 6 times: 0, 2, 3, 5, 6, 8 (np.linspace rounded), at 25 fps
+        for k, frame in enumerate((0, 2, 3, 5, 6, 8)):
+            assert np.array_equal(times[:, k * TILE:(k + 1) * TILE], caption_bar(TILE, f"{frame / 25:.2f} s (frame {frame})"))
+        caption = png[top + 2 * TILE + LABEL:top + row, ROW_LABEL_WIDTH:]
+        key = record["clips"][r]["key"]
+        assert np.array_equal(caption, caption_bar(6 * TILE, f"{key} (val) step 2: truth / generated"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(root / "run" / "tensorboard"), size_guidance={"images": 0})
@@ -61,8 +77,10 @@ def test_side_by_side_is_truth_and_the_ema_models_sample(validated_run, tmp_path
     from models.dualforce import DualForce
     from models.dualforce.sampler import SamplerConfig, generate
     from models.wan_vae import load_wan_vae, output_to_frames
+    from tasks.contact_sheet import LABEL
     from training.export import export_run
     from training.heldout import held_out_clips
+    from training.validation import side_by_side_frames
 
     root, models = validated_run
     export_run(root / "run", tmp_path / "ema")  # the EMA weights of step 2, as a user would sample from them
@@ -71,9 +89,13 @@ def test_side_by_side_is_truth_and_the_ema_models_sample(validated_run, tmp_path
     clips = held_out_clips(root / "shards", 2)
     for clip in clips:
         written = read_frames(root / "run" / "samples" / f"step000002-{clip.key}.mp4")
-        assert written.shape == (WINDOW, CROP, 2 * CROP, 3)
-        truth_error = np.abs(written[:, :, :CROP].astype(int) - clip.frames).mean()
+        assert written.shape == (WINDOW, LABEL + CROP, 2 * CROP, 3)  # a "truth | generated" bar on top
+        truth_error = np.abs(written[:, LABEL:, :CROP].astype(int) - clip.frames).mean()
         assert truth_error < 4.0  # the clip's own frames (two H.264 passes apart)
+        bar = side_by_side_frames(clip.frames[:1], clip.frames[:1])[0, :LABEL]
+        swapped = np.concatenate([bar[:, CROP:], bar[:, :CROP]], 1)
+        label_error = np.abs(written[:, :LABEL].astype(int) - bar).mean()
+        assert label_error < np.abs(written[:, :LABEL].astype(int) - swapped).mean() / 2  # truth left, generated right
 
         def side_by_side(seed):
             latents, _ = generate(model, torch.from_numpy(clip.reference_latent)[None],
@@ -81,8 +103,8 @@ def test_side_by_side_is_truth_and_the_ema_models_sample(validated_run, tmp_path
                                   torch.Generator().manual_seed(seed))
             with torch.inference_mode():
                 made = output_to_frames(wan.vae.decode(wan.denormalise(latents)).sample)[0][:WINDOW]
-            with VideoWriter(tmp_path / f"{clip.key}-{seed}.mp4", 2 * CROP, CROP) as writer:
-                writer.write(np.concatenate([clip.frames, made], axis=2))
+            with VideoWriter(tmp_path / f"{clip.key}-{seed}.mp4", 2 * CROP, LABEL + CROP) as writer:
+                writer.write(side_by_side_frames(clip.frames, made))
             return read_frames(tmp_path / f"{clip.key}-{seed}.mp4")
 
         assert np.array_equal(written, side_by_side(5))  # bit-exact H.264: the same frames in, the same out

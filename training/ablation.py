@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from training.config import TrainConfig
+from training.config import TrainConfig, config_adapter
 from training.gates import TrainingGateConfig
 from training.program import STAGE_OWNED, LaunchSpecFields, read_config_file, resolve_path
 
@@ -70,10 +70,13 @@ class AblationMatrix(_Strict):
         owned = sorted(set(self.train).union(*(v.train for v in self.variants)) & set(STAGE_OWNED))
         if owned:
             raise ValueError(f"{owned} are set from the matrix's shards, not in train")
-        TrainingGateConfig(**self.gates)
+        config_adapter(TrainingGateConfig).validate_python(self.gates)
         for variant in self.variants:  # unknown keys and bad values, per variant, before anything runs
             cfg = TrainConfig.from_dict({"shards": ["-"], "out_dir": "-", "window": 9, **variant_train(self, variant)})
-            cfg.model_config()
+            try:
+                cfg.model_config()
+            except TypeError as exc:  # a model_overrides key DualForceConfig does not have
+                raise ValueError(f"variant {variant.name}: model_overrides: {exc}") from None
         return self
 
     def resolved(self, base: Path) -> "AblationMatrix":
@@ -90,7 +93,12 @@ def variant_train(matrix: AblationMatrix, variant: VariantSpec) -> dict[str, Any
     """The base run's TrainConfig fields with the variant's: model_overrides and loss_options merged key by key."""
     train = dict(matrix.train)
     for key, value in variant.train.items():
-        train[key] = {**train.get(key, {}), **value} if key in MERGED_FIELDS else value
+        if key in MERGED_FIELDS:
+            if not isinstance(value, dict) or not isinstance(train.get(key, {}), dict):
+                raise ValueError(f"variant {variant.name}: {key} is a mapping of fields, got {value!r}")
+            train[key] = {**train.get(key, {}), **value}
+        else:
+            train[key] = value
     return train
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,8 +114,19 @@ class TrainConfig:
             raise ValueError(f"noise_mode must be per_frame or per_sample, got {self.noise_mode!r}")
         if self.decay not in ("cosine", "linear", "constant"):
             raise ValueError(f"decay must be cosine, linear or constant, got {self.decay!r}")
-        if self.ckpt_every < 1 or self.total_steps < 1 or self.micro_batch < 1:
-            raise ValueError("ckpt_every, total_steps and micro_batch must be >= 1")
+        small = {k: getattr(self, k) for k in ("ckpt_every", "total_steps", "micro_batch", "grad_accum", "window",
+                                               "keep_checkpoints", "log_every") if getattr(self, k) < 1}
+        small.update({k: getattr(self, k) for k in ("warmup_steps", "num_workers") if getattr(self, k) < 0})
+        if small:
+            raise ValueError(f"{', '.join(f'{k}={v}' for k, v in small.items())}: counts of steps, samples, frames "
+                             "and workers must be >= 1 (warmup_steps and num_workers >= 0)")
+        ranges = {"lr": (self.lr > 0, "> 0"), "weight_decay": (self.weight_decay >= 0, ">= 0"),
+                  "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+                  "grad_clip": (self.grad_clip >= 0, ">= 0"), "ema_decay": (0 <= self.ema_decay < 1, "in [0, 1)"),
+                  "betas": (all(0 <= b < 1 for b in self.betas), "each in [0, 1)")}
+        bad = [f"{k}={getattr(self, k)} (must be {rule})" for k, (ok, rule) in ranges.items() if not ok]
+        if bad:
+            raise ValueError(f"out of range: {', '.join(bad)}")
 
     def model_config(self):
         """The DualForceConfig this run trains (preset + the shards' widths + overrides)."""
@@ -135,7 +147,7 @@ class TrainConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown training config keys: {unknown}")
-        return cls(**data)
+        return config_adapter(cls).validate_python(data)  # types checked as the train flow checks its parameter
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
@@ -152,3 +164,12 @@ def load_ds_config(name_or_path: str) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"DeepSpeed config {name_or_path!r} not found (looked at {path})")
     return json.loads(path.read_text())
+
+
+@functools.cache
+def config_adapter(kind: type) -> Any:
+    """pydantic's validator of a config dataclass (a ValidationError is a ValueError: '1' -> 1, None for an int
+    refused), built once."""
+    import pydantic
+
+    return pydantic.TypeAdapter(kind)

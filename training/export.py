@@ -31,6 +31,10 @@ class ExportError(ValueError):
     """A run that cannot be exported as asked (no checkpoint, no such weights)."""
 
 
+class UnusableRun(ExportError):
+    """The run folder is there but what it holds cannot be used (exit 6, not 2)."""
+
+
 @dataclass
 class ExportResult:
     out_dir: Path
@@ -91,7 +95,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, tag: Optional[str] = No
     config_file = run_dir / CONFIG_NAME
     if not config_file.is_file():
         raise ExportError(f"{run_dir} is not a training run (no {CONFIG_NAME})")
-    cfg = TrainConfig.load(config_file)
+    try:
+        cfg = TrainConfig.load(config_file)
+    except (ValueError, TypeError) as exc:  # not JSON, or not a TrainConfig
+        raise UnusableRun(f"{config_file} is not a training config we can read: {exc}") from None
     ckpt_dir = run_dir / "checkpoints"
     tag = tag or checkpoint.latest_tag(ckpt_dir)
     if tag is None or not (ckpt_dir / tag).is_dir():

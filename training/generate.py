@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -164,7 +165,7 @@ def speech_for_frames(path: str | Path, seconds: Optional[float] = None) -> tupl
     try:
         audio = read_audio(path, SAMPLE_RATE)
     except MediaError as exc:
-        raise ClipRejected("unreadable_audio", str(exc)) from exc
+        raise ClipRejected("unreadable_audio", f"{path}: {exc}") from exc
     if seconds is not None:
         audio = audio[: int(round(seconds * SAMPLE_RATE))]
     frames = int(round(len(audio) / AUDIO_SAMPLES_PER_FRAME))
@@ -297,6 +298,7 @@ def generate_video(model_dir: str | Path, image: str | Path, speech: str | Path,
                    options: GenerateOptions = GenerateOptions()) -> GenerateResult:
     """Write `out` (H.264 + AAC, 25 fps, crop_size^2) and `<out>.json`; see the module docstring. An existing
     `out` is replaced only when it is an earlier output of ours (check_video_target)."""
+    import cv2
     from tqdm.auto import tqdm
 
     from tasks.crop import CropConfig
@@ -308,6 +310,9 @@ def generate_video(model_dir: str | Path, image: str | Path, speech: str | Path,
     started = time.perf_counter()
     out = Path(out)
     check_video_target(out)  # before any work
+    for flag, path in (("--image", image), ("--audio", speech)):  # before the models are loaded
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file")
     model, extractors, hubert, wan = load_generation_models(model_dir, options)
     dryrun = bool(extractors.untrained_dryrun_models) or hubert.untrained_dryrun or wan.untrained_dryrun
     if dryrun:
@@ -315,6 +320,9 @@ def generate_video(model_dir: str | Path, image: str | Path, speech: str | Path,
                     "is noise, the plumbing is real")
     size = extractors.crop_size
     face = crop_face_image(read_image(image), CropConfig(params=CropParams(dsize=size)))
+    cx, cy, side = (float(v) for v in face.rect[:3])
+    log.info("generate: the face at (%.0f, %.0f), %.0f px wide, the largest of %d found in %s", cx, cy, side,
+             face.faces, image)
     reference = torch.from_numpy(encode_reference(wan, face.crop).astype(np.float32))[None]  # [1, 16, 1, h, w]
     audio, frames = speech_for_frames(speech, options.seconds)
     features = speech_features(audio, frames, hubert, extractors.hubert_layers)  # [4(L-1)+1, D]
@@ -338,19 +346,25 @@ def generate_video(model_dir: str | Path, image: str | Path, speech: str | Path,
                 if len(keep):
                     writer.write(keep)
                     written += len(keep)
+        face_png = out.with_name(out.name + ".face.png")  # the reference the model was given, as it saw it
+        cv2.imwrite(str(Path(tmp) / "face.png"), cv2.cvtColor(face.crop, cv2.COLOR_RGB2BGR))
+        os.replace(Path(tmp) / "face.png", face_png)
     result = GenerateResult(out, written, stats.latent_frames, time.perf_counter() - started, stats.sampling_s,
                             stats.decode_s, prepared - started, dryrun, out.with_name(out.name + ".json"))
-    _write_record(result, model_dir, image, speech, options, extractors, model.provenance)
+    _write_record(result, model_dir, image, speech, options, extractors, model.provenance,
+                  {"crop": str(face_png), "center_xy": [cx, cy], "size_px": side,
+                   "angle_deg": math.degrees(float(face.rect[3])), "faces_found": face.faces})
     return result
 
 
 def _write_record(result: GenerateResult, model_dir, image, speech, options: GenerateOptions, extractors: Extractors,
-                  provenance: dict) -> None:
+                  provenance: dict, face: dict[str, Any]) -> None:
     record = {
         "video": str(result.path), "frames": result.frames, "fps": FPS, "latent_frames": result.latent_frames,
-        "model": str(Path(model_dir).resolve()), "image": str(image), "speech": str(speech),
+        "model": str(Path(model_dir).resolve()), "image": str(image), "face": face, "speech": str(speech),
         "checkpoint": provenance.get("checkpoint"), "step": provenance.get("step"), "weights": provenance.get("weights"),
-        "options": asdict(options), "extractors": asdict(extractors), "untrained_dryrun": result.dryrun,
+        "options": asdict(options), "sampler": asdict(options.sampler(provenance)),  # the cache window it chose
+        "extractors": asdict(extractors), "untrained_dryrun": result.dryrun,
         "seconds": {"total": result.seconds, "prepare": result.prepare_s, "sampling": result.sampling_s,
                     "decode": result.decode_s},
         "latent_frames_per_s": result.latent_frames_per_s,

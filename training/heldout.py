@@ -72,7 +72,7 @@ def held_out_clips(shard_root: str | Path, count: int, split: Optional[str] = No
             if len(clips) == count:
                 break
         if clips:
-            if name == "train":
+            if name == "train" and split is None:  # the user's own --split train needs no warning
                 log.warning("%s has no held-out split: validation uses %d training clips", shard_root, len(clips))
             return clips
     return []

@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from training.config import TrainConfig
+from training.config import TrainConfig, config_adapter
 from training.gates import TrainingGateConfig
 
 # TrainConfig fields a stage sets itself (from its data or its place in the program), never from the file
@@ -62,7 +62,7 @@ class StageSpec(_Strict):
     @field_validator("gates")
     @classmethod
     def _gate_fields(cls, gates: dict[str, Any]) -> dict[str, Any]:
-        TrainingGateConfig(**gates)
+        config_adapter(TrainingGateConfig).validate_python(gates)  # types too, as the train flow checks them
         return gates
 
 

@@ -7,12 +7,15 @@ import sys
 
 import torch.distributed as dist
 
+from tasks.known_noise import quiet_known_noise
 from training.config import TrainConfig
 from training.run_status import COMPLETED, EXIT_CODES, STOPPED
-from training.trainer import run_training
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_known_noise()  # before the trainer's import brings DeepSpeed in
+    from training.trainer import run_training
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, help="training config JSON (training.config.TrainConfig)")
     parser.add_argument("--local_rank", type=int, default=None, help="set by DeepSpeed's launcher; unused")

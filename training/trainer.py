@@ -305,7 +305,7 @@ class Trainer:
             return
         if self.zero_stage == 3:
             log.warning("validation samples at step %d skipped: ZeRO-3 partitions the weights (export a checkpoint "
-                        "and run `dualforce generate`)", self.step)
+                        "and run `./run generate`)", self.step)
             return
         from training.export import training_data
         from training.validation import Validator

@@ -65,29 +65,49 @@ def sample_stem(step: int) -> str:
     return f"step{step:06d}"
 
 
+ROW_LABELS = ("truth", "generated", "time")  # the left column of each sheet row
+ROW_LABEL_WIDTH = 96
+
+
 def sheet_row(truth: np.ndarray, generated: np.ndarray, label: str) -> np.ndarray:
-    """Ground-truth frames over generated frames at the same SHEET_FRAMES times, with a caption."""
+    """Ground-truth frames over generated frames at the same SHEET_FRAMES times, each strip labelled on the left,
+    each time under its tiles ("0.32 s (frame 8)"), the clip's caption below."""
     import cv2
 
-    from tasks.contact_sheet import caption_bar
+    from tasks.contact_sheet import LABEL, caption_bar
+    from tasks.contract import FPS
 
     picks = np.linspace(0, len(truth) - 1, SHEET_FRAMES).round().astype(int)
 
     def strip(frames):
         return np.concatenate([cv2.resize(frames[i], (TILE, TILE), interpolation=cv2.INTER_AREA) for i in picks], 1)
 
-    return np.concatenate([strip(truth), strip(generated), caption_bar(TILE * SHEET_FRAMES, label)], 0)
+    times = np.concatenate([caption_bar(TILE, f"{i / FPS:.2f} s (frame {i})") for i in picks], 1)
+    body = np.concatenate([strip(truth), strip(generated), times, caption_bar(TILE * SHEET_FRAMES, label)], 0)
+    left = np.concatenate([caption_bar(ROW_LABEL_WIDTH, text, height=h)
+                           for text, h in zip(ROW_LABELS + ("",), (TILE, TILE, LABEL, LABEL))], 0)
+    return np.concatenate([left, body], 1)
+
+
+def side_by_side_frames(truth: np.ndarray, generated: np.ndarray) -> np.ndarray:
+    """[T, LABEL + H, 2W, 3]: ground truth | generated, under a bar naming each half."""
+    from tasks.contact_sheet import caption_bar
+
+    width = truth.shape[2]
+    bar = np.concatenate([caption_bar(width, "truth"), caption_bar(width, "generated")], 1)  # [LABEL, 2W, 3]
+    pair = np.concatenate([truth, generated[: len(truth)]], axis=2)
+    return np.concatenate([np.broadcast_to(bar, (len(pair),) + bar.shape), pair], axis=1)
 
 
 def write_side_by_side(path: Path, truth: np.ndarray, generated: np.ndarray, audio: np.ndarray) -> Path:
-    """ground truth | generated as one H.264 video with the speech (16 kHz mono float) muxed in, written atomically."""
+    """`side_by_side_frames` as one H.264 video with the speech (16 kHz mono float) muxed in, written atomically."""
     from tasks.media import VideoWriter, write_wav
 
-    height, width = truth.shape[1:3]
+    frames = side_by_side_frames(truth, generated)
     with tempfile.TemporaryDirectory(prefix=".side-by-side-", dir=path.parent) as tmp:
         speech = write_wav(Path(tmp) / "speech.wav", audio)
-        with VideoWriter(path, 2 * width, height, audio=speech) as writer:
-            writer.write(np.concatenate([truth, generated[: len(truth)]], axis=2))
+        with VideoWriter(path, frames.shape[2], frames.shape[1], audio=speech) as writer:
+            writer.write(frames)
     return path
 
 

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import uuid
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -140,6 +141,8 @@ def write_pretrained(path: str | Path, config: DualForceConfig, state_dict: dict
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "class": CLASS_NAME})
         (tmp / CONFIG_FILE).write_text(json.dumps(config_to_json(config), indent=2) + "\n")
+        # safetensors writes 0600 whatever the umask; give the weights the mode the config file got from it
+        os.chmod(tmp / WEIGHTS_FILE, stat.S_IMODE((tmp / CONFIG_FILE).stat().st_mode))
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance or {}, indent=2, sort_keys=True, default=str) + "\n")
         check_output_folder(path)  # again: something may have been put there while the weights were written
         if path.exists():

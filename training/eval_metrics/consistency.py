@@ -17,7 +17,7 @@ from tasks.face_landmarks import MissingLandmarkModel
 from tasks.motion import extract_motion
 from training.eval_metrics.faces import observe_faces
 from training.eval_metrics.identity import cosine_similarity, face_descriptors, reference_descriptor
-from training.eval_metrics.motion_error import DRYRUN_CAVEAT
+from training.eval_metrics.motion_error import DRYRUN_CAVEAT, NO_EXTRACTOR
 from training.eval_metrics.results import MetricResult, stopwatch
 
 
@@ -48,6 +48,28 @@ def _series_result(name: str, series: list[float], seconds: float, worst, reason
                                  "bins": float(len(series))})
 
 
+def _reference(reference_rgb: np.ndarray) -> tuple[Optional[np.ndarray], str]:
+    """The reference's face descriptor, or None with the reason identity cannot be measured."""
+    try:
+        ref = reference_descriptor(reference_rgb)
+        return ref, "" if ref is not None else "no face found in the reference image"
+    except MissingLandmarkModel as exc:
+        return None, str(exc)
+
+
+def unmeasurable_long_sequence(reference_rgb: np.ndarray, extractor: Optional[MotionExtractor]) -> list[MetricResult]:
+    """Both long-sequence rows, skipped with their reasons, when neither can be measured (no face in the reference
+    or no landmark model, and no motion extractor); [] when one can. The caller then need not decode a frame of
+    the long generation (on the dry-run model that decode was most of evaluate's ~107 s for nothing)."""
+    if extractor is not None:
+        return []
+    ref, identity_reason = _reference(reference_rgb)
+    if ref is not None:
+        return []
+    return [MetricResult.skipped("identity_per_second", identity_reason),
+            MetricResult.skipped("pose_drift_deg_per_second", NO_EXTRACTOR)]
+
+
 def long_sequence_consistency(frames: np.ndarray | Iterable[np.ndarray], reference_rgb: np.ndarray,
                               extractor: Optional[MotionExtractor], fps: float = 25.0, bin_seconds: float = 1.0,
                               sample_every: int = 1) -> list[MetricResult]:
@@ -56,11 +78,7 @@ def long_sequence_consistency(frames: np.ndarray | Iterable[np.ndarray], referen
         raise ValueError(f"sample_every must be >= 1, got {sample_every}")
     chunks = [frames] if isinstance(frames, np.ndarray) else frames
     with stopwatch() as watch:
-        try:
-            ref = reference_descriptor(reference_rgb)
-            identity_reason = "" if ref is not None else "no face found in the reference image"
-        except MissingLandmarkModel as exc:
-            ref, identity_reason = None, str(exc)
+        ref, identity_reason = _reference(reference_rgb)
         index, sims, rotations = [], [], []
         seen = 0
         for chunk in chunks:
@@ -87,7 +105,7 @@ def long_sequence_consistency(frames: np.ndarray | Iterable[np.ndarray], referen
         results.append(_series_result("identity_per_second", bin_means(np.concatenate(sims), frame_index, per_bin),
                                       watch.seconds, np.min))
     if extractor is None:
-        results.append(MetricResult.skipped("pose_drift_deg_per_second", "no LivePortrait motion extractor weights given"))
+        results.append(MetricResult.skipped("pose_drift_deg_per_second", NO_EXTRACTOR))
     else:
         rot = np.concatenate(rotations)
         drift = rotation_angle_deg(rot, np.broadcast_to(rot[:1], rot.shape))

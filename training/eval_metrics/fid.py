@@ -28,4 +28,5 @@ def inception_features(model: FIDInceptionV3, frames: np.ndarray, batch_size: in
 def fid_from_features(gen_features: Optional[np.ndarray], gt_features: Optional[np.ndarray]) -> MetricResult:
     """FID of two feature sets [N, 2048] (None: the Inception weights were not given)."""
     return frechet_metric("fid", gen_features, gt_features, "frames",
-                          "no FID Inception weights given (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
+                          "no FID Inception weights given "
+                          "(pass --fid-inception: pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")

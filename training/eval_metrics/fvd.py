@@ -39,4 +39,4 @@ def i3d_features(model: InceptionI3d, frames: np.ndarray, window: int = CLIP_FRA
 def fvd_from_features(gen_features: Optional[np.ndarray], gt_features: Optional[np.ndarray]) -> MetricResult:
     """FVD of two window-feature sets [N, 400] (None: the I3D weights were not given)."""
     return frechet_metric("fvd", gen_features, gt_features, "windows",
-                          "no I3D weights given (pytorch-i3d's rgb_imagenet.pt, Kinetics-400)")
+                          "no I3D weights given (pass --i3d: pytorch-i3d's rgb_imagenet.pt, Kinetics-400)")

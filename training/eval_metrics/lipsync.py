@@ -91,7 +91,7 @@ def lip_sync(frames: np.ndarray, audio: np.ndarray, syncnet: Optional[SyncNet], 
     Series: per window, the distance at the chosen offset and syncnet_python's framewise confidence."""
     names = ("lse_d", "lse_c")
     if syncnet is None:
-        return [MetricResult.skipped(n, "no SyncNet weights given (syncnet_v2.model)") for n in names]
+        return [MetricResult.skipped(n, "no SyncNet weights given (pass --syncnet syncnet_v2.model)") for n in names]
     if window_count(len(frames), len(audio)) < 1:
         reason = f"too short for SyncNet's 5-frame windows: {len(frames)} frames, {len(audio)} audio samples"
         return [MetricResult.skipped(n, reason) for n in names]

@@ -11,6 +11,7 @@ from tasks.motion import extract_motion
 from training.eval_metrics.results import MetricResult, stopwatch
 
 DRYRUN_CAVEAT = "untrained dry-run motion extractor: the numbers test plumbing only"
+NO_EXTRACTOR = "no LivePortrait motion extractor weights given (pass --liveportrait-root)"
 
 
 def pose_angles(motion: MotionLatents) -> np.ndarray:
@@ -25,7 +26,7 @@ def motion_errors(gen_frames: np.ndarray, gt_frames: np.ndarray, extractor: Opti
     (the dataset's shards keep it); it must have been made by the same extractor weights."""
     names = ("pose_error_deg", "expression_error")
     if extractor is None:
-        return [MetricResult.skipped(n, "no LivePortrait motion extractor weights given") for n in names]
+        return [MetricResult.skipped(n, NO_EXTRACTOR) for n in names]
     if len(gen_frames) != len(gt_frames if gt_motion is None else gt_motion.pitch):
         raise ValueError("generated and GT clips differ in length")
     with stopwatch() as watch:

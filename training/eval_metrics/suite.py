@@ -32,6 +32,10 @@ from training.eval_metrics.lipsync import lip_sync
 from training.eval_metrics.motion_error import motion_errors
 from training.eval_metrics.results import MetricResult, stopwatch
 
+# the `evaluate` flag that gives each network's weights, named in a skipped metric's reason
+WEIGHT_FLAGS = {"motion_extractor": "--liveportrait-root", "syncnet": "--syncnet", "i3d": "--i3d",
+                "inception": "--fid-inception"}
+
 
 @dataclass(frozen=True)
 class EvalWeights:
@@ -66,7 +70,7 @@ class EvalModels:
             ("inception", weights.fid_inception, Path, load_fid_inception),
         ):
             if path is None:
-                models.absent[attr] = "weights not given"
+                models.absent[attr] = f"weights not given (pass {WEIGHT_FLAGS[attr]})"
             elif not file_of(Path(path)).is_file():
                 models.absent[attr] = f"weights not found: {file_of(Path(path))}"
             else:

@@ -4,7 +4,7 @@
 
 Baseline: one ffmpeg command on the same source doing what the crop step's output needs with no face work:
 resample to 25 fps, a fixed square crop, scale to 512x512, libx264 at the crop step's crf/preset/threads
-(tasks.media.VideoWriter), plus the 16 kHz mono wav. The crop step (tasks.crop.crop_clip) tracks the face on
+(tasks.media.VideoWriter), plus the 16 kHz mono wav. The crop step (tasks.steps.crop.crop_clip) tracks the face on
 every frame (68-point landmarks, a detection every 10 frames), which is what the ratio pays for. Both crop
 modes are measured in the same run: `static` (the default: a luma-only tracking decode, then one ffmpeg run
 that crops + scales + encodes each segment's fixed box) and `follow` (one decode, a smoothed box per frame,
@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.crop import CropConfig, crop_clip
 from tasks.media import probe, run_ffmpeg
+from tasks.steps.crop import CropConfig, crop_clip
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,11 +23,13 @@ from pathlib import Path
 def _run(shards: Path, out: Path, steps: int, gates: dict, variant: str, nproc: int) -> tuple[float, int]:
     from flows.train import train_flow
     from tests.training_shards import train_config
-    from training.gates import read_gate_log
+    from training.gates import ReviewOptions, read_gate_log
+    from training.launch import LaunchSpec
 
     cfg = train_config(shards, out, total_steps=steps, ckpt_every=steps, micro_batch=1, model_variant=variant)
     t0 = time.perf_counter()
-    state = train_flow(cfg, nproc_per_node=nproc, gates=gates, auto_approve=True, return_state=True)
+    state = train_flow(cfg, gates=gates, launch=LaunchSpec(nproc_per_node=nproc), review=ReviewOptions(auto_approve=True),
+                       return_state=True)
     seconds = time.perf_counter() - t0
     if not state.is_completed():
         raise SystemExit(f"benchmark run ended {state.name}: {state.message}")

@@ -67,10 +67,10 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     device, size = settle(args)
     from models.hubert_features import HubertLayers
-    from tasks.audio_features import AudioFeatureConfig, audio_features_for_clip
     from tasks.media import iter_frames, read_audio, read_frames
-    from tasks.motion import extract_motion_from_video, prepare_frames
-    from tasks.vae_latents import VaeLatentConfig, encode_clip, encode_windows
+    from tasks.steps.audio_features import AudioFeatureConfig, audio_features_for_clip
+    from tasks.steps.motion import extract_motion_from_video, prepare_frames
+    from tasks.steps.vae_latents import VaeLatentConfig, encode_clip, encode_windows
 
     seconds = args.seconds or (13.0 if size == "real" else 4.0)
     window, batch_windows = (81, 4) if size == "real" else (9, 4)

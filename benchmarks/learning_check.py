@@ -78,13 +78,13 @@ def _resize(frames: np.ndarray, size: int) -> np.ndarray:
 def clip_windows(path: Path, work: Path, cfg: CheckConfig, models) -> ClipWindows:
     """One sample clip through crop, motion, HuBERT and the VAE -> its training and held-out windows."""
     from models.struct_layout import to_struct
-    from tasks.audio_features import audio_features_for_clip, require_usable
-    from tasks.crop import crop_clip
     from tasks.errors import ClipRejected
     from tasks.feature_models import hubert, motion_extractor, wan_vae
     from tasks.media import read_frames
-    from tasks.motion import extract_motion
-    from tasks.vae_latents import encode_reference, encode_windows
+    from tasks.steps.audio_features import audio_features_for_clip, require_usable
+    from tasks.steps.crop import crop_clip
+    from tasks.steps.motion import extract_motion
+    from tasks.steps.vae_latents import encode_reference, encode_windows
     from training.conditioning_use import HeldOutWindow
 
     out = ClipWindows(path.stem)

@@ -43,10 +43,10 @@ def store_results(manifest: Path, output_root: Path, dataset: str) -> int:
     """A stored, current result of every step for every clip (status files only, keyed as a run keys them)."""
     from datasets_manifest.schema import read_manifest
     from flows.layout import DatasetLayout
-    from flows.preprocess import clip_steps_for, resolve_models, wanted_steps
-    from tasks.sample_features import preprocess_profile
+    from flows.preprocess import clip_steps_for, resolve_models
     from tasks.step_runner import step_key
     from tasks.step_store import STATUS_FILE, StepRecord
+    from tasks.steps.pipeline import preprocess_profile, wanted_steps
 
     options = DRYRUN
     profile = preprocess_profile("talking_head")

@@ -60,13 +60,13 @@ def run_preprocess(manifest: Path, out: Path, steps: list[str], workers: int, ba
     from flows.layout import DatasetLayout
     from flows.preprocess import preprocess, with_workers
     from tasks.ledger import read_ledger
-    from tasks.sample_features import FEATURE_STEPS
+    from tasks.steps.pipeline import TALKING_HEAD
 
     flow = preprocess if extra.get("runner") else with_workers(workers)
     t0 = time.perf_counter()
     report = flow(dataset="bench", manifest=str(manifest), output_root=str(out), steps=steps,
                   runner={"batch_size": batch_size, "progress": False, **extra},
-                  windows={"shard_features": any(s in FEATURE_STEPS for s in steps)})
+                  windows={"shard_features": any(s in TALKING_HEAD.feature_steps for s in steps)})
     wall = time.perf_counter() - t0
     if not isinstance(report, dict):
         raise RuntimeError(f"preprocess run did not complete: {report}")

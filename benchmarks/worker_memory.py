@@ -70,12 +70,12 @@ def _child(task: str, source: Path, out: Path) -> dict:
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}; choose from {STEPS}")
     from datasets_manifest.schema import ClipRow
-    from tasks.crop import CROP_INFO, CROP_VIDEO, crop_clip
-    from tasks.download import DownloadConfig, download_clip
+    from tasks.steps.crop import CROP_INFO, CROP_VIDEO, crop_clip
+    from tasks.steps.download import DownloadConfig, download_clip
 
     if step == "motion":
         from tasks.feature_models import dryrun_models, motion_extractor
-        from tasks.motion import extract_motion_from_video
+        from tasks.steps.motion import extract_motion_from_video
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     frames = 0

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from datasets_manifest.media_probe import MediaError, probe
 from datasets_manifest.records import ParseResult
 from datasets_manifest.schema import ClipRow
-from tasks.media import MediaError, probe
 
 ATTRIBUTION_FILE = "ATTRIBUTION.md"
 

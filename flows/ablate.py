@@ -23,7 +23,8 @@ from flows.gate_artifacts import artifact_key
 from flows.review import image_markdown
 from flows.train import train_flow
 from training.ablation import AblationMatrix, VariantSpec, comparison_rows, load_matrix, plot_comparison, variant_train
-from training.gates import read_gate_log
+from training.gates import ReviewOptions, read_gate_log
+from training.launch import LaunchSpec
 from training.metrics import METRICS_FILE, read_metrics
 from training.shard_sets import train_data_fields
 
@@ -40,8 +41,9 @@ def run_variant(matrix: AblationMatrix, variant: VariantSpec, data: dict[str, An
     out = Path(matrix.out_dir) / variant.name
     cfg = {**data, **variant_train(matrix, variant), "out_dir": str(out / "train")}
     state = train_flow.with_options(flow_run_name=f"{matrix.name}-{variant.name}-train")(
-        cfg, nproc_per_node=matrix.launch.nproc_per_node, launcher=matrix.launch.launcher, gates=matrix.gates,
-        auto_approve=True, return_state=True)
+        cfg, gates=matrix.gates, launch=LaunchSpec(nproc_per_node=matrix.launch.nproc_per_node,
+                                                   launcher=matrix.launch.launcher),
+        review=ReviewOptions(auto_approve=True), return_state=True)
     gates = read_gate_log(out / "train")
     run_dir = Path(gates[-1]["run_dir"]) if gates else None
     losses = [r["loss"] for r in read_metrics(run_dir / METRICS_FILE) if "loss" in r] if run_dir else []

@@ -1,4 +1,4 @@
-"""The backfill flow: after a step's version is bumped (tasks/steps.py) or its config changes, first say which stored
+"""The backfill flow: after a step's version is bumped (its class in tasks/steps/) or its config changes, first say which stored
 step results are stale and for how many clips, then run preprocess, which recomputes exactly those and what they
 feed (their cache keys changed) and reuses everything else; the shard set is rebuilt from the new results.
 
@@ -17,12 +17,12 @@ from prefect.states import State
 
 from datasets_manifest.schema import read_manifest, validate_dataset_name
 from flows.layout import DatasetLayout
-from flows.preprocess import clip_steps_for, preprocess, resolve_models, wanted_steps, with_workers
+from flows.preprocess import clip_steps_for, preprocess, resolve_models, with_workers
 from flows.preprocess_options import PreprocessOptions, Profile
 from models.weights import WeightsError
-from tasks.sample_features import preprocess_profile
 from tasks.step_runner import stale_scan
 from tasks.step_store import StepStore
+from tasks.steps.pipeline import preprocess_profile, wanted_steps
 
 
 @task(name="stale-step-results", cache_policy=NO_CACHE)

@@ -87,6 +87,20 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
     return _done_exit_code(result["preprocess"])
 
 
+def add_dry_run(sub) -> None:
+    p = sub.add_parser("dry-run", help="the main job on the sample clips, locally: manifest -> 7 steps -> shards -> "
+                                       "a few training steps")
+    p.add_argument("--out", help="output folder (default: ./dryrun-output)")
+    p.add_argument("--samples", default=str(DEFAULT_SAMPLES), help="folder of sample clips")
+    p.add_argument("--workers", type=at_least(1), default=2)
+    p.add_argument("--batch-size", type=at_least(1), default=1)
+    p.add_argument("--window-n", type=at_least(1), default=4, help="windows of 4n+1 frames")
+    p.add_argument("--window-stride", type=at_least(1), default=200, help="frames between window starts")
+    p.add_argument("--train-steps", type=at_least(0), default=4, help="ZeRO-2 steps on 2 CPU processes (0: no training)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_dry_run)
+
+
 def cmd_preprocess(args: argparse.Namespace) -> int:
     _prefect_env()  # before the checks import Prefect
     options = _checked_preprocess_options(args)
@@ -98,6 +112,12 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return _preprocess_exit(state, t0)
 
 
+def add_preprocess(sub) -> None:
+    p = sub.add_parser("preprocess", help="run the preprocess flow on a manifest")
+    _add_preprocess_arguments(p)
+    p.set_defaults(func=cmd_preprocess)
+
+
 def cmd_backfill(args: argparse.Namespace) -> int:
     _prefect_env()  # before the checks import Prefect
     options = _checked_preprocess_options(args)
@@ -107,6 +127,13 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     state = backfill(dataset=args.dataset, manifest=args.manifest, output_root=args.out, profile=args.profile,
                      preprocess_options=options, workers=args.workers, return_state=True)
     return _preprocess_exit(state, t0)
+
+
+def add_backfill(sub) -> None:
+    p = sub.add_parser("backfill", help="after bumping a step's version: list the stale step results, then "
+                                        "recompute them and what they feed (the preprocess parameters)")
+    _add_preprocess_arguments(p)
+    p.set_defaults(func=cmd_backfill)
 
 
 def _checked_preprocess_options(args: argparse.Namespace):
@@ -175,6 +202,24 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0 if report.ok else 4
 
 
+def add_audit(sub) -> None:
+    p = sub.add_parser("audit", help="re-derive a fraction of a shard set's samples from the step outputs and "
+                                     "compare their content (exit 4 on a mismatch)")
+    p.add_argument("shards", help="a shard set folder (ROOT/DATASET/shards)")
+    p.add_argument("--fraction", type=positive_float, default=0.05, help="share of the samples audited, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--key", action="append", help="audit this sample (repeatable) instead of a random fraction")
+    p.add_argument("--steps-root", help="the step outputs (default: the shard folder's sibling steps/)")
+    p.add_argument("--models", choices=["auto", "real", "dryrun", "none"], default="auto",
+                   help="extractors for the latent and struct checks; auto: the dry-run ones when the samples say "
+                        "they were made with them, else the weights given; none: skip those two checks")
+    p.add_argument("--liveportrait-root")
+    p.add_argument("--wan-vae")
+    p.add_argument("--wan-vae-subfolder")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_audit)
+
+
 def _json_arg(value: str | None, flag: str = "") -> dict | None:
     """A JSON object given inline or as a path to a .json file (else a usage error, exit 2)."""
     from tasks.reasons import shorten
@@ -196,15 +241,29 @@ def _json_arg(value: str | None, flag: str = "") -> dict | None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     _prefect_env()
-    from flows.train import launch_kwargs, train_flow
+    from flows.train import launch_kwargs, review_options, train_flow
+    from training.launch import LaunchSpec
 
     config, gates = _json_arg(args.config, "--config"), _json_arg(args.gates, "--gates")
     check_train_inputs(config, gates)
-    state = train_flow(config, gates=gates, return_state=True, **launch_kwargs(args),
-                       auto_approve=args.auto_approve, review_timeout_s=args.review_timeout,
-                       review_on_timeout=args.review_on_timeout)
+    try:
+        launch = LaunchSpec(**launch_kwargs(args))
+    except ValueError as exc:
+        raise InputRejected(2, f"launch flags: {exc}") from None
+    state = train_flow(config, gates=gates, launch=launch, review=review_options(args), return_state=True)
     print(f"{state.name}: {state.message}", file=sys.stderr if not state.is_completed() else sys.stdout)
     return 0 if state.is_completed() else _failed_exit_code(state)
+
+
+def add_train(sub) -> None:
+    from flows.train import add_launch_arguments, add_review_arguments
+
+    p = sub.add_parser("train", help="the training stage flow (DeepSpeed launcher or torchrun, with gates)")
+    p.add_argument("--config", required=True, help="TrainConfig as JSON (inline or a .json file)")
+    p.add_argument("--gates", help="TrainingGateConfig as JSON (inline or a .json file)")
+    add_launch_arguments(p)  # nodes, processes, rendezvous, hostfile (docs/multinode.md)
+    add_review_arguments(p)
+    p.set_defaults(func=cmd_train)
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -227,6 +286,19 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return _done_exit_code(result.get("preprocess") if isinstance(result, dict) else None)
 
 
+def add_pipeline(sub) -> None:
+    p = sub.add_parser("pipeline", help="preprocess -> 3D-latent gate -> train, as one flow")
+    _add_dataset_arguments(p)
+    p.add_argument("--preprocess", help="the preprocess parameter groups as JSON (flows/preprocess_options.py), "
+                                        "e.g. '{\"weights\": {\"models\": \"dryrun\"}}'")
+    p.add_argument("--train", help="TrainConfig fields as JSON (the data fields come from the shards)")
+    p.add_argument("--gates", help="TrainingGateConfig fields as JSON")
+    p.add_argument("--nproc-per-node", type=at_least(1), default=2)
+    p.add_argument("--launcher", choices=["torchrun", "deepspeed"], default="torchrun")
+    p.add_argument("--workers", type=at_least(1), default=2)
+    p.set_defaults(func=cmd_pipeline)
+
+
 def cmd_program(args: argparse.Namespace) -> int:
     """Exit 0 when every stage went through, 3 when a gate stopped the program (NO-GO), else the state's code."""
     _prefect_env()
@@ -244,6 +316,14 @@ def cmd_program(args: argparse.Namespace) -> int:
         return _failed_exit_code(state)
     print("\n".join(program_lines(state.result(), time.perf_counter() - t0)))
     return 0
+
+
+def add_program(sub) -> None:
+    p = sub.add_parser("program", help="the staged training program (concept -> pretrain -> joint), gate by gate")
+    p.add_argument("program", help="a program file (configs/program-lite.yaml; training/program.py documents it)")
+    p.add_argument("--auto-approve", action="store_true", help="answer the sample review with continue (unattended)")
+    p.add_argument("--review-timeout", type=at_least(1), help="seconds the sample review waits for a person")
+    p.set_defaults(func=cmd_program)
 
 
 def _check_input_file(what: str, load, path: str) -> int | None:
@@ -275,6 +355,15 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_manifest(sub) -> None:
+    p = sub.add_parser("manifest", help="build a normalised clip manifest from a dataset's published metadata")
+    p.add_argument("dataset")
+    p.add_argument("src")
+    p.add_argument("-o", "--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_manifest)
+
+
 def cmd_model_info(args: argparse.Namespace) -> int:
     from models.dualforce import CONFIG_NAMES, model_info
 
@@ -285,6 +374,15 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
     print(model_info(args.config))
     return 0
+
+
+def add_model_info(sub) -> None:
+    p = sub.add_parser("model-info", help="parameter counts per module and FLOPs per training step of a DualForce config")
+    p.add_argument("config", help="a DualForce preset: tiny | lite")
+    p.add_argument("--init-from", metavar="wan:PATH", help="also print what a warm start from these Wan 2.1 "
+                   "transformer weights would transfer (a diffusers folder, or the original release's file)")
+    p.add_argument("--layers", default="even", help="source blocks for the warm start: even | first | 0,2,4,...")
+    p.set_defaults(func=cmd_model_info)
 
 
 def _print_wan_plan(args: argparse.Namespace) -> int:
@@ -330,6 +428,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="a training run's checkpoint -> config.json + model.safetensors "
+                                      "(DualForce.from_pretrained)")
+    p.add_argument("run_dir", help="a training run folder (holds train_config.json and checkpoints/)")
+    p.add_argument("-o", "--out", required=True, help="the exported model folder: new, empty, or an "
+                   "earlier export (replaced); any other folder is refused")
+    p.add_argument("--tag", help="checkpoint tag (default: the latest)")
+    p.add_argument("--weights", choices=("auto", "ema", "module"), default="auto",
+                   help="auto: the EMA when the run kept one, else the module")
+    p.set_defaults(func=cmd_export)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import logging
 
@@ -361,6 +471,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
           f"{result.seconds:.1f} s: {result.latent_frames_per_s:.2f} latent frames/s, decode "
           f"{result.decode_s / max(result.sampling_s + result.decode_s, 1e-9):.0%} of it; record {result.record}{note}")
     return 0
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="an exported model + a face image + speech -> an mp4 (the speech muxed in)")
+    p.add_argument("--model", required=True, help="an exported model folder (./run export)")
+    p.add_argument("--image", required=True, help="the face (any image OpenCV reads); cropped as the crop step crops")
+    p.add_argument("--audio", required=True, help="the speech (any file ffmpeg reads; any rate and channels)")
+    p.add_argument("-o", "--out", required=True, help="the mp4 to write (and <out>.json beside it)")
+    p.add_argument("--seconds", type=positive_float, help="use the first this-many seconds of the speech")
+    p.add_argument("--reference-cfg", type=float, default=1.0, help="classifier-free guidance on the face (1: none)")
+    p.add_argument("--chunk-frames", type=at_least(1), default=1, help="latent frames denoised together")
+    p.add_argument("--hubert", help="override the HuBERT the model's training data was made with")
+    p.add_argument("--hubert-layers", type=int, nargs="+")
+    _add_sampling_arguments(p)
+    p.set_defaults(func=cmd_generate)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -398,6 +523,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="an exported model on a shard set's held-out clips: identity, LMD, pose / "
+                                        "expression error, LSE-C/D, FID, FVD, long-sequence drift")
+    p.add_argument("--model", required=True, help="an exported model folder (./run export)")
+    p.add_argument("--shards", required=True, help="a shard set folder (ROOT/DATASET/shards)")
+    p.add_argument("-o", "--out", required=True, help="folder for evaluation.json / .md, plots and clips")
+    p.add_argument("--split", default="test", help="the held-out split (default: test)")
+    p.add_argument("--clips", type=at_least(1), default=16)
+    p.add_argument("--long-seconds", type=non_negative_float, default=60.0, help="the long generation (0: none)")
+    p.add_argument("--conditioning-windows", type=at_least(0), default=8,
+                   help="windows for the conditioning-use ratios: speech / reference / bridge use, drift (0: none)")
+    p.add_argument("--liveportrait-root", help="LivePortrait weights: pose / expression error and pose drift")
+    p.add_argument("--syncnet", help="SyncNet weights (syncnet_v2.model or safetensors): LSE-C / LSE-D")
+    p.add_argument("--i3d", help="I3D Kinetics-400 weights: FVD")
+    p.add_argument("--fid-inception", help="pytorch-fid Inception weights: FID")
+    _add_sampling_arguments(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
 def cmd_ablate(args: argparse.Namespace) -> int:
     _prefect_env()
     from flows.ablate import ablation_flow
@@ -414,6 +558,13 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     print(f"\nwritten to {result['out_dir']} (ablation.json, ablation.md, ablation.png; per variant: train/, model/, "
           f"evaluation/)")
     return 0
+
+
+def add_ablate(sub) -> None:
+    p = sub.add_parser("ablate", help="the review's ablation matrix: train each variant, evaluate it, one comparison "
+                                      "table and plot")
+    p.add_argument("matrix", help="a matrix file (configs/ablations/review.yaml; training/ablation.py documents it)")
+    p.set_defaults(func=cmd_ablate)
 
 
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -478,134 +629,15 @@ def _add_preprocess_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command registers its own parser (add_<command> beside cmd_<command>; server and plan in their modules)."""
+    from flows.plan import add_plan_parser
+    from flows.server import add_server_parser
+
     p = argparse.ArgumentParser(prog="dualforce", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-
-    d = sub.add_parser("dry-run", help="the main job on the sample clips, locally: manifest -> 7 steps -> shards -> "
-                                       "a few training steps")
-    d.add_argument("--out", help="output folder (default: ./dryrun-output)")
-    d.add_argument("--samples", default=str(DEFAULT_SAMPLES), help="folder of sample clips")
-    d.add_argument("--workers", type=at_least(1), default=2)
-    d.add_argument("--batch-size", type=at_least(1), default=1)
-    d.add_argument("--window-n", type=at_least(1), default=4, help="windows of 4n+1 frames")
-    d.add_argument("--window-stride", type=at_least(1), default=200, help="frames between window starts")
-    d.add_argument("--train-steps", type=at_least(0), default=4, help="ZeRO-2 steps on 2 CPU processes (0: no training)")
-    d.add_argument("--no-progress", action="store_true")
-    d.set_defaults(func=cmd_dry_run)
-
-    pp = sub.add_parser("preprocess", help="run the preprocess flow on a manifest")
-    _add_preprocess_arguments(pp)
-    pp.set_defaults(func=cmd_preprocess)
-    bf = sub.add_parser("backfill", help="after bumping a step's version: list the stale step results, then "
-                                         "recompute them and what they feed (the preprocess parameters)")
-    _add_preprocess_arguments(bf)
-    bf.set_defaults(func=cmd_backfill)
-
-    a = sub.add_parser("audit", help="re-derive a fraction of a shard set's samples from the step outputs and "
-                                     "compare their content (exit 4 on a mismatch)")
-    a.add_argument("shards", help="a shard set folder (ROOT/DATASET/shards)")
-    a.add_argument("--fraction", type=positive_float, default=0.05, help="share of the samples audited, in (0, 1]")
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--key", action="append", help="audit this sample (repeatable) instead of a random fraction")
-    a.add_argument("--steps-root", help="the step outputs (default: the shard folder's sibling steps/)")
-    a.add_argument("--models", choices=["auto", "real", "dryrun", "none"], default="auto",
-                   help="extractors for the latent and struct checks; auto: the dry-run ones when the samples say "
-                        "they were made with them, else the weights given; none: skip those two checks")
-    a.add_argument("--liveportrait-root")
-    a.add_argument("--wan-vae")
-    a.add_argument("--wan-vae-subfolder")
-    a.add_argument("--no-progress", action="store_true")
-    a.set_defaults(func=cmd_audit)
-
-    m = sub.add_parser("manifest", help="build a normalised clip manifest from a dataset's published metadata")
-    m.add_argument("dataset")
-    m.add_argument("src")
-    m.add_argument("-o", "--out", required=True)
-    m.add_argument("--seed", type=int, default=0)
-    m.set_defaults(func=cmd_manifest)
-
-    from datasets_manifest.plan import add_plan_parser
-    from flows.server import add_server_parser
-    from flows.train import add_launch_arguments, add_review_arguments
-
-    t = sub.add_parser("train", help="the training stage flow (DeepSpeed launcher or torchrun, with gates)")
-    t.add_argument("--config", required=True, help="TrainConfig as JSON (inline or a .json file)")
-    t.add_argument("--gates", help="TrainingGateConfig as JSON (inline or a .json file)")
-    add_launch_arguments(t)  # nodes, processes, rendezvous, hostfile (docs/multinode.md)
-    add_review_arguments(t)
-    t.set_defaults(func=cmd_train)
-
-    pg = sub.add_parser("program", help="the staged training program (concept -> pretrain -> joint), gate by gate")
-    pg.add_argument("program", help="a program file (configs/program-lite.yaml; training/program.py documents it)")
-    pg.add_argument("--auto-approve", action="store_true", help="answer the sample review with continue (unattended)")
-    pg.add_argument("--review-timeout", type=at_least(1), help="seconds the sample review waits for a person")
-    pg.set_defaults(func=cmd_program)
-
-    pl = sub.add_parser("pipeline", help="preprocess -> 3D-latent gate -> train, as one flow")
-    _add_dataset_arguments(pl)
-    pl.add_argument("--preprocess", help="the preprocess parameter groups as JSON (flows/preprocess_options.py), "
-                                         "e.g. '{\"weights\": {\"models\": \"dryrun\"}}'")
-    pl.add_argument("--train", help="TrainConfig fields as JSON (the data fields come from the shards)")
-    pl.add_argument("--gates", help="TrainingGateConfig fields as JSON")
-    pl.add_argument("--nproc-per-node", type=at_least(1), default=2)
-    pl.add_argument("--launcher", choices=["torchrun", "deepspeed"], default="torchrun")
-    pl.add_argument("--workers", type=at_least(1), default=2)
-    pl.set_defaults(func=cmd_pipeline)
-
-    add_server_parser(sub)
-    add_plan_parser(sub)
-
-    mi = sub.add_parser("model-info", help="parameter counts per module and FLOPs per training step of a DualForce config")
-    mi.add_argument("config", help="a DualForce preset: tiny | lite")
-    mi.add_argument("--init-from", metavar="wan:PATH", help="also print what a warm start from these Wan 2.1 "
-                    "transformer weights would transfer (a diffusers folder, or the original release's file)")
-    mi.add_argument("--layers", default="even", help="source blocks for the warm start: even | first | 0,2,4,...")
-    mi.set_defaults(func=cmd_model_info)
-
-    ex = sub.add_parser("export", help="a training run's checkpoint -> config.json + model.safetensors "
-                                       "(DualForce.from_pretrained)")
-    ex.add_argument("run_dir", help="a training run folder (holds train_config.json and checkpoints/)")
-    ex.add_argument("-o", "--out", required=True, help="the exported model folder: new, empty, or an "
-                    "earlier export (replaced); any other folder is refused")
-    ex.add_argument("--tag", help="checkpoint tag (default: the latest)")
-    ex.add_argument("--weights", choices=("auto", "ema", "module"), default="auto",
-                    help="auto: the EMA when the run kept one, else the module")
-    ex.set_defaults(func=cmd_export)
-
-    g = sub.add_parser("generate", help="an exported model + a face image + speech -> an mp4 (the speech muxed in)")
-    g.add_argument("--model", required=True, help="an exported model folder (./run export)")
-    g.add_argument("--image", required=True, help="the face (any image OpenCV reads); cropped as the crop step crops")
-    g.add_argument("--audio", required=True, help="the speech (any file ffmpeg reads; any rate and channels)")
-    g.add_argument("-o", "--out", required=True, help="the mp4 to write (and <out>.json beside it)")
-    g.add_argument("--seconds", type=positive_float, help="use the first this-many seconds of the speech")
-    g.add_argument("--reference-cfg", type=float, default=1.0, help="classifier-free guidance on the face (1: none)")
-    g.add_argument("--chunk-frames", type=at_least(1), default=1, help="latent frames denoised together")
-    g.add_argument("--hubert", help="override the HuBERT the model's training data was made with")
-    g.add_argument("--hubert-layers", type=int, nargs="+")
-    _add_sampling_arguments(g)
-    g.set_defaults(func=cmd_generate)
-
-    ev = sub.add_parser("evaluate", help="an exported model on a shard set's held-out clips: identity, LMD, pose / "
-                                         "expression error, LSE-C/D, FID, FVD, long-sequence drift")
-    ev.add_argument("--model", required=True, help="an exported model folder (./run export)")
-    ev.add_argument("--shards", required=True, help="a shard set folder (ROOT/DATASET/shards)")
-    ev.add_argument("-o", "--out", required=True, help="folder for evaluation.json / .md, plots and clips")
-    ev.add_argument("--split", default="test", help="the held-out split (default: test)")
-    ev.add_argument("--clips", type=at_least(1), default=16)
-    ev.add_argument("--long-seconds", type=non_negative_float, default=60.0, help="the long generation (0: none)")
-    ev.add_argument("--conditioning-windows", type=at_least(0), default=8,
-                    help="windows for the conditioning-use ratios: speech / reference / bridge use, drift (0: none)")
-    ev.add_argument("--liveportrait-root", help="LivePortrait weights: pose / expression error and pose drift")
-    ev.add_argument("--syncnet", help="SyncNet weights (syncnet_v2.model or safetensors): LSE-C / LSE-D")
-    ev.add_argument("--i3d", help="I3D Kinetics-400 weights: FVD")
-    ev.add_argument("--fid-inception", help="pytorch-fid Inception weights: FID")
-    _add_sampling_arguments(ev)
-    ev.set_defaults(func=cmd_evaluate)
-
-    ab = sub.add_parser("ablate", help="the review's ablation matrix: train each variant, evaluate it, one comparison "
-                                       "table and plot")
-    ab.add_argument("matrix", help="a matrix file (configs/ablations/review.yaml; training/ablation.py documents it)")
-    ab.set_defaults(func=cmd_ablate)
+    for add in (add_dry_run, add_preprocess, add_backfill, add_audit, add_manifest, add_train, add_program, add_pipeline,
+                add_server_parser, add_plan_parser, add_model_info, add_export, add_generate, add_evaluate, add_ablate):
+        add(sub)
     return p
 
 

@@ -149,7 +149,8 @@ def check_train_inputs(config: dict, gates: dict | None, flag: str = "--config")
 def check_preprocess(dataset: str, manifest: str, profile: str, options) -> None:
     """Everything a preprocess or backfill run can be refused for without touching a clip or a weight file:
     the dataset name, the manifest, the steps, and (a real run) that each weight its steps load is named."""
-    from flows.preprocess import preprocess_profile, resolve_models, wanted_steps
+    from flows.preprocess import resolve_models
+    from tasks.steps.pipeline import preprocess_profile, wanted_steps
 
     check_dataset_name(dataset)
     chosen = preprocess_profile(profile)

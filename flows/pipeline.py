@@ -18,8 +18,8 @@ from flows.preprocess import with_workers
 from flows.preprocess_options import PreprocessOptions
 from flows.run_artifacts import publish_summary
 from flows.train import train_flow
-from tasks.shard import STATUS_FILE as SHARD_STATUS
-from tasks.shard import shard_files
+from tasks.steps.shard import STATUS_FILE as SHARD_STATUS
+from tasks.steps.shard import shard_files
 from training.gates import TrainingGateConfig
 from training.launch import Launcher, LaunchSpec, check_launch
 from training.metrics import METRICS_FILE, read_metrics
@@ -45,14 +45,15 @@ def pipeline(
     many nodes (nnodes, hostfile, master_addr, master_port, ds_launcher, ...).
 
     This flow preprocesses too, so it runs once: on many nodes only the deepspeed launcher over pdsh/ssh
-    fits (node 0 starts the others). One-flow-run-per-node setups run preprocess, then flows.train per node.
+    fits (node 0 starts the others). One-flow-run-per-node setups run preprocess, then `dualforce train` per node.
     """
     launch = dict(launch or {})
-    plan = check_launch(LaunchSpec(nproc_per_node=nproc_per_node, launcher=launcher, **launch))
+    spec = LaunchSpec(nproc_per_node=nproc_per_node, launcher=launcher, **launch)
+    plan = check_launch(spec)
     if plan.waits_for_peers:
         raise ValueError(
             "the pipeline flow runs preprocess and must run once; for one launcher per node (torchrun or "
-            "deepspeed no_ssh) run the preprocess flow, then flows.train on every node (docs/multinode.md)"
+            "deepspeed no_ssh) run the preprocess flow, then `dualforce train` on every node (docs/multinode.md)"
         )
     logger = get_run_logger()
     pre = with_workers(workers)(dataset=dataset, manifest=manifest, output_root=output_root,
@@ -73,8 +74,7 @@ def pipeline(
     train = dict(train or {})
     cfg = {**train_data_fields([layout.shards], video_only=bool(train.get("video_only"))), **train,
            "out_dir": str(layout.base / "train" / f"shards-{shard_key}")}
-    trained = train_flow(cfg, nproc_per_node=nproc_per_node, launcher=launcher, gates=gates, return_state=True,
-                         **launch)
+    trained = train_flow(cfg, gates=gates, launch=spec, return_state=True)
     if not trained.is_completed():
         return trained
     result = {"preprocess": report, "training": training_summary(Path(cfg["out_dir"]), trained.name, trained.message)}

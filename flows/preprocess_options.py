@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.shard import DEFAULT_SHARD_GROUPS, ShardConfig
+from tasks.steps.shard import DEFAULT_SHARD_GROUPS, ShardConfig
 
 Profile = Literal["talking_head", "general"]
 Runner = Literal["local", "processes", "ray"]

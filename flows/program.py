@@ -29,7 +29,8 @@ from models.weights import WeightsError
 from tasks.reasons import shorten
 from training import checkpoint
 from training.config import TrainConfig
-from training.gates import read_gate_log
+from training.gates import ReviewOptions, read_gate_log
+from training.launch import LaunchSpec
 from training.metrics import METRICS_FILE, read_metrics
 from training.program import ConceptSpec, ProgramConfig, StageSpec, load_program
 from training.program_record import ProgramRecord, StageRun
@@ -55,11 +56,11 @@ def _stage_run(stage: str, run: str, state: State, train_dir: Path, seconds: flo
 
 
 def _train(stage: str, run: str, cfg: dict[str, Any], spec: StageSpec, program: ProgramConfig,
-           record: ProgramRecord, **review: Any) -> tuple[State, StageRun]:
+           record: ProgramRecord, review: ReviewOptions = ReviewOptions()) -> tuple[State, StageRun]:
     t0 = time.perf_counter()
+    launch = LaunchSpec(nproc_per_node=program.launch.nproc_per_node, launcher=program.launch.launcher)
     state = train_flow.with_options(flow_run_name=f"{program.name}-{stage}-{run.replace(' ', '-')}")(
-        cfg, nproc_per_node=program.launch.nproc_per_node, launcher=program.launch.launcher, gates=spec.gates,
-        return_state=True, **review)
+        cfg, gates=spec.gates, launch=launch, review=review, return_state=True)
     entry = _stage_run(stage, run, state, Path(cfg["out_dir"]), time.perf_counter() - t0)
     record.add(entry)
     _publish(record)
@@ -185,8 +186,8 @@ def training_program(
     folder = start.split(" (")[0].replace(" ", "-")  # from-pretrain | from-wan | from-scratch
     joint_cfg = stage_config(cfg.joint, Path(cfg.out_dir) / "joint" / folder, init_from=init_from,
                              save_weights=True, **({} if init_from else _wan_field(cfg.joint)))
-    state, _ = _train("joint", start, joint_cfg, cfg.joint, cfg, record, auto_approve=review.auto_approve,
-                      review_timeout_s=review.timeout_s, review_on_timeout=review.on_timeout)
+    state, _ = _train("joint", start, joint_cfg, cfg.joint, cfg, record,
+                      review=ReviewOptions(review.auto_approve, review.timeout_s, review.on_timeout))
     if not state.is_completed():
         record.decide("joint", "stop", f"{state.name}: {shorten(state.message or '', 300)}")
         _publish(record, state.name)

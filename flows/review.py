@@ -21,9 +21,8 @@ from prefect.runtime import flow_run
 from prefect.states import Running
 
 from tasks.gates import GateVerdict
+from training.gates import OnTimeout
 from training.validation import latest_samples
-
-OnTimeout = Literal["continue", "stop"]  # what an unanswered review does
 
 
 class ReviewAnswer(RunInput):

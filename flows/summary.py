@@ -2,14 +2,32 @@
 block was cut off at 1400 px) for the top-level run's artifact. Both read the same report."""
 from __future__ import annotations
 
+from collections import Counter
+
 from tasks.reasons import shorten
+
+LISTED_CLIPS = 10  # clips a summary names one by one; past that it counts them by reason (the ledger has them all)
+
+
+def rejected_by_reason(rejected: list[dict]) -> list[tuple[str, int]]:
+    """(status at step [reason], clips), most clips first."""
+    return Counter(f"{r['status']} at {r['step']} [{r['reason']}]" for r in rejected).most_common()
 
 
 def preprocess_lines(report: dict, seconds: float | None = None) -> list[str]:
     profile = report.get("profile", "talking_head")
     lines = [f"== {report['dataset']}: {report['clips_out']}/{report['clips_in']} clips made it through"
              + ("" if profile == "talking_head" else f" ({profile} profile)")]
-    lines += [f"   - {r['clip_id']}: {r['status']} at {r['step']} [{r['reason']}] {r['detail']}" for r in report["rejected"]]
+    rejected = report["rejected"]
+    if len(rejected) <= LISTED_CLIPS:
+        lines += [f"   - {r['clip_id']}: {r['status']} at {r['step']} [{r['reason']}] {r['detail']}" for r in rejected]
+    else:
+        reasons = rejected_by_reason(rejected)
+        lines.append(f"   {len(rejected)} clips did not make it, by reason (each clip in the ledger):")
+        lines += [f"   - {n} {why}" for why, n in reasons[:LISTED_CLIPS]]
+        if len(reasons) > LISTED_CLIPS:
+            lines.append(f"   - {sum(n for _, n in reasons[LISTED_CLIPS:])} more, for {len(reasons) - LISTED_CLIPS} "
+                         "other reasons")
     lines.append(f"{'step':<16}{'ok':>5}{'rej':>5}{'retry':>6}{'fail':>6}{'cached':>8}{'seconds':>10}")
     lines += [f"{c['step']:<16}{c['ok']:>5}{c['rejected']:>5}{c.get('retryable', 0):>6}{c['failed']:>6}{c['skipped']:>8}"
               f"{c['seconds']:>10.2f}" for c in report["step_counts"]]
@@ -81,9 +99,14 @@ def preprocess_markdown(report: dict) -> list[str]:
     profile = report.get("profile", "talking_head")
     lines = [f"### {report['dataset']}: {report['clips_out']}/{report['clips_in']} clips made it through"
              + ("" if profile == "talking_head" else f" ({profile} profile)"), ""]
-    if report["rejected"]:
+    rejected = report["rejected"]
+    if 0 < len(rejected) <= LISTED_CLIPS:
         lines += _table(["clip", "status", "step", "reason", "detail"],
-                        [[r["clip_id"], r["status"], r["step"], r["reason"], r["detail"]] for r in report["rejected"]])
+                        [[r["clip_id"], r["status"], r["step"], r["reason"], r["detail"]] for r in rejected])
+        lines.append("")
+    elif rejected:
+        lines += [f"{len(rejected)} clips did not make it (each in the ledger and the failures table):", ""]
+        lines += _table(["clips", "why"], [[n, why] for why, n in rejected_by_reason(rejected)])
         lines.append("")
     lines += _table(["step", "ok", "rejected", "retry", "failed", "cached", "seconds"],
                     [[c["step"], c["ok"], c["rejected"], c.get("retryable", 0), c["failed"], c["skipped"],

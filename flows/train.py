@@ -14,7 +14,7 @@ Every verdict is published as artifacts the moment it is made (flows/gate_artifa
 `gates.jsonl` in the training directory; gates the run never reaches end NOT EVALUATED. Each attempt is a run
 directory named by its settings, so re-running the flow resumes where it stopped and re-judges from the files.
 
-    python -m flows.train --config train.json [--gates gates.json] [--nproc-per-node 2]
+    dualforce train --config train.json [--gates gates.json] [--nproc-per-node 2]   (./run train ...)
 
 Many nodes (docs/multinode.md): either one flow run per node (torchrun, or deepspeed with no_ssh), all with
 the same config and a shared out_dir, each deciding from the same shared files; or one flow run on node 0
@@ -26,9 +26,9 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Optional, get_args
+from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -38,7 +38,7 @@ from prefect.states import Completed, Failed, State
 from flows.cli_checks import at_least
 from flows.gate_artifacts import publish_gate
 from flows.outcomes import BAD_WEIGHTS
-from flows.review import OnTimeout, ask_reviewer, publish_review_request, review_verdict
+from flows.review import ask_reviewer, publish_review_request, review_verdict
 from flows.sample_artifacts import publish_validation_samples
 from models.weights import WeightsError
 from tasks import contract
@@ -49,6 +49,8 @@ from training.conditioning_use import ConditioningUseConfig
 from training.config import TrainConfig
 from training.gates import (
     GATE_LOG,
+    OnTimeout,
+    ReviewOptions,
     TrainingGateConfig,
     conditioning_gate,
     convergence_gate,
@@ -60,12 +62,8 @@ from training.gates import (
     stability_gate,
 )
 from training.launch import (
-    LAUNCHERS,
-    DsLauncher,
-    Launcher,
     LaunchSpec,
     ProcessResult,
-    RdzvBackend,
     check_launch,
     command,
     environment,
@@ -203,7 +201,7 @@ def _stability_retry(cfg: TrainConfig, run_dir: Path, records: list[dict[str, An
 
 def _run_attempt(
     cfg: TrainConfig, spec: LaunchSpec, gate_cfg: TrainingGateConfig, book: GateBook, base: Path,
-    timeout_s: Optional[float], peer_wait_s: float, retry_per_sample_noise: bool, review: dict[str, Any],
+    timeout_s: Optional[float], peer_wait_s: float, retry_per_sample_noise: bool, review: ReviewOptions,
 ) -> State | Retry:
     """Train one setting from gate to gate; a State ends the flow, a Retry starts the next attempt."""
     logger = get_run_logger()
@@ -267,8 +265,8 @@ def _run_attempt(
                 return state
         if due.get("review") == stop:
             plot = plot_losses(records, run_dir / f"review-step{stop}.png", title=f"{run_dir.name} at step {stop}")
-            publish_review_request(stop, run_dir, plot, review["timeout_s"], review["on_timeout"])
-            answer, who = ask_reviewer(stop, review["auto_approve"], review["timeout_s"], review["on_timeout"])
+            publish_review_request(stop, run_dir, plot, review.timeout_s, review.on_timeout)
+            answer, who = ask_reviewer(stop, review.auto_approve, review.timeout_s, review.on_timeout)
             verdict = review_verdict(stop, answer, who)
             state = book.publish(verdict, run_dir, records, stop)
             if not verdict.go:
@@ -318,44 +316,27 @@ def publish_wan_plan(cfg: TrainConfig) -> Optional[State]:
 @flow(name="train")
 def train_flow(
     config: TrainConfig,
-    nproc_per_node: int = 2,
-    launcher: Launcher = "torchrun",
     gates: Optional[TrainingGateConfig] = None,
+    launch: LaunchSpec = LaunchSpec(),
+    review: ReviewOptions = ReviewOptions(),
     retry_per_sample_noise: bool = True,
     timeout_s: Optional[float] = None,
-    nnodes: int = 1,
-    node_rank: int = 0,
-    master_addr: Optional[str] = None,
-    master_port: int = 29500,
-    hostfile: Optional[str] = None,
-    rdzv_backend: RdzvBackend = "static",
-    rdzv_id: str = "dualforce",
-    rdzv_timeout_s: Optional[int] = None,
-    no_ssh: bool = False,
-    ds_launcher: DsLauncher = "pdsh",
     peer_wait_s: float = 60.0,
-    auto_approve: bool = False,
-    review_timeout_s: int = 3600,
-    review_on_timeout: OnTimeout = "continue",
 ) -> State:
     """`config`: a training.config.TrainConfig (a mapping of its fields in prefect.yaml and the UI, validated with
     its types before the run starts; an unknown key is an error); `gates`: a training.gates.TrainingGateConfig.
 
-    The launch parameters are training.launch.LaunchSpec's; multi-node runs need a shared out_dir.
+    `launch`: where the trainer processes run (training.launch.LaunchSpec; multi-node runs need a shared out_dir);
+    `review`: how the review gate is answered when nobody does (training.gates.ReviewOptions).
     peer_wait_s: how long a node waits, after its launcher exits, for the other nodes' ranks' statuses.
-    auto_approve / review_timeout_s / review_on_timeout: how the review gate is answered when nobody does.
     timeout_s bounds each launch of the trainer (one stretch between gates).
     """
-    spec = LaunchSpec(
-        nproc_per_node=nproc_per_node, launcher=launcher, nnodes=nnodes, node_rank=node_rank,
-        master_addr=master_addr, master_port=master_port, hostfile=hostfile, rdzv_backend=rdzv_backend,
-        rdzv_id=rdzv_id, rdzv_timeout_s=rdzv_timeout_s, no_ssh=no_ssh, ds_launcher=ds_launcher,
-    )
+    spec = launch if isinstance(launch, LaunchSpec) else LaunchSpec(**launch)  # .fn callers may pass mappings
+    review = review if isinstance(review, ReviewOptions) else ReviewOptions(**review)
     plan = check_launch(spec)  # bad launch settings fail here, before anything starts
     logger = get_run_logger()
     base_cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)  # .fn callers: a dict
     gate_cfg = gates if isinstance(gates, TrainingGateConfig) else TrainingGateConfig(**(gates or {}))
-    review = {"auto_approve": auto_approve, "timeout_s": int(review_timeout_s), "on_timeout": review_on_timeout}
     bad_weights = None if any(Path(base_cfg.out_dir).glob("run-*/checkpoints/step*")) else publish_wan_plan(base_cfg)
     if bad_weights is not None:  # (a run that has checkpoints resumes them: the warm start is behind it)
         return bad_weights
@@ -386,50 +367,34 @@ def train_flow(
 
 
 def add_launch_arguments(parser) -> None:
-    """The launch flags of `python -m flows.train` (and what a `dualforce train` command would take)."""
-    parser.add_argument("--nproc-per-node", type=at_least(1), default=2, help="trainer processes per node")
-    parser.add_argument("--launcher", default="torchrun", choices=LAUNCHERS)
-    parser.add_argument("--nnodes", type=at_least(1), default=1)
-    parser.add_argument("--node-rank", type=at_least(0), default=0, help="this node, 0..nnodes-1 (e.g. $SLURM_NODEID)")
-    parser.add_argument("--master-addr", help="rendezvous host: node 0 (e.g. first host of $SLURM_JOB_NODELIST)")
-    parser.add_argument("--master-port", type=at_least(1), default=29500)
-    parser.add_argument("--hostfile", help="deepspeed launcher: 'HOST slots=N' per node")
-    parser.add_argument("--rdzv-backend", default="static", choices=["static", "c10d"], help="torchrun, many nodes")
-    parser.add_argument("--rdzv-id", default="dualforce", help="torchrun c10d: one id per job (e.g. $SLURM_JOB_ID)")
-    parser.add_argument("--rdzv-timeout", type=at_least(1), dest="rdzv_timeout_s",
-                        help="torchrun c10d: seconds to wait for all nodes")
-    parser.add_argument("--no-ssh", action="store_true", help="deepspeed: one launcher per node, no pdsh/ssh")
-    parser.add_argument("--ds-launcher", default="pdsh",
-                        help="deepspeed over ssh: pdsh | openmpi | mvapich | slurm | mpich | impi")
-
-
-def add_review_arguments(parser) -> None:
-    """How the sample-review gate (gates' review_step) is answered when no person does."""
-    parser.add_argument("--auto-approve", action="store_true", help="answer the sample review with continue")
-    parser.add_argument("--review-timeout", type=int, default=3600, help="seconds the review waits for a person")
-    parser.add_argument("--review-on-timeout", choices=get_args(OnTimeout), default="continue")
+    """`dualforce train`'s launch flags: one per LaunchSpec field (its metadata gives the help, the flag's name
+    when it is not the field's, and a lower bound), so the fields are declared once."""
+    hints = get_type_hints(LaunchSpec)
+    for f in fields(LaunchSpec):
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        kind = hints[f.name]
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
+            continue
+        choices = get_args(kind) if get_origin(kind) is Literal else None
+        number = int in get_args(kind) or kind is int
+        convert = at_least(f.metadata["min"]) if "min" in f.metadata else (int if number else None)
+        parser.add_argument(flag, dest=f.name, default=f.default, choices=choices, type=convert,
+                            help=f.metadata["help"])
 
 
 def launch_kwargs(ns) -> dict[str, Any]:
-    keys = ("nproc_per_node", "launcher", "nnodes", "node_rank", "master_addr", "master_port", "hostfile",
-            "rdzv_backend", "rdzv_id", "rdzv_timeout_s", "no_ssh", "ds_launcher")
-    return {k: getattr(ns, k) for k in keys}
+    """The LaunchSpec fields of parsed flags (add_launch_arguments)."""
+    return {f.name: getattr(ns, f.name) for f in fields(LaunchSpec)}
 
 
-if __name__ == "__main__":
-    import argparse
-    import sys
+def add_review_arguments(parser) -> None:
+    """How the sample-review gate (gates' review_step) is answered when no person does (ReviewOptions)."""
+    parser.add_argument("--auto-approve", action="store_true", help="answer the sample review with continue")
+    parser.add_argument("--review-timeout", type=at_least(1), default=ReviewOptions.timeout_s,
+                        help="seconds the review waits for a person")
+    parser.add_argument("--review-on-timeout", choices=get_args(OnTimeout), default=ReviewOptions.on_timeout)
 
-    parser = argparse.ArgumentParser(description="Run the training stage flow.")
-    parser.add_argument("--config", required=True, help="TrainConfig JSON")
-    parser.add_argument("--gates", help="TrainingGateConfig JSON")
-    add_launch_arguments(parser)
-    ns = parser.parse_args()
-    state = train_flow(
-        json.loads(Path(ns.config).read_text()),
-        gates=json.loads(Path(ns.gates).read_text()) if ns.gates else None,
-        return_state=True,
-        **launch_kwargs(ns),
-    )
-    print(f"{state.name}: {state.message}", file=sys.stderr)
-    sys.exit(0 if state.is_completed() else 1)
+
+def review_options(ns) -> ReviewOptions:
+    return ReviewOptions(auto_approve=ns.auto_approve, timeout_s=ns.review_timeout, on_timeout=ns.review_on_timeout)

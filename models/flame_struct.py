@@ -1,8 +1,8 @@
 """Per-frame FLAME parameters as one flat struct vector: the 3D-latent gate's fallback representation.
 
 When LivePortrait's motion disagrees with an independent head pose on too many frames (the 3D-latent quality gate,
-tasks/pose_check.py), the struct stream can learn FLAME parameters from a face tracker instead (DECA / EMOCA /
-SMIRK style output, one npz per clip; the format is tasks/pose_check.py's, plus optional `translation` [T, 3] and
+tasks/steps/pose_check.py), the struct stream can learn FLAME parameters from a face tracker instead (DECA / EMOCA /
+SMIRK style output, one npz per clip; the format is tasks/steps/pose_check.py's, plus optional `translation` [T, 3] and
 `shape` [S] or [T, S]). Layout of `struct[t]` (float32), for E expression coefficients (the tracker's count):
 
     slice            n   what                                         units

@@ -37,9 +37,9 @@ import pyarrow.parquet as pq
 import soundfile as sf
 
 from tasks import contract
-from tasks.crop import CROP_AUDIO, CROP_VIDEO
 from tasks.media import decode_video_bytes, iter_frames
 from tasks.step_store import StepStore
+from tasks.steps.crop import CROP_AUDIO, CROP_VIDEO
 from tasks.windows import iter_windows
 
 CHECKS = ("lineage", "video", "audio", "latent", "reference", "struct", "features")
@@ -157,7 +157,9 @@ class _ClipSource:
 def _check_sample(sample: dict, crop_frames: np.ndarray, src: _ClipSource, models: AuditModels, cfg: AuditConfig,
                   record: Callable[[str, Optional[str]], None]) -> None:
     """Every check of one sample; `crop_frames`: the crop's frames at its window [T, 512, 512, 3] uint8."""
-    from tasks.steps import AUDIO_FEATURES_FILE, HEAD_POSE_FILE, KEEP_MASK_FILE, STRUCT_FILE
+    from tasks.steps.audio_features import AUDIO_FEATURES_FILE
+    from tasks.steps.motion import STRUCT_FILE
+    from tasks.steps.pose_check import HEAD_POSE_FILE, KEEP_MASK_FILE
 
     meta = json.loads(sample[contract.META])
     start, end = meta["window"]
@@ -187,7 +189,7 @@ def _check_sample(sample: dict, crop_frames: np.ndarray, src: _ClipSource, model
     if contract.VIDEO_LATENTS not in sample:
         return  # a crop-only set: no feature members
     if models.wan_vae is not None:
-        from tasks.vae_latents import encode_reference
+        from tasks.steps.vae_latents import encode_reference
 
         latent0 = _npy(sample, contract.VIDEO_LATENTS)[:, :1].astype(np.float32)
         redone = encode_reference(models.wan_vae, crop_frames[0]).astype(np.float32)
@@ -203,12 +205,12 @@ def _check_sample(sample: dict, crop_frames: np.ndarray, src: _ClipSource, model
         return  # no struct, audio features or keep mask
 
     struct = _npy(sample, contract.STRUCT)
-    # struct rows from the FLAME fallback (tasks/flame_struct.py) are the tracker's, not the motion extractor's:
+    # struct rows from the FLAME fallback (tasks/steps/flame_struct.py) are the tracker's, not the motion extractor's:
     # they and their keep mask are compared with the FLAME struct step's outputs
     flame = meta.get("struct_source") == "flame"
     if models.motion_extractor is not None and not flame:
         from models.struct_layout import to_struct
-        from tasks.motion import extract_motion
+        from tasks.steps.motion import extract_motion
 
         picks = sorted({round(i * (window - 1) / max(1, cfg.struct_frames - 1)) for i in range(cfg.struct_frames)})
         device = next(models.motion_extractor.parameters()).device  # where the run keeps it
@@ -236,7 +238,7 @@ def audit_shards(shard_dir: str | Path, steps_root: str | Path, models: AuditMod
                  keys: Optional[list[str]] = None) -> AuditReport:
     """Audit a fraction of the local shard set at `shard_dir` (or exactly the samples `keys`) against the step
     outputs under `steps_root`."""
-    from tasks.shard import INDEX_FILE, iter_samples_of
+    from tasks.steps.shard import INDEX_FILE, iter_samples_of
 
     shard_dir = Path(shard_dir)
     index = pq.read_table(shard_dir / INDEX_FILE).to_pylist()
@@ -262,7 +264,7 @@ def audit_shards(shard_dir: str | Path, steps_root: str | Path, models: AuditMod
     def audit_clip(clip_id: str, samples: list[dict]) -> None:
         """The samples of one clip, against one decode of its crop (the face crop or the centre crop: the
         samples' profile says which step made it)."""
-        from tasks.sample_features import profile_of_samples
+        from tasks.steps.pipeline import profile_of_samples
 
         metas = {s["__key__"]: json.loads(s[contract.META]) for s in samples}
         sample_profile = metas[samples[0]["__key__"]].get("profile", contract.TALKING_HEAD)
@@ -307,7 +309,7 @@ def audit_models_for(shard_dir: str | Path, choice: str, liveportrait_root: Opti
     from tasks import feature_models
 
     if choice == "auto":
-        from tasks.shard import iter_samples
+        from tasks.steps.shard import iter_samples
 
         first = next(iter_samples(shard_dir), None)
         dryrun = bool(first and first["meta"].get("untrained_dryrun_models"))

@@ -16,8 +16,8 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from tasks.crop import CROP_INFO, CROP_LANDMARKS, CROP_VIDEO
 from tasks.media import MediaError, iter_frames, probe
+from tasks.steps.crop import CROP_INFO, CROP_LANDMARKS, CROP_VIDEO
 
 TILE = 160
 LABEL = 22  # px of caption under each row

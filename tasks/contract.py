@@ -71,7 +71,7 @@ class ContractError(ValueError):
     """A sample that breaks the contract; the message names the sample, the member and what is wrong."""
 
 
-# Keys the shard writer produces (tasks.shard.sample_key): a sanitised clip id, "_w", the window's first frame.
+# Keys the shard writer produces (tasks.steps.shard.sample_key): a sanitised clip id, "_w", the window's first frame.
 SAMPLE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,239}_w\d{6,9}")
 MAX_META_BYTES = 64 * 1024  # the writer's meta.json is ~1-2 KiB
 MAX_META_DEPTH = 6  # the writer nests 3 levels (steps -> step -> fields)

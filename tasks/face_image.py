@@ -15,11 +15,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tasks.crop import CropConfig
 from tasks.crop_geometry import crop_matrix, rect_from_landmarks, transform_points
 from tasks.crop_segments import plan_segments
 from tasks.errors import ClipRejected
 from tasks.face_landmarks import get_landmarker
+from tasks.steps.crop import CropConfig
 
 
 @dataclass

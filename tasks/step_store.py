@@ -51,6 +51,15 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def save_npy(path: Path, array) -> None:
+    """A step's array output, never pickled, complete or absent (temp file + rename)."""
+    import numpy as np
+
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array, allow_pickle=False)
+    tmp.replace(path)
+
+
 def dir_checksum(path: Path) -> str:
     """sha256 over the names and bytes of every file in a directory (status file excluded)."""
     h = hashlib.sha256()

@@ -57,7 +57,7 @@ def prefect_test_server() -> str:
 @pytest.fixture(scope="session")
 def yongen_crop(samples_dir, tmp_path_factory):
     """The real yongen.mp4 through the crop step once per session (about 8 s)."""
-    from tasks.crop import crop_clip
+    from tasks.steps.crop import crop_clip
 
     out = tmp_path_factory.mktemp("crop") / "yongen"
     return crop_clip(samples_dir / "yongen.mp4", out)

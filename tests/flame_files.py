@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tasks.pose_check import _GL_TO_CV, pnp_head_matrices
+from tasks.steps.pose_check import _GL_TO_CV, pnp_head_matrices
 
 
 def fitted_flame_params(landmarks: np.ndarray, n_exp: int = 10) -> dict[str, np.ndarray]:

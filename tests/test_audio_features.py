@@ -10,15 +10,15 @@ import torch
 from models.dryrun_models import write_dryrun_hubert
 from models.hubert_features import HubertLayers, load_hubert, num_features
 from models.weights import WeightsError
-from tasks.audio_features import (
+from tasks.errors import ClipRejected
+from tasks.media import read_audio
+from tasks.steps.audio_features import (
     EDGE_PAD,
     AudioFeatureConfig,
     audio_features_for_clip,
     extract_audio_features,
     require_usable,
 )
-from tasks.errors import ClipRejected
-from tasks.media import read_audio
 
 torch.set_num_threads(2)
 
@@ -156,7 +156,7 @@ def test_chunked_group_norm_front_end_uses_utterance_stats(hubert, samples_dir):
 def test_equal_length_chunks_batched_equal_chunks_one_at_a_time(hubert, samples_dir, monkeypatch):
     """4 s in 0.6 s chunks: the middle chunks share one length and go through HuBERT as batches of up to 4; each
     chunk's rows are the same as when it runs alone, and land at the same place."""
-    import tasks.audio_features as af
+    import tasks.steps.audio_features as af
 
     T = 100
     cfg = AudioFeatureConfig(layers=HubertLayers((0, 1, 2)), chunk_seconds=0.6, context_seconds=0.4)

@@ -2,21 +2,15 @@
 the run recomputes that step and reuses the rest, and a second backfill finds everything current."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pyarrow.parquet as pq
 
 from datasets_manifest.schema import ClipRow, rows_to_table
 from tasks.ledger import read_ledger
-from tasks.steps import CropStep
+from tasks.steps.crop import CropStep
 
 STEPS = ["download", "crop", "shard"]
 WINDOWS = {"window_n": 2, "window_stride": 1000, "shard_features": False}
-
-
-@dataclass
-class _BumpedCrop(CropStep):
-    version: str = CropStep.version + "-bumped"
+BUMPED_CROP = CropStep.version + "-bumped"
 
 
 def _actions(out, run_id):
@@ -25,7 +19,6 @@ def _actions(out, run_id):
 
 def test_a_bumped_step_is_listed_stale_then_recomputed_alone(prefect_test_server, samples_dir, tmp_path, monkeypatch,
                                                             capsys):
-    import flows.preprocess as pre
     from flows.backfill import backfill
     from flows.cli import main
 
@@ -39,11 +32,11 @@ def test_a_bumped_step_is_listed_stale_then_recomputed_alone(prefect_test_server
     assert {(r["step"], r["missing"]) for r in first["stale_before"]} == {("download", 1), ("crop", 1)}
     assert first["preprocess"]["clips_out"] == 1, first["preprocess"]["rejected"]
 
-    monkeypatch.setattr(pre, "CropStep", _BumpedCrop)  # what bumping CropStep.version in tasks/steps.py does
+    monkeypatch.setattr(CropStep, "version", BUMPED_CROP)  # what bumping CropStep.version in tasks/steps/crop.py does
     second = backfill(**common)
     listed = {r["step"]: r for r in second["stale_before"]}
     assert listed["download"]["current"] == 1 and listed["download"]["stale"] == 0
-    assert listed["crop"]["stale"] == 1 and listed["crop"]["version"] == _BumpedCrop.version
+    assert listed["crop"]["stale"] == 1 and listed["crop"]["version"] == BUMPED_CROP
     assert _actions(out, second["preprocess"]["run_id"]) == {("download", "skipped"), ("crop", "ran"), ("shard", "ran")}
 
     code = main(["backfill", "t", "--manifest", str(manifest), "--out", str(out), "--steps", *STEPS,

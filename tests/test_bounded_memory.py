@@ -12,7 +12,7 @@ import json
 import pytest
 
 from benchmarks.worker_memory import make_looped_source, measure_step
-from tasks.crop import CROP_INFO, CROP_VIDEO
+from tasks.steps.crop import CROP_INFO, CROP_VIDEO
 
 GROWTH_BOUND_KB = 32 * 1024  # the long source may add at most 32 MB to the worker's peak ...
 GROWTH_BOUND_RATIO = 0.10  # ... or 10% of the short source's peak, whichever is larger

@@ -45,3 +45,25 @@ def test_preprocess_retry_rejected_flag_and_summary_counts_retryable():
                                        "step_counts": [counts], "clips_retryable": 2, "output": "o"}, 1.0))
     assert re.search(r"step\s+ok\s+rej\s+retry\s+fail", text) and re.search(r"download\s+1\s+0\s+2\s+0", text)
     assert "2 clips hit a transient failure" in text
+
+
+def test_a_large_run_summary_counts_reasons_instead_of_listing_every_clip():
+    from flows.summary import LISTED_CLIPS, preprocess_lines, preprocess_markdown
+
+    def report(n_rejected: int) -> dict:
+        rejected = [{"clip_id": f"c{i:05d}", "status": "rejected", "step": "crop" if i % 3 else "download",
+                     "reason": "no_face" if i % 3 else "corrupt", "detail": "x"} for i in range(n_rejected)]
+        return {"dataset": "d", "clips_in": 10_000, "clips_out": 10_000 - n_rejected, "rejected": rejected,
+                "step_counts": [], "output": "o"}
+
+    small = "\n".join(preprocess_lines(report(LISTED_CLIPS), 1.0))
+    assert "c00008: rejected at crop [no_face] x" in small  # a few: each clip named
+    for n in (LISTED_CLIPS + 1, 3000):
+        lines = preprocess_lines(report(n), 1.0)
+        text = "\n".join(lines)
+        assert "c00005" not in text and f"{n} clips did not make it" in text
+        assert f"- {n - (n + 2) // 3} rejected at crop [no_face]" in text
+        assert f"- {(n + 2) // 3} rejected at download [corrupt]" in text
+        assert len(lines) == len(preprocess_lines(report(LISTED_CLIPS + 1), 1.0))  # as long at 3,000 as at 11
+        markdown = "\n".join(preprocess_markdown(report(n)))
+        assert "c00005" not in markdown and f"| {(n + 2) // 3} | rejected at download [corrupt] |" in markdown

@@ -116,7 +116,7 @@ def test_held_out_windows_come_round_robin_over_clips_with_their_tensors(tmp_pat
     assert split == "val" and len(windows) == 4
     assert len({w.clip_id for w in windows}) == min(4, len({w.clip_id for w in windows}))
     from tasks import contract
-    from tasks.shard import iter_samples
+    from tasks.steps.shard import iter_samples
     by_key = {s["__key__"]: s for s in iter_samples(tmp_path, split="val")}
     for w in windows:  # the tensors are the sample's own members
         src = contract.load_npy(by_key[w.key][contract.VIDEO_LATENTS])

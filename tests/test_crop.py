@@ -11,7 +11,6 @@ from conftest import make_video
 from scipy.ndimage import gaussian_filter1d
 
 from tasks.contract import AUDIO_SAMPLES_PER_FRAME, FPS
-from tasks.crop import CropConfig, _detect_near, crop_clip, warp_yuv420
 from tasks.crop_geometry import (
     CropParams,
     StreamingRectSmoother,
@@ -23,6 +22,7 @@ from tasks.crop_geometry import (
 from tasks.errors import ClipRejected
 from tasks.face_landmarks import get_landmarker
 from tasks.media import iter_frames, probe, read_frames, run_ffmpeg
+from tasks.steps.crop import CropConfig, _detect_near, crop_clip, warp_yuv420
 
 # The crop puts the eye-lip box centre 0.125 * 512 = 64 px above the face centre (vy_ratio -0.125), so the
 # face's landmark centroid should sit near (256, 320). Tolerance: 8% of the crop side (41 px) on each axis.
@@ -249,7 +249,7 @@ def test_manifest_face_box_picks_the_face_to_follow(side, samples_dir, tmp_path)
 def test_a_late_first_face_gives_the_same_crop_through_the_second_decode(samples_dir, tmp_path, monkeypatch):
     """The follow mode: frames before the first face wait in memory for its crop; past PENDING_BYTES the warp moves to a second
     decode after tracking. Both paths must give the same video, landmarks and rects."""
-    import tasks.crop as crop_module
+    import tasks.steps.crop as crop_module
 
     late = tmp_path / "late.mp4"  # 1.2 s of black, then the face: the first detection that finds it is frame 30
     run_ffmpeg(["-y", "-t", "3", "-i", str(samples_dir / "more" / "lp_d12.mp4"), "-filter_complex",

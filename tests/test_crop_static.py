@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 
 from datasets_manifest.schema import ClipRow
-from tasks.crop import CropConfig, crop_clip
 from tasks.crop_geometry import anchor_points
 from tasks.crop_segments import DRIVING_PARAMS
 from tasks.media import read_frames, run_ffmpeg
-from tasks.shard import ShardClip, ShardConfig, iter_samples, write_shards
-from tasks.steps import crop_info, crop_segments
+from tasks.steps.crop import CropConfig, crop_clip, crop_info, crop_segments
+from tasks.steps.shard import ShardClip, ShardConfig, iter_samples, write_shards
 
 
 @pytest.fixture(scope="module")

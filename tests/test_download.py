@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from datasets_manifest.schema import ClipRow, sanitize_clip_id
-from tasks.download import DownloadConfig, download_batch, download_clip, fetch_source
 from tasks.errors import ClipRejected
 from tasks.fetchers import cache_entry
 from tasks.media import iter_frames, probe, read_audio, read_frames
+from tasks.steps.download import DownloadConfig, download_batch, download_clip, fetch_source
 
 FPS = 25.0
 
@@ -312,7 +312,7 @@ def test_killed_download_leaves_only_a_part_that_is_resumed(server, cfg, sun):
     server.files["/v/sun.mp4"], server.drip_s = sun, 0.05
     entry = cache_entry(cfg.cache_dir, url)
     part = entry.part_path(".mp4")
-    code = ("import sys; from pathlib import Path; from tasks.download import DownloadConfig, fetch_source; "
+    code = ("import sys; from pathlib import Path; from tasks.steps.download import DownloadConfig, fetch_source; "
             "fetch_source(sys.argv[1], DownloadConfig(cache_dir=Path(sys.argv[2]), chunk_bytes=65536))")
     child = subprocess.Popen([sys.executable, "-c", code, url, str(cfg.cache_dir)], cwd=Path(__file__).parents[1])
     try:
@@ -598,7 +598,8 @@ def _actions(entries) -> dict:
 
 def test_manifest_row_edits_recompute_exactly_that_clip(samples_dir, tmp_path, cfg):
     from tasks.step_store import StepStore
-    from tasks.steps import DOWNLOADED_VIDEO, CropStep, DownloadStep
+    from tasks.steps.crop import CropStep
+    from tasks.steps.download import DOWNLOADED_VIDEO, DownloadStep
 
     store, steps = StepStore(tmp_path / "steps"), [DownloadStep(cfg), CropStep()]
     sun = row(str(samples_dir / "sun.mp4"), "sun", 0.0, 2.0)
@@ -634,7 +635,7 @@ def test_manifest_row_edits_recompute_exactly_that_clip(samples_dir, tmp_path, c
 def test_transient_http_failure_is_retried_next_run_and_a_404_stays_cached(server, tmp_path, cfg, short):
     from tasks.ledger import step_counts
     from tasks.step_store import StepStore
-    from tasks.steps import DownloadStep
+    from tasks.steps.download import DownloadStep
 
     server.files["/flaky.mp4"] = short.read_bytes()
     server.always["/flaky.mp4"] = 503

@@ -24,7 +24,7 @@ from tasks.contact_sheet import LABEL
 from tasks.feature_models import dryrun_models, motion_extractor
 from tasks.ledger import latest_status, read_ledger
 from tasks.media import probe, read_frames
-from tasks.shard import iter_samples, shard_files
+from tasks.steps.shard import iter_samples, shard_files
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]

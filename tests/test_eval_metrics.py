@@ -24,7 +24,7 @@ from models.i3d import InceptionI3d
 from models.syncnet import SyncNet
 from models.weights import WeightsError
 from tasks.media import iter_frames, read_audio
-from tasks.motion import extract_motion
+from tasks.steps.motion import extract_motion
 from training.eval_metrics import (
     EvalClip,
     EvalModels,

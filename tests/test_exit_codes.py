@@ -59,7 +59,7 @@ def test_a_manifest_without_a_valid_row_is_unusable_input(prefect_test_server, t
 
 def test_a_clip_failing_through_our_error_exits_5_and_the_rest_is_kept(prefect_test_server, samples_dir, tmp_path,
                                                                      monkeypatch, capsys):
-    from tasks.steps import DownloadStep
+    from tasks.steps.download import DownloadStep
 
     real_run = DownloadStep.run
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.crop import CROP_RECTS, CropConfig
 from tasks.crop_geometry import CropParams
 from tasks.errors import ClipRejected
 from tasks.face_image import crop_face_image, read_image, warp_face
 from tasks.media import read_frames
+from tasks.steps.crop import CROP_RECTS, CropConfig
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import pytest
 from datasets_manifest.schema import ClipRow, rows_to_table
 from models.flame_struct import flame_struct
 from tasks import contract
-from tasks.flame_struct import DEFAULT_FLAME_EXPRESSION
 from tasks.ledger import read_ledger
-from tasks.pose_check import load_flame_npz
-from tasks.shard import iter_samples
+from tasks.steps.flame_struct import DEFAULT_FLAME_EXPRESSION
+from tasks.steps.pose_check import load_flame_npz
+from tasks.steps.shard import iter_samples
 from tests.flame_files import write_flame_files
 
 # Dry-run models, one 5-frame window per clip; a 0.5 degree pose threshold makes LivePortrait's (random, dry-run)

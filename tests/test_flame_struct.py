@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models.flame_struct import FlameLayout, flame_struct
-from tasks.pose_check import flame_head_matrices
+from tasks.steps.pose_check import flame_head_matrices
 
 
 def _params(T: int = 6, E: int = 5, seed: int = 0) -> dict[str, np.ndarray]:

@@ -79,9 +79,9 @@ def test_mp4_frames_are_speech_seconds_times_25_with_the_speech(inputs, generate
     # the face it used, beside the mp4: the crop of the image's face, where it was found
     face = cv2.cvtColor(cv2.imread(record["face"]["crop"]), cv2.COLOR_BGR2RGB)
     assert record["face"]["crop"] == str(result.path) + ".face.png" and record["face"]["faces_found"] == 1
-    from tasks.crop import CropConfig
     from tasks.crop_geometry import CropParams
     from tasks.face_image import crop_face_image, read_image
+    from tasks.steps.crop import CropConfig
 
     expected = crop_face_image(read_image(root / "face.png"), CropConfig(params=CropParams(dsize=64)))
     assert np.array_equal(face, expected.crop) and record["face"]["center_xy"] == pytest.approx(expected.rect[:2])
@@ -93,11 +93,11 @@ def test_mp4_holds_the_samplers_frames(inputs, generated, tmp_path):
     from models.dualforce.sampler import SamplerConfig, generate
     from models.hubert_features import load_hubert
     from models.wan_vae import load_wan_vae, output_to_frames
-    from tasks.crop import CropConfig
     from tasks.crop_geometry import CropParams
     from tasks.face_image import crop_face_image, read_image
     from tasks.media import VideoWriter
-    from tasks.vae_latents import encode_reference
+    from tasks.steps.crop import CropConfig
+    from tasks.steps.vae_latents import encode_reference
     from training.generate import speech_features, speech_for_frames
 
     root, models, model = inputs

@@ -12,8 +12,8 @@ from models.hubert_features import HubertLayers, load_hubert
 from models.motion_extractor import MotionExtractor, MotionExtractorConfig
 from models.wan_vae import load_wan_vae
 from tasks.media import read_audio, read_frames
-from tasks.motion import extract_motion
-from tasks.vae_latents import VaeLatentConfig, encode_clip
+from tasks.steps.motion import extract_motion
+from tasks.steps.vae_latents import VaeLatentConfig, encode_clip
 
 pytestmark = pytest.mark.gpu
 

@@ -97,6 +97,14 @@ def test_models_import_nothing_above_them():
     assert upward == []
 
 
+def test_manifests_import_nothing_of_the_steps_or_above():
+    """datasets_manifest sits below tasks (the steps read its ClipRow): no arrow back up."""
+    graph = import_graph()
+    upward = sorted((m, d) for m, deps in graph.items() if m.startswith("datasets_manifest") for d in deps
+                    if d.split(".")[0] in ABOVE_MODELS)
+    assert upward == []
+
+
 def test_there_is_no_import_cycle():
     assert cycles(import_graph()) == []
 

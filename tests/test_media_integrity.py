@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from datasets_manifest.schema import ClipRow
-from tasks.crop import crop_clip
-from tasks.download import DownloadConfig, download_clip
 from tasks.errors import ClipRejected
 from tasks.media import decode_errors, probe, read_audio, read_frames, run_ffmpeg
+from tasks.steps.crop import crop_clip
+from tasks.steps.download import DownloadConfig, download_clip
 
 
 @pytest.fixture(scope="module")

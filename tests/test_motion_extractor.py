@@ -18,7 +18,7 @@ from models.motion_extractor import (
 from models.struct_layout import load_motion, rotation_from_angles, save_motion
 from models.weights import WeightsError
 from tasks.media import read_frames
-from tasks.motion import extract_motion
+from tasks.steps.motion import extract_motion
 
 torch.set_num_threads(2)
 

@@ -182,7 +182,7 @@ def test_generate_refuses_to_replace_a_file_it_did_not_write(tmp_path, capsys):
 
 
 def test_the_shard_merge_removes_only_its_own_stale_files(tmp_path):
-    from tasks.shard import collect_garbage
+    from tasks.steps.shard import collect_garbage
 
     root = tmp_path / "shards"
     files = {"train/shard-g0000-000000.tar": "kept", "train/shard-g0000-000001.tar": "stale",

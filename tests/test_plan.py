@@ -1,4 +1,4 @@
-"""Capacity plan arithmetic on a constructed ledger + manifest (datasets_manifest/plan.py)."""
+"""Capacity plan arithmetic on a constructed ledger + manifest (flows/plan.py)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,9 @@ import time
 
 import pytest
 
-from datasets_manifest.plan import (
+from datasets_manifest.schema import ClipRow, write_manifest
+from datasets_manifest.summary import storage_bytes_per_second
+from flows.plan import (
     CPU_STEPS,
     GPU_STEPS,
     PIPELINE_STEPS,
@@ -17,8 +19,6 @@ from datasets_manifest.plan import (
     parse_rates,
     plan_capacity,
 )
-from datasets_manifest.schema import ClipRow, write_manifest
-from datasets_manifest.summary import storage_bytes_per_second
 from tasks.ledger import write_ledger_part
 from tasks.step_runner import LedgerEntry
 

@@ -7,7 +7,7 @@ import pytest
 
 from models.struct_layout import MotionLatents
 from tasks.errors import ClipRejected
-from tasks.pose_check import (
+from tasks.steps.pose_check import (
     _GL_TO_CV,
     GENERIC_FACE_68,
     PoseCheckConfig,

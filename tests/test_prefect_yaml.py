@@ -68,6 +68,8 @@ def test_the_training_config_is_typed_and_strict():
     from prefect.exceptions import ParameterTypeError
 
     from training.config import TrainConfig
+    from training.gates import ReviewOptions
+    from training.launch import LaunchSpec
 
     flow = _load_flow("flows/train.py:train_flow")
     base = {"shards": ["s/*.tar"], "out_dir": "o", "window": 33}
@@ -75,9 +77,14 @@ def test_the_training_config_is_typed_and_strict():
                                     "gates": {"convergence_step": 5}})
     assert isinstance(got["config"], TrainConfig) and got["config"].total_steps == 7
     assert got["config"].validation.every == 2 and got["gates"].convergence_step == 5
+    launched = flow.validate_parameters({"config": base, "launch": {"nproc_per_node": 8, "launcher": "deepspeed"},
+                                         "review": {"auto_approve": True}})
+    assert launched["launch"] == LaunchSpec(nproc_per_node=8, launcher="deepspeed")  # the fields declared once
+    assert launched["review"] == ReviewOptions(auto_approve=True)
     for wrong in ({"config": {**base, "totl_steps": 7}}, {"config": {**base, "window": "lots"}},
                   {"config": {**base, "validation": {"evry": 2}}}, {"config": base, "gates": {"convergence": 5}},
-                  {"config": base, "launcher": "mpirun"}, {"config": base, "review_on_timeout": "later"}):
+                  {"config": base, "launch": {"launcher": "mpirun"}}, {"config": base, "review": {"on_timeout": "later"}},
+                  {"config": base, "launch": {"nproc_per_node": 2, "hostfile": 3}}):
         with pytest.raises(ParameterTypeError):
             flow.validate_parameters(wrong)
 

@@ -11,7 +11,7 @@ from datasets_manifest.schema import MANIFEST_SCHEMA, ClipRow, rows_to_table
 from tasks import contract
 from tasks.ledger import latest_status, read_ledger
 from tasks.media import run_ffmpeg
-from tasks.shard import iter_samples
+from tasks.steps.shard import iter_samples
 
 # Steps 1, 2 and 7 only: the feature steps have their own tests below and in the end-to-end dry-run.
 BASE = dict(steps=["download", "crop", "shard"], windows={"shard_features": False})

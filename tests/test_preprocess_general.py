@@ -17,9 +17,9 @@ from prefect.exceptions import ParameterTypeError
 
 from datasets_manifest.schema import ClipRow, rows_to_table
 from tasks import contract
-from tasks.center_crop import center_crop_clip
 from tasks.errors import ClipRejected
 from tasks.media import iter_frames, probe, read_frames, run_ffmpeg
+from tasks.steps.center_crop import center_crop_clip
 
 N = 1  # window_n: 5-frame windows (2 latent frames)
 WINDOW = contract.window_frames(N)
@@ -126,8 +126,8 @@ def test_a_sideways_phone_clip_is_cropped_upright(samples_dir, tmp_path):
 
 def test_a_sample_holds_the_crops_frames_at_its_window_and_their_vae_latent(run):
     from tasks.feature_models import dryrun_models, wan_vae
-    from tasks.shard import iter_samples
-    from tasks.vae_latents import VaeLatentConfig, encode_clip, encode_reference
+    from tasks.steps.shard import iter_samples
+    from tasks.steps.vae_latents import VaeLatentConfig, encode_clip, encode_reference
     from training.loader import LoaderConfig, ShardLoader
 
     report, base, _ = run
@@ -265,7 +265,7 @@ def test_the_audit_compares_a_video_only_sample_with_its_centre_crop(run, tmp_pa
 
 
 def test_a_shard_set_holds_one_sample_profile(tmp_path):
-    from tasks.shard import ShardClip, ShardConfig, write_shards
+    from tasks.steps.shard import ShardClip, ShardConfig, write_shards
 
     def clip(clip_id: str, profile: str) -> ShardClip:
         row = ClipRow(clip_id=clip_id, dataset="g", source="x.mp4", identity=clip_id)

@@ -14,7 +14,7 @@ import pytest
 from datasets_manifest.schema import ClipRow, rows_to_table
 from flows.runners import GPU_STEPS, RayConfig, batch_resources, check_api_reachable
 from tasks.ledger import read_ledger
-from tasks.shard import shard_files
+from tasks.steps.shard import shard_files
 
 # Steps 1, 2 and 7 on three short real clips, sparse windows: the plumbing, not the models.
 WINDOWS = dict(shard_features=False, window_n=4, window_stride=50, shard_max_samples=2, shard_groups=4)

@@ -187,7 +187,7 @@ def _server_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess
 @pytest.mark.slow
 def test_dry_run_deployment_runs_through_the_worker(tmp_path, samples_dir):
     """up -> submit dry-run/dry-run -> COMPLETED with shards -> up again is a no-op -> down leaves nothing."""
-    from tasks.shard import shard_files
+    from tasks.steps.shard import shard_files
 
     port, state = free_port(), tmp_path / "state"
     one_clip = tmp_path / "samples"  # one short clip keeps the run to about a minute

@@ -14,7 +14,16 @@ import soundfile as sf
 from datasets_manifest.schema import ClipRow
 from tasks import contract
 from tasks.media import read_frames
-from tasks.shard import ShardClip, ShardConfig, iter_samples, sample_key, shard_files, shard_group_of, window_starts, write_shards
+from tasks.steps.shard import (
+    ShardClip,
+    ShardConfig,
+    iter_samples,
+    sample_key,
+    shard_files,
+    shard_group_of,
+    window_starts,
+    write_shards,
+)
 
 G = shard_group_of("yongen", 16)  # the default 16 groups; the group is a hash of the clip id alone
 

@@ -12,7 +12,8 @@ import pytest
 from datasets_manifest.schema import ClipRow
 from tasks import contract
 from tasks.ledger import read_ledger, write_ledger_part
-from tasks.shard import (
+from tasks.step_runner import LedgerEntry
+from tasks.steps.shard import (
     INDEX_FILE,
     STATUS_FILE,
     ShardClip,
@@ -27,7 +28,6 @@ from tasks.shard import (
     write_shard_group,
     write_shards,
 )
-from tasks.step_runner import LedgerEntry
 
 CFG = ShardConfig(n=4, stride=100, max_samples_per_shard=1)  # 17-frame windows every 100 frames: 2 per clip
 GROUPS = 4

@@ -18,6 +18,8 @@ from prefect.client.schemas.sorting import ArtifactSort  # noqa: E402
 
 from flows.train import train_flow  # noqa: E402
 from tests.training_shards import train_config, write_shards  # noqa: E402
+from training.gates import ReviewOptions  # noqa: E402
+from training.launch import LaunchSpec  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 from training.run_status import COMPLETED, ERROR, NONFINITE, OOM, STOPPED, read_statuses  # noqa: E402
 
@@ -51,7 +53,7 @@ def _artifacts(key: str, state=None) -> list:
 def test_crashing_worker_fails_the_flow_with_its_log_tail(shards, tmp_path):
     """Two processes, ZeRO-2: rank 1 raises at step 2; the flow run fails and shows why."""
     cfg = _config(shards, tmp_path, faults={"crash_at_step": 2, "crash_rank": 1})
-    state = train_flow(cfg, nproc_per_node=2, gates=GATES, return_state=True)
+    state = train_flow(cfg, gates=GATES, launch=LaunchSpec(nproc_per_node=2), return_state=True)
     assert state.is_failed() and state.name == "TrainerCrashed"
     assert "rank 1 at step 2: RuntimeError: injected crash at step 2 on rank 1" in state.message
     assert "last log lines:" in state.message and "Traceback" in state.message
@@ -65,7 +67,7 @@ def test_crashing_worker_fails_the_flow_with_its_log_tail(shards, tmp_path):
 
 def test_out_of_memory_is_retried_with_batch_one(shards, tmp_path):
     cfg = _config(shards, tmp_path, faults={"oom_at_step": 2, "oom_if_batch_above": 1})
-    state = train_flow(cfg, nproc_per_node=1, gates=GATES, return_state=True)
+    state = train_flow(cfg, gates=GATES, launch=LaunchSpec(nproc_per_node=1), return_state=True)
     assert state.is_completed() and state.name == "GO", state.message
     first = read_statuses(tmp_path / "run-b2-w9-per_frame")
     assert [(s.status, s.step) for s in first] == [(OOM, 1)]
@@ -92,7 +94,7 @@ def test_memory_fallback_reaches_the_short_clip_then_nan_retries_per_sample(shar
         },
     )
     gates = dict(GATES, fallback_latent_frames=2)
-    state = train_flow(cfg, nproc_per_node=2, gates=gates, return_state=True)
+    state = train_flow(cfg, gates=gates, launch=LaunchSpec(nproc_per_node=2), return_state=True)
     assert state.is_completed(), state.message
     tried = sorted(p.name for p in tmp_path.glob("run-*"))
     assert tried == ["run-b1-w5-per_frame", "run-b1-w5-per_sample", "run-b1-w9-per_frame", "run-b2-w9-per_frame"]
@@ -128,7 +130,7 @@ def test_gates_are_judged_live_in_order_and_a_joint_no_go_stops_there(shards, tm
     cfg = _config(shards, tmp_path, total_steps=8, micro_batch=1)
     gates = {"memory_step": 1, "convergence_step": 2, "convergence_max_loss": 1e9, "convergence_window": 1,
              "joint_step": 3, "joint_window": 1, "joint_min_rel_drop": 10.0}
-    state = train_flow(cfg, nproc_per_node=1, gates=gates, return_state=True)
+    state = train_flow(cfg, gates=gates, launch=LaunchSpec(nproc_per_node=1), return_state=True)
     assert state.is_failed() and state.name == "NO-GO" and state.message.startswith("NO-GO: joint_progress")
     run_dir = tmp_path / "run-b1-w9-per_frame"
     records = read_metrics(run_dir / "metrics.jsonl")
@@ -146,7 +148,7 @@ def test_the_stability_fallback_resumes_from_the_last_good_checkpoint(shards, tm
     """NaN at step 3 (per-frame): the per-sample attempt continues from the step-2 checkpoint, not from 0."""
     cfg = _config(shards, tmp_path, total_steps=4, micro_batch=1, ckpt_every=2,
                   faults={"nan_at_step": 3, "nan_if_noise_mode": "per_frame"})
-    state = train_flow(cfg, nproc_per_node=1, gates=GATES, return_state=True)
+    state = train_flow(cfg, gates=GATES, launch=LaunchSpec(nproc_per_node=1), return_state=True)
     assert state.is_completed() and state.name == "GO", state.message
     assert "per-sample noise resumed from the step-2 checkpoint of run-b1-w9-per_frame" in state.message
     first = read_metrics(tmp_path / "run-b1-w9-per_frame" / "metrics.jsonl")
@@ -179,8 +181,8 @@ def test_the_review_gate_pauses_and_resumes_on_the_answer(shards, tmp_path):
     answer = {"decision": "adjust", "note": "struct looks noisy", "loss_options": {"struct_loss_weight": 0.5}}
     resumer = threading.Thread(target=_resume_when_paused, args=(answer,))
     resumer.start()
-    state = train_flow(cfg, nproc_per_node=1, gates=dict(GATES, review_step=1), review_timeout_s=60,
-                       return_state=True)
+    state = train_flow(cfg, gates=dict(GATES, review_step=1), launch=LaunchSpec(nproc_per_node=1),
+                       review=ReviewOptions(timeout_s=60), return_state=True)
     resumer.join()
     assert state.is_completed(), state.message
     run_dir = tmp_path / "run-b1-w9-per_frame"
@@ -194,8 +196,8 @@ def test_the_review_gate_pauses_and_resumes_on_the_answer(shards, tmp_path):
 
 def test_the_review_gate_acts_on_its_timeout(shards, tmp_path):
     cfg = _config(shards, tmp_path, total_steps=2, micro_batch=1)
-    state = train_flow(cfg, nproc_per_node=1, gates=dict(GATES, review_step=1), review_timeout_s=2,
-                       review_on_timeout="stop", return_state=True)
+    state = train_flow(cfg, gates=dict(GATES, review_step=1), launch=LaunchSpec(nproc_per_node=1),
+                       review=ReviewOptions(timeout_s=2, on_timeout="stop"), return_state=True)
     assert state.is_failed() and state.name == "NO-GO"
     assert "review: stop (timeout): no answer within 2 s" in state.message
     assert [r["step"] for r in read_metrics(tmp_path / "run-b1-w9-per_frame" / "metrics.jsonl")] == [1]

@@ -150,8 +150,8 @@ def test_check_launch_matches_nnodes_and_slots_to_the_hostfile(tmp_path):
 def test_train_flow_rejects_bad_launch_settings_before_starting_anything(tmp_path):
     cfg = {"shards": ["x.tar"], "out_dir": str(tmp_path / "out"), "window": WINDOW}
     with pytest.raises(ValueError, match="nnodes=3 but hostfile"):
-        train_flow.fn(cfg, launcher="deepspeed", nproc_per_node=1, nnodes=3, hostfile=str(
-            write_hostfile([HostSlots("a", 1), HostSlots("b", 1)], tmp_path / "hosts")))
+        train_flow.fn(cfg, launch=LaunchSpec(launcher="deepspeed", nproc_per_node=1, nnodes=3, hostfile=str(
+            write_hostfile([HostSlots("a", 1), HostSlots("b", 1)], tmp_path / "hosts"))))
     assert not (tmp_path / "out").exists()
 
 
@@ -184,6 +184,7 @@ def test_slurm_script_builds_valid_flow_commands(tmp_path, mode, flow_runs):
     assert len(lines) == flow_runs, proc.stdout + proc.stderr
     parser = argparse.ArgumentParser()
     parser.add_argument("-m")
+    parser.add_argument("command")  # python -m flows.cli train: the one train entry point
     parser.add_argument("--config")
     add_launch_arguments(parser)
     specs = [LaunchSpec(**launch_kwargs(parser.parse_args(line.split()))) for line in lines]

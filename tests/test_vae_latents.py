@@ -10,7 +10,7 @@ from models.wan_vae import CausalStreamEncoder, frames_to_input, load_wan_vae
 from models.weights import WeightsError
 from tasks.errors import ClipRejected
 from tasks.media import read_frames
-from tasks.vae_latents import VaeLatentConfig, encode_clip, load_vae_latents, save_vae_latents
+from tasks.steps.vae_latents import VaeLatentConfig, encode_clip, load_vae_latents, save_vae_latents
 
 torch.set_num_threads(2)
 

@@ -12,7 +12,7 @@ import soundfile as sf
 from datasets_manifest.schema import ClipRow
 from tasks import contract
 from tasks.media import iter_frames, read_frames
-from tasks.shard import ShardClip, ShardConfig, _iter_windows, iter_samples, write_shards
+from tasks.steps.shard import ShardClip, ShardConfig, _iter_windows, iter_samples, write_shards
 from tasks.windows import iter_window_starts, iter_windows, window_starts
 
 

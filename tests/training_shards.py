@@ -81,7 +81,7 @@ def write_shards(
         path = out_dir / f"shard-{s:06d}.tar"
         with tarfile.open(path, "w") as tar:
             for i in range(per_shard):
-                key = f"clip{s:03d}_w{i:06d}"  # the shard writer's key form (tasks.shard.sample_key)
+                key = f"clip{s:03d}_w{i:06d}"  # the shard writer's key form (tasks.steps.shard.sample_key)
                 members = sample_members(rng, key, window, crop, audio_dim, profile, split,
                                          media(key) if media else None, meta_extra)
                 if tamper is not None:

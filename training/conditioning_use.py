@@ -70,7 +70,7 @@ def held_out_windows(shard_root: str | Path, count: int, split: Optional[str] = 
                      latent_crop: Optional[int] = None) -> tuple[list[HeldOutWindow], str]:
     """Up to `count` talking-head windows of `split` (default val, test, then train), taken round-robin over clips so
     that as many identities as possible appear; (windows, the split they came from)."""
-    from tasks.shard import iter_samples
+    from tasks.steps.shard import iter_samples
     from training.heldout import HELD_OUT_SPLITS
 
     for name in ((split,) if split else (*HELD_OUT_SPLITS, "train")):

@@ -65,7 +65,7 @@ def _ema_state(tag_dir: Path) -> Optional[dict]:
 
 def training_data(cfg: TrainConfig) -> list[dict[str, Any]]:
     """What each shard set of the run was made with: stats.json facts and the extractors its first sample records."""
-    from tasks.shard import iter_samples
+    from tasks.steps.shard import iter_samples
     from training.shard_sets import shard_set_root
 
     sets = []

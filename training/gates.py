@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, get_args
 
 from pydantic import ConfigDict
 
@@ -24,6 +24,26 @@ from tasks.gates import GateVerdict
 from training.run_status import NONFINITE, OOM, RunStatus
 
 Records = Sequence[dict[str, Any]]
+
+
+OnTimeout = Literal["continue", "stop"]  # what an unanswered review does
+
+
+@dataclass(frozen=True)
+class ReviewOptions:
+    """How the sample-review gate (review_step) is answered when no person does."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    auto_approve: bool = False  # answer continue at once (unattended runs, CI)
+    timeout_s: int = 3600  # how long the review waits for a person
+    on_timeout: OnTimeout = "continue"
+
+    def __post_init__(self) -> None:
+        if self.timeout_s < 1:
+            raise ValueError(f"review timeout_s must be >= 1, got {self.timeout_s}")
+        if self.on_timeout not in get_args(OnTimeout):
+            raise ValueError(f"review on_timeout must be one of {get_args(OnTimeout)}, got {self.on_timeout!r}")
 
 
 GATE_LOG = "gates.jsonl"  # one line per verdict, in the training directory, as each is made (flows/train.py)

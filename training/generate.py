@@ -178,7 +178,7 @@ def speech_features(audio: np.ndarray, frames: int, hubert, layers: tuple[int, .
     """HuBERT rows [4(L-1)+1, D] for the whole latent frames covering `frames` video frames (the audio step's
     alignment; rows past the speech are of zero padding, as the audio step pads)."""
     from models.hubert_features import HubertLayers
-    from tasks.audio_features import AudioFeatureConfig, extract_audio_features
+    from tasks.steps.audio_features import AudioFeatureConfig, extract_audio_features
 
     covered = 4 * ((frames + 2) // 4) + 1  # the fewest 4(L-1)+1 frames >= frames
     result = extract_audio_features(audio, covered, hubert, AudioFeatureConfig(layers=HubertLayers(tuple(layers))))
@@ -301,11 +301,11 @@ def generate_video(model_dir: str | Path, image: str | Path, speech: str | Path,
     import cv2
     from tqdm.auto import tqdm
 
-    from tasks.crop import CropConfig
     from tasks.crop_geometry import CropParams
     from tasks.face_image import crop_face_image, read_image
     from tasks.media import VideoWriter, write_wav
-    from tasks.vae_latents import encode_reference
+    from tasks.steps.crop import CropConfig
+    from tasks.steps.vae_latents import encode_reference
 
     started = time.perf_counter()
     out = Path(out)

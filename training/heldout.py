@@ -56,7 +56,7 @@ def decode_clip(sample: dict, split: str) -> HeldOutClip:
 def held_out_clips(shard_root: str | Path, count: int, split: Optional[str] = None) -> list[HeldOutClip]:
     """The first window of each of the first `count` clips of `split` (default: val, then test; a set with neither
     gives its training clips, and says so: a toy set of two clips has no held-out identity)."""
-    from tasks.shard import iter_samples
+    from tasks.steps.shard import iter_samples
 
     splits = (split,) if split else (*HELD_OUT_SPLITS, "train")
     for name in splits:
@@ -87,7 +87,7 @@ def no_clips_message(shard_root: str | Path, split: Optional[str]) -> str:
     """Why there is nothing to evaluate on, and the `--split` that would give something (from stats.json)."""
     import json
 
-    from tasks.shard import STATS_FILE
+    from tasks.steps.shard import STATS_FILE
 
     asked = f"split {split!r}" if split else f"a held-out split ({' / '.join(HELD_OUT_SPLITS)}) or train"
     stats_file = Path(shard_root) / STATS_FILE
@@ -104,7 +104,7 @@ def no_clips_message(shard_root: str | Path, split: Optional[str]) -> str:
 def check_shard_set(shards: str | Path, split: Optional[str]) -> Path:
     """The shard set's root, checked before any model is loaded or flow started: NoHeldOutClips when the set has
     no stats.json or no shard in the split asked for (or in any split, with none asked)."""
-    from tasks.shard import STATS_FILE, shard_files
+    from tasks.steps.shard import STATS_FILE, shard_files
     from training.shard_sets import shard_set_root
 
     root = shard_set_root(str(shards))

@@ -9,9 +9,9 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Optional, get_args
+from typing import Any, Callable, Literal, Optional, get_args
 
 import torch
 
@@ -29,6 +29,10 @@ TORCHRUN_RDZV_BACKENDS = get_args(RdzvBackend)
 DEEPSPEED_MULTINODE_LAUNCHERS = get_args(DsLauncher)
 
 
+def _launch_field(default: Any, help: str, **meta: Any) -> Any:
+    return field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass(frozen=True)
 class LaunchSpec:
     """Where the trainer processes run. One node: nproc_per_node processes here. Many nodes, two ways:
@@ -42,18 +46,21 @@ class LaunchSpec:
     Values are checked here; check_launch() also reads the hostfile.
     """
 
-    nproc_per_node: int = 2
-    launcher: str = "torchrun"  # "torchrun" | "deepspeed"
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: Optional[str] = None  # multi-node: the rendezvous host (node 0)
-    master_port: int = 29500
-    hostfile: Optional[str] = None  # deepspeed launcher: the nodes and their slots
-    rdzv_backend: str = "static"  # torchrun multi-node: "static" | "c10d"
-    rdzv_id: str = "dualforce"  # torchrun c10d: the same on every node of one job, new per job
-    rdzv_timeout_s: Optional[int] = None  # torchrun c10d: how long a node waits for the others (torch: 600)
-    no_ssh: bool = False  # deepspeed multi-node: one launcher per node instead of node 0 over ssh
-    ds_launcher: str = "pdsh"  # deepspeed multi-node without no_ssh: how node 0 reaches the others
+    # Declared once: the train flow takes a LaunchSpec and `dualforce train` makes one flag per field from the
+    # `help` (and `flag`, `min`) of its metadata (flows/train.py add_launch_arguments).
+    nproc_per_node: int = _launch_field(2, "trainer processes per node", min=1)
+    launcher: Launcher = _launch_field("torchrun", "torchrun, or DeepSpeed's launcher")
+    nnodes: int = _launch_field(1, "nodes in the job", min=1)
+    node_rank: int = _launch_field(0, "this node, 0..nnodes-1 (e.g. $SLURM_NODEID)", min=0)
+    master_addr: Optional[str] = _launch_field(None, "rendezvous host: node 0 (e.g. first host of $SLURM_JOB_NODELIST)")
+    master_port: int = _launch_field(29500, "rendezvous port", min=1)
+    hostfile: Optional[str] = _launch_field(None, "deepspeed launcher: 'HOST slots=N' per node")
+    rdzv_backend: RdzvBackend = _launch_field("static", "torchrun, many nodes: static node ranks or c10d's")
+    rdzv_id: str = _launch_field("dualforce", "torchrun c10d: one id per job (e.g. $SLURM_JOB_ID)")
+    rdzv_timeout_s: Optional[int] = _launch_field(None, "torchrun c10d: seconds to wait for all nodes (torch: 600)",
+                                                  min=1, flag="--rdzv-timeout")
+    no_ssh: bool = _launch_field(False, "deepspeed: one launcher per node, no pdsh/ssh")
+    ds_launcher: DsLauncher = _launch_field("pdsh", "deepspeed over ssh: how node 0 reaches the others")
 
     def __post_init__(self) -> None:
         if self.launcher not in LAUNCHERS:

@@ -1,6 +1,6 @@
 """Training loader over webdataset-layout shards: contract-checked, deterministic per epoch, exactly resumable.
 
-Shards are tars (tasks/shard.py) at local paths or any fsspec URL (`s3://b/p/shard-*.tar`,
+Shards are tars (tasks/steps/shard.py) at local paths or any fsspec URL (`s3://b/p/shard-*.tar`,
 `memory://x/shard-{000000..000003}.tar`, `file:///...`); globs and brace patterns expand once, up front.
 
 Pipeline per (node rank, DataLoader worker):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tasks import contract
-from tasks.shard import STATS_FILE, iter_samples
+from tasks.steps.shard import STATS_FILE, iter_samples
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import numpy as np
 from models.motion_extractor import MotionExtractor
 from models.struct_layout import rotation_from_angles
 from tasks.face_landmarks import MissingLandmarkModel
-from tasks.motion import extract_motion
+from tasks.steps.motion import extract_motion
 from training.eval_metrics.faces import observe_faces
 from training.eval_metrics.identity import cosine_similarity, face_descriptors, reference_descriptor
 from training.eval_metrics.motion_error import DRYRUN_CAVEAT, NO_EXTRACTOR

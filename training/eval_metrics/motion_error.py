@@ -7,7 +7,7 @@ import numpy as np
 
 from models.motion_extractor import MotionExtractor
 from models.struct_layout import MotionLatents
-from tasks.motion import extract_motion
+from tasks.steps.motion import extract_motion
 from training.eval_metrics.results import MetricResult, stopwatch
 
 DRYRUN_CAVEAT = "untrained dry-run motion extractor: the numbers test plumbing only"

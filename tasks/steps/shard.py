@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, ClassVar, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -31,8 +31,10 @@ import webdataset as wds
 
 from datasets_manifest.schema import ClipRow, sanitize_clip_id
 from tasks import contract, storage, windows
-from tasks.crop import CROP_AUDIO, CROP_VIDEO
 from tasks.media import VideoWriter, iter_frames, wav_bytes
+from tasks.step_runner import ClipState, LedgerEntry
+from tasks.step_store import fingerprint
+from tasks.steps.crop import CROP_AUDIO, CROP_VIDEO
 
 INDEX_FILE = "index.parquet"
 GROUPS_DIR = "_groups"
@@ -528,3 +530,40 @@ def iter_samples_of(shard_dir: str | Path, shards: list[str], keys: Optional[set
     for sample in wds.WebDataset(files, shardshuffle=False, empty_check=False):
         if keys is None or sample["__key__"] in keys:
             yield {k: v for k, v in sample.items() if k not in ("__url__", "__local_path__")}
+
+
+SHARD_VERSION = "3"  # 3: windows hold their own frames (stride > decode chunk), inside the crop's segments
+
+
+@dataclass
+class ShardStep:
+    """Step 7, once per dataset rather than per clip: every ready clip's windows into the shard set, written in
+    groups (one task each, any worker) and merged once (the flow's shard phase drives it); one ledger row per clip."""
+
+    config: ShardConfig = field(default_factory=ShardConfig)
+    requires: tuple[str, ...] = ()  # the steps whose outputs its samples carry: the crop, and the features when any
+    name: ClassVar[str] = "shard"
+    version: ClassVar[str] = SHARD_VERSION
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.config)
+
+    def ready(self, states: list[ClipState]) -> list[ClipState]:
+        """The clips every required step finished."""
+        return [s for s in states if s.alive and all(n in s.records for n in self.requires)]
+
+    def ledger_entries(self, results: list[GroupResult], planned: dict[str, list[ClipState]],
+                       run_id: str) -> list[LedgerEntry]:
+        """A row per clip: ok with its samples, or rejected `too_short` when none of its windows fit."""
+        now = time.time()
+        entries = []
+        for r in results:
+            for s in planned[r.group]:
+                n = r.clips[s.row.clip_id][1]
+                entries.append(LedgerEntry(
+                    clip_id=s.row.clip_id, dataset=s.row.dataset, step=self.name, status="ok" if n else "rejected",
+                    action="skipped" if r.skipped else "ran", reason="" if n else "too_short",
+                    detail="" if n else f"no {self.config.window}-frame window in its stable segments",
+                    version=self.version, key=r.key, checksum="",
+                    seconds=0.0 if r.skipped else r.seconds / max(1, len(r.clips)), run_id=run_id, finished_at=now))
+        return entries

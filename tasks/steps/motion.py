@@ -2,17 +2,24 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import ClassVar, Iterable, Iterator
 
 import cv2
 import numpy as np
 import torch
 
+from datasets_manifest.schema import ClipRow
 from models.motion_extractor import INPUT_SIZE, MotionExtractor
 from models.precision import extractor_autocast, extractor_precision
 from models.struct_layout import MotionLatents, load_motion, save_motion
+from tasks import feature_models
+from tasks.errors import ClipRejected
+from tasks.feature_models import FeatureModels
 from tasks.prefetch import prefetched
+from tasks.step_store import fingerprint, save_npy
+from tasks.steps.crop import CROP_VIDEO, CropStep, crop_frames
 
 __all__ = ["MotionLatents", "extract_motion", "extract_motion_from_video", "save_motion", "load_motion",
            "prepare_frames", "pick_device"]
@@ -112,3 +119,34 @@ def extract_motion_from_video(
     if out_path is not None:
         save_motion(out_path, motion)
     return motion
+
+
+MOTION_FILE = "motion.npz"
+STRUCT_FILE = "struct.npy"
+
+
+@dataclass
+class MotionStep:
+    """Step 3: LivePortrait motion latents per frame, plus the flat struct vectors training reads."""
+
+    models: FeatureModels
+    batch_size: int = 64
+    weights: ClassVar[str] = "liveportrait_root"  # the ModelWeights field naming the model it loads
+    name: ClassVar[str] = "motion"
+    version: ClassVar[str] = "1"
+    requires: ClassVar[tuple[str, ...]] = (CropStep.name,)
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.models.liveportrait_root, self.models.dryrun, *feature_models.precision_tag(self.models))
+
+    def run(self, row: ClipRow, inputs: dict[str, Path], out_dir: Path) -> dict:
+        from models.struct_layout import to_struct
+
+        crop = inputs[CropStep.name]
+        motion = extract_motion_from_video(crop / CROP_VIDEO, feature_models.motion_extractor(self.models),
+                                           out_dir / MOTION_FILE, batch_size=self.batch_size,
+                                           device=feature_models._device(self.models), bf16=self.models.bf16)
+        if motion.num_frames != crop_frames(crop):
+            raise ClipRejected("corrupt", f"motion has {motion.num_frames} rows for {crop_frames(crop)} frames")
+        save_npy(out_dir / STRUCT_FILE, to_struct(motion))
+        return {"frames": motion.num_frames, "untrained_dryrun": motion.meta.get("untrained_dryrun", False)}

@@ -19,11 +19,12 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import cv2
 import numpy as np
 
+from datasets_manifest.schema import ClipRow
 from tasks.contract import AUDIO_SAMPLES_PER_FRAME, CROP_SIZE, FPS, SAMPLE_RATE
 from tasks.crop_geometry import CropParams, StreamingRectSmoother, crop_matrix, rect_from_landmarks, transform_points
 from tasks.crop_segments import Segment, SegmentConfig, cut_score, kept_spans, plan_segments
@@ -42,6 +43,8 @@ from tasks.media import (
     write_wav,
     yuv420_planes,
 )
+from tasks.step_store import fingerprint, save_npy
+from tasks.steps.download import DownloadStep, downloaded_video
 
 CROP_VIDEO = "crop.mp4"
 CROP_AUDIO = "audio.wav"
@@ -514,12 +517,6 @@ def _crop_follow(src: _Source, out_dir: Path, cfg: CropConfig, face_box: Optiona
     return len(track.landmarks), frames, median_face, landmarks, rects, None
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array, allow_pickle=False)
-    tmp.replace(path)
-
-
 def crop_clip(source: str | Path, out_dir: str | Path, cfg: CropConfig = CropConfig(),
               face_box: Optional[list[float]] = None) -> CropResult:
     """Crop one clip into `out_dir` (created); raises ClipRejected with a reason code.
@@ -568,8 +565,8 @@ def _write_alongside(src: _Source, out_dir: Path, cfg: CropConfig, frames: int, 
     n_audio = frames * AUDIO_SAMPLES_PER_FRAME
     if src.info.has_audio:
         write_wav(out_dir / CROP_AUDIO, src.audio[:n_audio])
-    _save_npy(out_dir / CROP_LANDMARKS, crop_landmarks)
-    _save_npy(out_dir / CROP_RECTS, rects.astype(np.float32))
+    save_npy(out_dir / CROP_LANDMARKS, crop_landmarks)
+    save_npy(out_dir / CROP_RECTS, rects.astype(np.float32))
     return n_audio
 
 
@@ -579,3 +576,42 @@ def write_crop_info(out_dir: Path, info: dict) -> None:
     tmp = out_dir / (CROP_INFO + ".tmp")
     tmp.write_text(json.dumps(info, indent=1))
     tmp.replace(out_dir / CROP_INFO)
+
+
+def crop_info(crop_dir: Path) -> dict:
+    """crop.json of any crop (face or centre): `frames`, `segments` and what made it."""
+    return json.loads((crop_dir / CROP_INFO).read_text())
+
+
+def crop_frames(crop_dir: Path) -> int:
+    return int(crop_info(crop_dir)["frames"])
+
+
+def crop_segments(crop_dir: Path) -> list[tuple[int, int]]:
+    """The [start, end) spans of a crop that training windows may use (the crop step's stable segments)."""
+    info = crop_info(crop_dir)
+    return [(int(a), int(b)) for a, b in info.get("segments", [(0, info["frames"])])]
+
+
+@dataclass
+class CropStep:
+    """Step 2 of the talking-head profile: the face crop (512x512, 25 fps), its audio, landmarks and segments."""
+
+    config: CropConfig = field(default_factory=CropConfig)
+    name: ClassVar[str] = "crop"
+    version: ClassVar[str] = "6"  # 2: manifest face box; 3: luma landmarks, landmark-tracked boxes; 4: scaled
+    # near-face search; 5: static segment boxes (default), display rotation, corrupt_stream, silent_audio, small-face
+    # search; 6: a drifting landmark track re-detects on the next frame
+    requires: ClassVar[tuple[str, ...]] = (DownloadStep.name,)
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.config)
+
+    def row_fields(self, row: ClipRow) -> dict:
+        return {"face_box": row.face_box}  # the crop follows the manifest face box
+
+    def run(self, row: ClipRow, inputs: dict[str, Path], out_dir: Path) -> dict:
+        r = crop_clip(downloaded_video(inputs), out_dir, self.config, face_box=row.face_box)
+        return {"frames": r.frames, "audio_samples": r.audio_samples, "trimmed_s": round(r.trimmed_s, 3),
+                "median_face_px": round(r.median_face_px, 1), "landmarker": r.landmarker, "mode": r.mode,
+                "segments": len(r.segments), "dropped_segments": len(r.dropped_segments)}

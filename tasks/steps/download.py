@@ -25,9 +25,9 @@ import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import ClassVar, Optional, Sequence, Union
 from urllib.parse import unquote, urlsplit
 
 from datasets_manifest.schema import ClipRow, sanitize_clip_id
@@ -294,3 +294,38 @@ def download_batch(rows: Sequence[ClipRow], dest: Path, cfg: DownloadConfig,
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(pool.map(one, rows))
+
+
+DOWNLOADED_VIDEO = "source.mp4"
+
+
+@dataclass
+class DownloadStep:
+    """Step 1: the clip's time range of its source, trimmed, as `source.mp4`."""
+
+    config: DownloadConfig = field(default_factory=DownloadConfig)
+    name: ClassVar[str] = "download"
+    version: ClassVar[str] = "1"
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def fingerprint(self) -> str:
+        # The settings that change the clip; the cache dir and retry policy do not.
+        return self.config.fingerprint()
+
+    def row_fields(self, row: ClipRow) -> dict:
+        # The source string keeps its `#sha256=` fragment: a corrected checksum is a different download.
+        return {"source": row.source, "start_s": row.start_s, "end_s": row.end_s}
+
+    def run(self, row: ClipRow, inputs: dict[str, Path], out_dir: Path) -> dict:
+        result = download_clip(row, out_dir, self.config)
+        result.path.rename(out_dir / DOWNLOADED_VIDEO)
+        return {"bytes": result.bytes, "sha256": result.sha256, "source_kind": result.source_kind,
+                "duration_s": result.duration_s, "trimmed": result.trimmed}
+
+
+def downloaded_video(inputs: dict[str, Path]) -> Path:
+    """The download step's clip, which every crop step reads."""
+    src = inputs[DownloadStep.name] / DOWNLOADED_VIDEO
+    if not src.exists():
+        raise ClipRejected("missing_input", f"{src} is missing")
+    return src

@@ -32,13 +32,22 @@ from typing import Iterable, Mapping, Optional
 
 from datasets_manifest.schema import ClipRow
 from datasets_manifest.summary import VIDEO_FPS, format_bytes, storage_bytes_per_second
+from tasks.steps.audio_features import AudioFeaturesStep
+from tasks.steps.crop import CropStep
+from tasks.steps.download import DownloadStep
+from tasks.steps.motion import MotionStep
+from tasks.steps.pipeline import TALKING_HEAD
+from tasks.steps.pose_check import PoseCheckStep
+from tasks.steps.shard import ShardStep
+from tasks.steps.vae_latents import VaeLatentsStep
 
-CPU_STEPS = ("download", "crop", "pose_check", "shard")
-GPU_STEPS = ("motion", "audio_features", "vae_latents")
-PIPELINE_STEPS = ("download", "crop", "motion", "pose_check", "audio_features", "vae_latents", "shard")
+PIPELINE_STEPS = TALKING_HEAD.steps
+GPU_STEPS = tuple(cls.name for cls in TALKING_HEAD.step_classes if getattr(cls, "weights", None))  # they load a model
+CPU_STEPS = tuple(s for s in PIPELINE_STEPS if s not in GPU_STEPS)
 # pipeline step -> its key in summary.storage_bytes_per_second()
-STORAGE_KEY = {"download": "download", "crop": "crop", "motion": "motion", "pose_check": "flame",
-               "audio_features": "hubert", "vae_latents": "vae", "shard": "shards"}
+STORAGE_KEY = {DownloadStep.name: "download", CropStep.name: "crop", MotionStep.name: "motion",
+               PoseCheckStep.name: "flame", AudioFeaturesStep.name: "hubert", VaeLatentsStep.name: "vae",
+               ShardStep.name: "shards"}
 COUNTED_STATUS = ("ok", "rejected")
 
 
@@ -121,7 +130,7 @@ def costs_from_ledger(entries: Iterable[Mapping], durations: Mapping[str, float]
             covered[step] += durations[clip]
             counted[step] += 1
     # the run's input: the clips that got through download (or, for a run without it, any step)
-    inputs = reached.get("download") or set().union(*reached.values())
+    inputs = reached.get(DownloadStep.name) or set().union(*reached.values())
     total_in = sum(durations[c] for c in inputs)
     costs = {}
     for step in PIPELINE_STEPS:
@@ -136,8 +145,8 @@ def clip_durations(dataset_dir: str | Path) -> dict[str, float]:
     """clip_id -> seconds, from the download step's probe (else the crop's frame count) in `steps/`."""
     steps = Path(dataset_dir) / "steps"
     out: dict[str, float] = {}
-    for step, read in (("download", lambda info: info.get("duration_s")),
-                       ("crop", lambda info: info["frames"] / VIDEO_FPS if "frames" in info else None)):
+    for step, read in ((DownloadStep.name, lambda info: info.get("duration_s")),
+                       (CropStep.name, lambda info: info["frames"] / VIDEO_FPS if "frames" in info else None)):
         for status in sorted((steps / step).glob("*/_status.json")):
             clip = status.parent.name
             if clip in out:

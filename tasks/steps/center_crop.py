@@ -13,13 +13,17 @@ and the shard writer read either crop unchanged. No wav, no landmarks.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
+from datasets_manifest.schema import ClipRow
 from tasks.contract import CROP_SIZE, FPS
-from tasks.crop import CROP_VIDEO, probe_video, unreadable, write_crop_info
 from tasks.errors import ClipRejected
 from tasks.media import MediaError, encode_filtered, square_scale
+from tasks.step_store import fingerprint
+from tasks.steps.crop import CROP_VIDEO, probe_video, unreadable, write_crop_info
+from tasks.steps.download import DownloadStep, downloaded_video
 
 PROFILE = "general"  # crop.json's `profile`: which preprocess profile made this crop
 MODE = "center"  # crop.json's `mode` (the face crop's are "static" and "follow")
@@ -82,3 +86,21 @@ def center_crop_clip(source: str | Path, out_dir: str | Path,
         "box": [x, y, side],
     })
     return CenterCropResult(out_dir, frames, (info.width, info.height), (x, y, side), time.perf_counter() - t0)
+
+
+@dataclass
+class CenterCropStep:
+    """Step 2 of the general profile: the frame's centre, no face, no audio. Same file names as CropStep's output,
+    so the VAE step (crop_step="center_crop") and the shard writer read it."""
+
+    config: CenterCropConfig = field(default_factory=CenterCropConfig)
+    name: ClassVar[str] = "center_crop"
+    version: ClassVar[str] = "1"
+    requires: ClassVar[tuple[str, ...]] = (DownloadStep.name,)
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.config)
+
+    def run(self, row: ClipRow, inputs: dict[str, Path], out_dir: Path) -> dict:
+        r = center_crop_clip(downloaded_video(inputs), out_dir, self.config)
+        return {"frames": r.frames, "source_size": list(r.source_size), "box": list(r.box)}

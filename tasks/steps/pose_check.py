@@ -25,14 +25,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import cv2
 import numpy as np
 
+from datasets_manifest.schema import ClipRow
 from models.struct_layout import MotionLatents, angles_from_rotation, rotation_from_angles
 from tasks.errors import ClipRejected
 from tasks.gates import GateVerdict
+from tasks.step_store import fingerprint, save_npy
+from tasks.steps.crop import CROP_LANDMARKS, CropStep
+from tasks.steps.motion import MOTION_FILE, MotionStep
 
 # Generic 68-point 3D face (iBUG 300-W order), millimetres, OpenCV model frame (x right, y down, z away from
 # the camera, so features nearer the camera have negative z); origin between the outer eye corners.
@@ -279,3 +283,43 @@ def latent_quality_gate(per_clip_drop: dict[str, tuple[int, int]], max_drop_rati
                         "max_drop_ratio": max_drop_ratio, "clips": len(rows)},
                        "" if go else "use the FLAME-only representation: re-run with --flame-dir holding a FLAME tracker's file "
                        "per clip (<clip_id>.npz); the struct step then switches to them", rows)
+
+
+HEAD_POSE_FILE = "head_pose_deg.npy"  # [T, 3] the pose check's aligned independent pitch/yaw/roll (deg), NaN: none
+KEEP_MASK_FILE = "keep_mask.npy"
+
+
+@dataclass
+class PoseCheckStep:
+    """Step 4: an independent head pose (FLAME when supplied, else landmarks + PnP) against LivePortrait's."""
+
+    config: PoseCheckConfig = field(default_factory=PoseCheckConfig)
+    flame_dir: Optional[str] = None  # <flame_dir>/<clip_id>.npz per clip (load_flame_npz documents it)
+    name: ClassVar[str] = "pose_check"
+    version: ClassVar[str] = "2"  # 2: writes the aligned independent pose (head_pose_deg.npy) for the alignment loss
+    requires: ClassVar[tuple[str, ...]] = (CropStep.name, MotionStep.name)
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.config, self.flame_dir)
+
+    def run(self, row: ClipRow, inputs: dict[str, Path], out_dir: Path) -> dict:
+        import json
+
+        from models.struct_layout import load_motion
+
+        motion = load_motion(inputs[MotionStep.name] / MOTION_FILE)
+        flame_file = Path(self.flame_dir) / f"{row.clip_id}.npz" if self.flame_dir else None
+        flame = load_flame_npz(flame_file) if flame_file and flame_file.is_file() else None
+        landmarks = np.load(inputs[CropStep.name] / CROP_LANDMARKS, allow_pickle=False)
+        result = check_clip_pose(motion, landmarks=landmarks, flame=flame, cfg=self.config)
+        counts = {"dropped": result.dropped, "total": result.total, "drop_ratio": round(result.drop_ratio, 4),
+                  "source": result.source, "offset_deg": round(float(result.offset_deg), 3)}
+        if 1.0 - result.drop_ratio < self.config.min_keep_ratio:
+            raise ClipRejected("pose_disagreement",
+                               f"{result.dropped}/{result.total} frames differ by > {self.config.threshold_deg} deg "
+                               f"({result.source})", info=counts)
+        save_npy(out_dir / KEEP_MASK_FILE, result.keep.astype(bool))
+        save_npy(out_dir / "pose_diff_deg.npy", result.diff_deg.astype(np.float32))
+        save_npy(out_dir / HEAD_POSE_FILE, result.aligned_deg.astype(np.float32))
+        (out_dir / "pose.json").write_text(json.dumps(counts, sort_keys=True))
+        return counts

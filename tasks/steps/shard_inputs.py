@@ -8,28 +8,33 @@ from __future__ import annotations
 from typing import Optional
 
 from tasks import contract
-from tasks.sample_features import TALKING_HEAD, PreprocessProfile
-from tasks.shard import ShardClip, ShardConfig
 from tasks.step_runner import ClipState
 from tasks.step_store import StepStore, fingerprint
-from tasks.steps import SHARD_VERSION, crop_frames, crop_segments
+from tasks.steps.audio_features import AudioFeaturesStep
+from tasks.steps.crop import CropStep, crop_frames, crop_segments
+from tasks.steps.flame_struct import FlameStructStep
+from tasks.steps.pipeline import TALKING_HEAD, PreprocessProfile
+from tasks.steps.pose_check import PoseCheckStep
+from tasks.steps.shard import SHARD_VERSION, ShardClip, ShardConfig
+from tasks.steps.vae_latents import VaeLatentsStep
 
 
 def struct_source(profile: PreprocessProfile) -> Optional[str]:
     if profile.sample_profile != contract.TALKING_HEAD:
         return None
-    return "flame" if "flame_struct" in profile.feature_steps else "liveportrait"
+    return "flame" if FlameStructStep.name in profile.feature_steps else "liveportrait"
 
 
 def extractor_record(infos: dict[str, dict]) -> dict:
     """Which models made a sample's features (an exported model carries it, so generation uses the same)."""
-    record = {"crop_step": "crop"}
-    if "audio_features" in infos:
-        record.update(hubert=infos["audio_features"].get("hubert"), hubert_layers=infos["audio_features"].get("layers"))
-    if "vae_latents" in infos:
-        record["wan_vae"] = infos["vae_latents"].get("vae")
-        if infos["vae_latents"].get("vae_subfolder"):
-            record["wan_vae_subfolder"] = infos["vae_latents"]["vae_subfolder"]
+    record = {"crop_step": CropStep.name}
+    audio, vae = infos.get(AudioFeaturesStep.name), infos.get(VaeLatentsStep.name)
+    if audio is not None:
+        record.update(hubert=audio.get("hubert"), hubert_layers=audio.get("layers"))
+    if vae is not None:
+        record["wan_vae"] = vae.get("vae")
+        if vae.get("vae_subfolder"):
+            record["wan_vae_subfolder"] = vae["vae_subfolder"]
     return record
 
 
@@ -40,13 +45,13 @@ def shard_clip(state: ClipState, store: StepStore, with_features: bool,
     dryrun = sorted(n for n, i in infos.items() if i.get("untrained_dryrun"))
     extra = {"untrained_dryrun_models": dryrun} if dryrun else {}
     if with_features and profile.sample_profile == contract.TALKING_HEAD:
-        extra["audio_dim"] = int(infos["audio_features"]["audio_dim"])
+        extra["audio_dim"] = int(infos[AudioFeaturesStep.name]["audio_dim"])
         extra["extractors"] = extractor_record(infos)
-        if "pose_check" in infos:
-            extra["pose_check"] = {k: infos["pose_check"][k] for k in ("source", "dropped", "total")}
-        if "flame_struct" in infos:  # the identity (FLAME shape) is once per clip, not a per-frame row
-            extra.update(struct_source="flame", struct_dim=int(infos["flame_struct"]["struct_dim"]),
-                         flame_shape=infos["flame_struct"]["shape"])
+        if PoseCheckStep.name in infos:
+            extra["pose_check"] = {k: infos[PoseCheckStep.name][k] for k in ("source", "dropped", "total")}
+        flame = infos.get(FlameStructStep.name)
+        if flame is not None:  # the identity (FLAME shape) is once per clip, not a per-frame row
+            extra.update(struct_source="flame", struct_dim=int(flame["struct_dim"]), flame_shape=flame["shape"])
     features = [profile.feature_source({n: store.clip_dir(n, state.row.clip_id) for n in profile.feature_steps})
                 ] if with_features else []
     return ShardClip(
@@ -64,7 +69,8 @@ def struct_stats(states: list[ClipState], profile: PreprocessProfile) -> Optiona
     source = struct_source(profile)
     if source is None:
         return None
-    widths = {int(s.records["flame_struct"].info["struct_dim"]) for s in states} if source == "flame" else {contract.STRUCT_DIM}
+    widths = ({int(s.records[FlameStructStep.name].info["struct_dim"]) for s in states} if source == "flame"
+              else {contract.STRUCT_DIM})
     if len(widths) > 1:
         raise ValueError(f"clips of one shard set have FLAME struct widths {sorted(widths)}")
     return {"struct_source": source, "struct_dim": widths.pop() if widths else contract.STRUCT_DIM}

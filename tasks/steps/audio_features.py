@@ -25,15 +25,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
 
+from datasets_manifest.schema import ClipRow
 from models.hubert_features import HOP, RECEPTIVE_FIELD, HubertFeatureModel, HubertLayers, num_features
 from models.precision import extractor_precision
+from tasks import feature_models
 from tasks.contract import AUDIO_SAMPLES_PER_FRAME, SAMPLE_RATE
 from tasks.errors import ClipRejected
+from tasks.feature_models import FeatureModels
+from tasks.step_store import fingerprint, save_npy
+from tasks.steps.crop import CROP_AUDIO, CropStep, crop_frames
 
 CHUNK_BATCH = 4  # long clips' equal-length chunks per HuBERT forward (a GPU's batch; memory ~ 4 x 34 s of audio)
 EDGE_PAD = (RECEPTIVE_FIELD - HOP) // 2 + (AUDIO_SAMPLES_PER_FRAME // 2 - HOP) // 2  # 40 + 0 = 40 samples a side
@@ -178,3 +183,36 @@ def audio_features_for_clip(
     if wav_path is not None and Path(wav_path).is_file():
         audio = read_audio(wav_path, SAMPLE_RATE)
     return extract_audio_features(audio, num_frames, model, cfg, device, bf16)
+
+
+AUDIO_FEATURES_FILE = "audio_features.npy"
+
+
+@dataclass
+class AudioFeaturesStep:
+    """Step 5: HuBERT features pooled to 25 fps, exactly one row per video frame."""
+
+    models: FeatureModels
+    config: AudioFeatureConfig = field(default_factory=AudioFeatureConfig)
+    weights: ClassVar[str] = "hubert"  # the ModelWeights field naming the model it loads
+    name: ClassVar[str] = "audio_features"
+    version: ClassVar[str] = "2"  # 2: the last layer is the model's normalised output (HuBERT-large's final LayerNorm)
+    requires: ClassVar[tuple[str, ...]] = (CropStep.name,)
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.models.hubert, self.models.hubert_layers, self.config,
+                           *feature_models.precision_tag(self.models))
+
+    def run(self, row: ClipRow, inputs: dict[str, Path], out_dir: Path) -> dict:
+        import json
+
+        crop = inputs[CropStep.name]
+        result = audio_features_for_clip(crop / CROP_AUDIO, crop_frames(crop), feature_models.hubert(self.models),
+                                         self.config, feature_models._device(self.models), bf16=self.models.bf16)
+        features = require_usable(result, self.config)
+        save_npy(out_dir / AUDIO_FEATURES_FILE, features)
+        info = {"status": result.status, "audio_dim": int(features.shape[1]), "rms": round(result.rms, 6),
+                "pad_samples": result.pad_samples, "untrained_dryrun": bool(result.meta.get("untrained_dryrun")),
+                "hubert": result.meta.get("hubert"), "layers": result.meta.get("layers")}
+        (out_dir / "audio_features.json").write_text(json.dumps(info, sort_keys=True))
+        return info

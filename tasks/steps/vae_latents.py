@@ -17,15 +17,21 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import ClassVar, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 
+from datasets_manifest.schema import ClipRow
 from models.wan_vae import TIME_STRIDE, CausalStreamEncoder, WanVae
-from tasks import windows
+from tasks import feature_models, windows
 from tasks.errors import ClipRejected
+from tasks.feature_models import FeatureModels
+from tasks.media import iter_frames
 from tasks.prefetch import prefetched
+from tasks.step_store import fingerprint
+from tasks.steps.crop import CROP_VIDEO, CropStep, crop_segments
+from tasks.steps.shard import ShardConfig
 
 
 @dataclass(frozen=True)
@@ -169,3 +175,39 @@ def load_vae_latents(path: str | Path) -> VaeLatents:
         info = json.loads(str(z["info_json"]))
         return VaeLatents(z["latents"], z["window_starts"], info["window_frames"], z["reference_latent"],
                           info["num_frames"], info["dropped_tail_frames"], info["meta"])
+
+
+VAE_FILE = "vae_latents.npz"
+
+
+@dataclass
+class VaeLatentsStep:
+    """Step 6: Wan VAE latents of every training window (4n+1 -> n+1 frames) and a reference latent."""
+
+    models: FeatureModels
+    windows: ShardConfig = field(default_factory=ShardConfig)
+    crop_step: str = CropStep.name  # whose crop.mp4 it encodes: the face crop, or "center_crop" (general profile)
+    weights: ClassVar[str] = "wan_vae"  # the ModelWeights field naming the model it loads
+    name: ClassVar[str] = "vae_latents"
+    version: ClassVar[str] = "2"  # 2: windows inside the crop's stable segments
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        # The upstream step's name is part of the cache key (step_runner.step_key), so the fingerprint need not
+        # name it: a talking-head run's key is what it was before crop_step existed.
+        return (self.crop_step,)
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.models.wan_vae, self.models.wan_vae_subfolder, self.windows.window, self.windows.step)
+
+    def run(self, row: ClipRow, inputs: dict[str, Path], out_dir: Path) -> dict:
+        crop = inputs[self.crop_step]
+        cfg = VaeLatentConfig(window_frames=self.windows.window, stride=self.windows.step)
+        latents = encode_clip(iter_frames(crop / CROP_VIDEO, chunk=self.windows.window),
+                              feature_models.wan_vae(self.models), cfg, segments=crop_segments(crop))
+        save_vae_latents(out_dir / VAE_FILE, latents)
+        info = {"windows": int(len(latents.window_starts)), "untrained_dryrun": bool(latents.meta.get("untrained_dryrun")),
+                "vae": latents.meta.get("vae")}
+        if self.models.wan_vae_subfolder:  # generation loads the same VAE (shard_inputs.extractor_record)
+            info["vae_subfolder"] = self.models.wan_vae_subfolder
+        return info

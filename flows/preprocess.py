@@ -6,7 +6,8 @@ VAE, shard) and `general` (download, centre crop, VAE, shard: video-only samples
 Reads like the DAG in DESIGN.md: each clip step is one Prefect task per *batch* of clips (not per clip, so
 orchestration stays cheap at 30K+ clips); batch b's crop starts as soon as batch b's download is done. The
 dataset-level "3D latent quality" gate runs once every clip has been through the pose cross-check; a no-go
-ends the run in a named failed state before any shard is written.
+ends the run in a named failed state before any shard is written. The flow is three calls: plan_run (weights,
+manifest, steps, nothing run yet) -> run_and_shard (clip steps, gate, shards) -> finish (audit, ledger, report).
 """
 from __future__ import annotations
 
@@ -387,6 +388,35 @@ def preprocess(
     audited share of the new shard set -- a mismatch ends the run AUDIT-MISMATCH -- and whether cached rejections
     run again; transient failures, status `retryable`, are always retried).
     """
+    plan = plan_run(dataset, manifest, output_root, profile, steps, limit, weights, windows, storage, checks)
+    if isinstance(plan, State):  # unusable weights or manifest: nothing was run
+        return plan
+    results, phase = run_and_shard(plan, weights, windows, runner, storage, checks)
+    return finish(plan, results, phase, runner, checks)
+
+
+@dataclass
+class RunPlan:
+    """What a run will do, settled before any clip is touched: the profile and steps, where outputs go, the models,
+    the clips (with what earlier runs left of the steps this one does not run), whether shards carry features."""
+
+    run_id: str
+    dataset: str
+    profile: PreprocessProfile
+    wanted: tuple[str, ...]
+    layout: DatasetLayout
+    store: StepStore
+    feature_models: Optional[FeatureModels]
+    states: list[ClipState]
+    manifest_errors: list[LedgerEntry]
+    clip_steps: list[Step]
+    with_features: bool
+
+
+def plan_run(dataset: str, manifest: str, output_root: str, profile: str, steps: Optional[list[str]],
+             limit: Optional[int], weights: ModelWeights, windows: WindowOptions, storage: StorageOptions,
+             checks: QualityChecks) -> RunPlan | State:
+    """Check the weights and read the manifest (a failed state naming what to fix when either is unusable)."""
     logger = get_run_logger()
     run_id = str(flow_run.get_id() or uuid.uuid4())
     chosen = preprocess_profile(profile)
@@ -427,45 +457,63 @@ def preprocess(
                                                              for s in states)
     else:
         with_features = windows.shard_features
-    logger.info(f"{dataset}: {len(states)} clips, profile {profile}, steps {list(wanted)}, batches of "
-                f"{runner.batch_size}")
+    logger.info(f"{dataset}: {len(states)} clips, profile {profile}, steps {list(wanted)}")
+    return RunPlan(run_id, dataset, chosen, wanted, layout, store, feature_models, states, manifest_errors, clip_steps,
+                   with_features)
+
+
+def run_and_shard(plan: RunPlan, weights: ModelWeights, windows: WindowOptions, runner: RunnerOptions,
+                  storage: StorageOptions, checks: QualityChecks) -> tuple[list[BatchResult], ShardPhase]:
+    """The clip steps over batches on the chosen runner, then the gate and the shards."""
     local = runner.runner == "local"
-    bar = Progress(total=len(states) * len(clip_steps), desc=dataset) if runner.progress and local else None
+    bar = (Progress(total=len(plan.states) * len(plan.clip_steps), desc=plan.dataset)
+           if runner.progress and local else None)
     ray_cfg = RayConfig(address=runner.ray_address, num_cpus=runner.ray_num_cpus, cpus_per_batch=runner.cpus_per_batch,
                         gpus_per_batch=runner.gpus_per_batch)
-    run_batches = dict(layout=layout, run_id=run_id, scratch_root=storage.scratch_root,
-                       retry_rejected=checks.retry_rejected, batch_size=runner.batch_size, dataset=dataset)
+    run_batches = dict(layout=plan.layout, run_id=plan.run_id, scratch_root=storage.scratch_root,
+                       retry_rejected=checks.retry_rejected, batch_size=runner.batch_size, dataset=plan.dataset)
+    get_run_logger().info(f"{plan.dataset}: batches of {runner.batch_size} on the {runner.runner} runner")
     with batch_submitter(runner.runner, ray_cfg, runner.processes) as submitter:
         try:
-            results = run_clip_steps(clip_steps, states, submitter, progress=bar, **run_batches)
+            results = run_clip_steps(plan.clip_steps, plan.states, submitter, progress=bar, **run_batches)
         finally:
             if bar:
                 bar.close()
-        phase = gate_then_shard([s for r in results for s in r.states], wanted, chosen, submitter, layout,
-                                feature_models, windows, with_features, weights, checks, run_id, run_batches)
-    entries = manifest_errors + [e for r in results for e in r.entries] + phase.entries
+        phase = gate_then_shard([s for r in results for s in r.states], plan.wanted, plan.profile, submitter,
+                                plan.layout, plan.feature_models, windows, plan.with_features, weights, checks,
+                                plan.run_id, run_batches)
+    return results, phase
+
+
+def finish(plan: RunPlan, results: list[BatchResult], phase: ShardPhase, runner: RunnerOptions,
+           checks: QualityChecks) -> dict | State:
+    """Audit the new shard set, write the ledger part and the contact sheet, publish the report; the run's state is
+    the gate's NO-GO or the audit's mismatch when either stopped it, else the report."""
+    logger = get_run_logger()
+    layout, dataset, feature_models = plan.layout, plan.dataset, plan.feature_models
+    entries = plan.manifest_errors + [e for r in results for e in r.entries] + phase.entries
     audit = None
     if phase.shard_stats and phase.shard_stats["samples"] and checks.audit_fraction > 0:
         if layout.is_local and tasks_storage.local_path(layout.steps) is not None:
             audit = audit_task(layout, feature_models, AuditConfig(fraction=checks.audit_fraction), phase.profile)
         else:
             logger.info("audit: skipped (it reads shards and step outputs from local folders)")
-    run_name = _run_name(run_id)
+    run_name = _run_name(plan.run_id)
     write_ledger_part(layout.ledger, entries, run_name)
     sheet = (contact_sheet_task(phase.states, layout, run_name, phase.profile.crop_step)
-             if layout.is_local and not store.remote else None)
+             if layout.is_local and not plan.store.remote else None)
 
     counts = step_counts(entries)
-    rejected = rejected_rows(phase.states, manifest_errors)
+    rejected = rejected_rows(phase.states, plan.manifest_errors)
     _publish(dataset, counts, rejected, phase.shard_stats)
     gate = phase.gate_state
     report = preprocess_report(
-        dataset=dataset, profile=profile, clips_in=len(states) + len(manifest_errors), states=phase.states,
-        rejected=rejected, step_counts=counts, shards=phase.shard_stats,
+        dataset=dataset, profile=plan.profile.name, clips_in=len(plan.states) + len(plan.manifest_errors),
+        states=phase.states, rejected=rejected, step_counts=counts, shards=phase.shard_stats,
         gate=None if gate is None else {"name": gate.name, "message": gate.message, "action": phase.fallback},
         struct_source=struct_source(phase.profile), audit=audit, contact_sheet=None if sheet is None else str(sheet),
         untrained_dryrun=bool(feature_models and feature_models.dryrun), output=layout.output,
-        runner=runner.runner, run_id=run_id)
+        runner=runner.runner, run_id=plan.run_id)
     if flow_run.get_parent_flow_run_id() is None:  # run on its own: this run is the one a user opens
         publish_summary(report, f"preprocess-{dataset}")
     if gate is not None and gate.is_failed() and not phase.fallback:

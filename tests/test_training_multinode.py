@@ -253,7 +253,8 @@ def test_two_flow_runs_as_two_nodes_train_like_one_node(shards, tmp_path, one_no
                   rdzv_id="test-two-nodes", rdzv_timeout_s=120)
     gates = {"convergence_step": 1000, "joint_step": 5000}
     with ThreadPoolExecutor(2) as pool:
-        runs = [pool.submit(train_flow, cfg, gates=gates, node_rank=r, timeout_s=240, return_state=True, **launch)
+        runs = [pool.submit(train_flow, cfg, gates=gates, launch=LaunchSpec(node_rank=r, **launch), timeout_s=240,
+                            return_state=True)
                 for r in (0, 1)]
         states = [run.result() for run in runs]
     for state in states:

@@ -40,9 +40,13 @@ class PreprocessProfile:
         return tuple(cls.name for cls in self.step_classes)
 
     @property
+    def clip_step_classes(self) -> tuple[type, ...]:
+        """The steps run per clip: all but the shard step (run once over the dataset)."""
+        return tuple(cls for cls in self.step_classes if cls is not ShardStep)
+
+    @property
     def clip_steps(self) -> tuple[str, ...]:
-        """The steps run per clip: all but the shard step."""
-        return tuple(cls.name for cls in self.step_classes if cls is not ShardStep)
+        return tuple(cls.name for cls in self.clip_step_classes)
 
     @property
     def crop_step(self) -> str:
@@ -51,7 +55,7 @@ class PreprocessProfile:
     @property
     def feature_steps(self) -> tuple[str, ...]:
         """The steps between the crop and the shard step: what the samples carry besides frames and audio."""
-        return tuple(cls.name for cls in self.step_classes[2:] if cls is not ShardStep)
+        return self.clip_steps[2:]
 
     def feature_source(self, step_dirs: dict[str, Path]) -> FeatureSource:
         """The feature members of this profile's samples, from one clip's step output folders."""
@@ -129,6 +133,5 @@ def build_step(cls: type, o: StepOptions, profile: PreprocessProfile) -> Step:
 
 def build_steps(profile: PreprocessProfile, names: Sequence[str], o: StepOptions) -> list[Step]:
     """The clip steps of `names`, in the profile's order; without models, only those that load none."""
-    return [build_step(cls, o, profile) for cls in profile.step_classes
-            if cls is not ShardStep and cls.name in names
-            and (o.models is not None or cls.name not in profile.feature_steps)]
+    return [build_step(cls, o, profile) for cls in profile.clip_step_classes
+            if cls.name in names and (o.models is not None or cls.name not in profile.feature_steps)]

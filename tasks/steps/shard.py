@@ -33,7 +33,6 @@ from datasets_manifest.schema import ClipRow, sanitize_clip_id
 from tasks import contract, storage, windows
 from tasks.media import VideoWriter, iter_frames, wav_bytes
 from tasks.step_runner import ClipState, LedgerEntry
-from tasks.step_store import fingerprint
 from tasks.steps.crop import CROP_AUDIO, CROP_VIDEO
 
 INDEX_FILE = "index.parquet"
@@ -544,9 +543,6 @@ class ShardStep:
     requires: tuple[str, ...] = ()  # the steps whose outputs its samples carry: the crop, and the features when any
     name: ClassVar[str] = "shard"
     version: ClassVar[str] = SHARD_VERSION
-
-    def fingerprint(self) -> str:
-        return fingerprint(self.config)
 
     def ready(self, states: list[ClipState]) -> list[ClipState]:
         """The clips every required step finished."""

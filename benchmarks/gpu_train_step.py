@@ -52,7 +52,7 @@ def _engine(model, device):
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-    from training.config import load_ds_config
+    from training.train_config import load_ds_config
 
     ds = load_ds_config("zero2")
     ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=1,

@@ -1,7 +1,7 @@
 """Does the model learn, and does it use what it is given? The tiny model trained on the CPU, then measured on
 windows it never saw.
 
-    python -m benchmarks.learning_check [--minutes 5] [--window 81] [--stride 4] [--size 64] [--out DIR]
+    python -m benchmarks.learning_check [--minutes 5] [--window-frames 81] [--stride 4] [--size 64] [--out DIR]
 
 Data: the sample clips with speech (../shared/samples: sun, yongen, lp_d3, lp_d12, lp_d19, lp_s18) through the
 real step functions with the dry-run extractors: the crop step (512 px, a clip it rejects is reported and left
@@ -11,7 +11,7 @@ The extractors are random networks, but deterministic functions of the frames an
 problem is real: the speech does carry information about the struct rows of a talking mouth (through the motion
 extractor) and about the frames' latents (through the VAE), as much as a random projection of them keeps.
 
-Windows of --window frames (81 = 21 latent frames) every --stride frames; the last --held-out-frames of each clip
+Windows of --window-frames frames (81 = 21 latent frames) every --stride frames; the last --held-out-frames of each clip
 (at least one window) are held out, and no training window reaches into them. Struct rows are standardised with the
 training windows' per-column mean / std (the shards' motion rows are unit-scale too).
 
@@ -44,7 +44,7 @@ SPEAKING_CLIPS = ("sun.mp4", "yongen.mp4", "more/lp_d3.mp4", "more/lp_d12.mp4", 
 class CheckConfig:
     clips: tuple[str, ...] = SPEAKING_CLIPS
     samples: Path = SAMPLES
-    window: int = 81  # video frames (4n + 1): 21 latent frames
+    window_frames: int = 81  # video frames (4n + 1): 21 latent frames
     stride: int = 4
     held_out_frames: int = 100  # the tail of every clip the model never trains on (at least one window)
     size: int = 64  # crop frames downscaled to this before the VAE (a multiple of 16)
@@ -100,18 +100,18 @@ def clip_windows(path: Path, work: Path, cfg: CheckConfig, models) -> ClipWindow
     small = _resize(frames, cfg.size)
     wan = wan_vae(models)
     reference = encode_reference(wan, small[0])  # [16, 1, h, w]: the clip's first frame, as the shards'
-    cut = max(len(frames) - max(cfg.held_out_frames, cfg.window), 0)
-    starts = {"train": list(range(0, cut - cfg.window + 1, cfg.stride)),
-              "held_out": list(range(cut, len(frames) - cfg.window + 1, cfg.stride))}
+    cut = max(len(frames) - max(cfg.held_out_frames, cfg.window_frames), 0)
+    starts = {"train": list(range(0, cut - cfg.window_frames + 1, cfg.stride)),
+              "held_out": list(range(cut, len(frames) - cfg.window_frames + 1, cfg.stride))}
     for part, part_starts in starts.items():
         for first in range(0, len(part_starts), 8):
             batch = part_starts[first:first + 8]
-            latents = encode_windows(wan, [small[s:s + cfg.window] for s in batch]).float().cpu()
+            latents = encode_windows(wan, [small[s:s + cfg.window_frames] for s in batch]).float().cpu()
             for s, lat in zip(batch, latents):
                 tensors = {"video_latents": lat, "reference_latent": torch.from_numpy(np.asarray(reference, np.float32)),
-                           "struct": torch.from_numpy(struct[s:s + cfg.window].copy()),
-                           "audio_features": torch.from_numpy(features[s:s + cfg.window].astype(np.float32)),
-                           "keep_mask": torch.ones(cfg.window, dtype=torch.bool)}
+                           "struct": torch.from_numpy(struct[s:s + cfg.window_frames].copy()),
+                           "audio_features": torch.from_numpy(features[s:s + cfg.window_frames].astype(np.float32)),
+                           "keep_mask": torch.ones(cfg.window_frames, dtype=torch.bool)}
                 getattr(out, part).append(HeldOutWindow(f"{path.stem}_w{s:06d}", path.stem, tensors))
     return out
 
@@ -227,7 +227,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=CheckConfig.minutes, help="training time per schedule")
     p.add_argument("--max-steps", type=int)
-    p.add_argument("--window", type=int, default=CheckConfig.window)
+    p.add_argument("--window-frames", type=int, default=CheckConfig.window_frames)
     p.add_argument("--stride", type=int, default=CheckConfig.stride)
     p.add_argument("--held-out-frames", type=int, default=CheckConfig.held_out_frames)
     p.add_argument("--size", type=int, default=CheckConfig.size)
@@ -237,9 +237,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--schedules", nargs="+", default=list(CheckConfig.schedules), choices=["default", "independent"])
     p.add_argument("--out", type=Path, default=Path("learning-check"))
     args = p.parse_args(argv)
-    if args.window % 4 != 1 or args.size % 16 or args.stride < 1:
-        p.error("--window must be 4n+1, --size a multiple of 16, --stride >= 1")
-    cfg = CheckConfig(clips=tuple(args.clips), samples=args.samples, window=args.window, stride=args.stride,
+    if args.window_frames % 4 != 1 or args.size % 16 or args.stride < 1:
+        p.error("--window-frames must be 4n+1, --size a multiple of 16, --stride >= 1")
+    cfg = CheckConfig(clips=tuple(args.clips), samples=args.samples, window_frames=args.window_frames, stride=args.stride,
                       held_out_frames=args.held_out_frames, size=args.size, minutes=args.minutes,
                       max_steps=args.max_steps, use_windows=args.use_windows, schedules=tuple(args.schedules))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -248,7 +248,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     tmp.write_text(json.dumps(report, indent=1, default=str) + "\n")
     tmp.replace(args.out / "learning_check.json")
     print(f"\n{report['train_windows']} training / {report['held_out_windows']} held-out windows of "
-          f"{cfg.window} frames, latents {report['latent_shape']}; data {report['data_s']} s")
+          f"{cfg.window_frames} frames, latents {report['latent_shape']}; data {report['data_s']} s")
     for c in report["clips"]:
         print(f"  {c['name']}: {c['frames']} frames, {c['train_windows']} train / {c['held_out_windows']} held out"
               + (f" (rejected: {c['rejected']})" if c["rejected"] else ""))

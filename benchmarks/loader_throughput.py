@@ -1,6 +1,6 @@
 """Training loader throughput against a plain sequential read of the same shard tars (same run, same files).
 
-    python -m benchmarks.loader_throughput [--shards 16 --per-shard 32 --crop 256 --window 33 --workers 0 2]
+    python -m benchmarks.loader_throughput [--shards 16 --per-shard 32 --crop 256 --window-frames 33 --workers 0 2]
 
 The plain read opens each tar in order and decodes every npy member with np.load(allow_pickle=False) (no
 validation, no shuffle, no tensors): what reading the shards takes without our loader. The loader decodes
@@ -85,8 +85,8 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--per-shard", type=int, default=32)
     parser.add_argument("--crop", type=int, default=256, help="crop size; latents are crop/8 square")
-    parser.add_argument("--window", type=int, default=33, help="video frames per sample (4n+1)")
-    parser.add_argument("--audio-dim", type=int, default=768)
+    parser.add_argument("--window-frames", type=int, default=contract.WINDOW_FRAMES, help="video frames per sample (4n+1)")
+    parser.add_argument("--audio-dim", type=int, default=contract.HUBERT_LARGE_DIM)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--repeats", type=int, default=3)
@@ -94,14 +94,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_shards(
-            Path(tmp), args.shards, args.per_shard, window=args.window, crop=args.crop, audio_dim=args.audio_dim
+            Path(tmp), args.shards, args.per_shard, window_frames=args.window_frames, crop=args.crop, audio_dim=args.audio_dim
         )
         size_mb = sum(p.stat().st_size for p in paths) / 2**20
         plain_read(paths)  # warm the page cache
         configs = {
             workers: LoaderConfig(
                 shards=[str(p) for p in paths],
-                window=args.window,
+                window_frames=args.window_frames,
                 crop_size=args.crop,
                 audio_dim=args.audio_dim,
                 batch_size=args.batch,
@@ -115,13 +115,14 @@ def main() -> None:
         rates = best_rates(fns, args.repeats)
         plain, n = rates["plain"]
         plain_fast, _ = rates["plain_fast"]
-        spec = contract.ContractSpec(window=args.window, crop_size=args.crop, audio_dim=args.audio_dim)
+        spec = contract.ContractSpec(window_frames=args.window_frames, crop_size=args.crop, audio_dim=args.audio_dim)
         validate_s, _ = validation_seconds(paths, spec)
         result = {
             "shards": args.shards,
             "samples": n,
             "shard_mb": round(size_mb, 1),
-            "sample_latents": [contract.LATENT_CHANNELS, contract.latent_frames(args.window), args.crop // 8, args.crop // 8],
+            "sample_latents": [contract.LATENT_CHANNELS, contract.latent_frames(args.window_frames), args.crop // 8,
+                               args.crop // 8],
             "load_avg_1m": round(os.getloadavg()[0], 2),
             "plain_read_samples_per_s": round(plain, 1),
             "plain_read_fast_decode_samples_per_s": round(plain_fast, 1),

@@ -16,6 +16,14 @@ SAMPLES = REPO.parent / "shared" / "samples"
 SOURCES = (("sun.mp4", 22.0), ("more/lp_d12.mp4", 7.3), ("more/lp_s18.mp4", 9.4))
 
 
+def malloc_env() -> dict[str, str]:
+    """scripts/malloc.env's settings, with what the environment already sets winning (as ./run exports them): the
+    runs a benchmark measures get the allocator our users' processes get."""
+    pairs = (line.split("=", 1) for line in (REPO / "scripts" / "malloc.env").read_text().splitlines()
+             if line.strip() and not line.startswith("#"))
+    return {key: os.environ.get(key, value) for key, value in pairs}
+
+
 def prefect_env(home: Path) -> None:
     """A private embedded Prefect (temporary server, SQLite under `home`), quiet, no telemetry."""
     os.environ["PREFECT_HOME"] = str(home)

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.preprocess_runs import malloc_env
 
 FIGURES = ("wall_s_per_clip", "orchestration_s_per_clip", "peak_rss_mb", "prefect_db_mb", "task_runs", "artifacts",
            "log_lines", "stale_listing_s", "plan_s", "second_run_s_per_clip")
@@ -68,6 +71,7 @@ def one_size(n: int, work: Path, steps: list[str], runner: str) -> dict[str, Any
     out.update(_db_counts(work / "prefect" / "prefect.db"))
     out["prefect_db_mb"] = sum(p.stat().st_size for p in (work / "prefect").glob("*.db*")) / 2**20
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["malloc_env"] = {k: os.environ.get(k) for k in malloc_env()}
     return out
 
 
@@ -120,7 +124,7 @@ def main(argv=None) -> list[dict[str, Any]]:
             work.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-m", "benchmarks.scale_rehearsal", "--one", str(n), "--runner", runner,
-                            "--out", str(work), "--steps", *args.steps], check=True)
+                            "--out", str(work), "--steps", *args.steps], check=True, env={**os.environ, **malloc_env()})
             results.append(json.loads((work / "result.json").read_text()))
             print(f"{runner} {n:,} clips: {time.perf_counter() - t0:.0f} s", flush=True)
     (args.out / "scale_rehearsal.json").write_text(json.dumps(results, indent=1) + "\n")

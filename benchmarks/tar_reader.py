@@ -90,7 +90,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     from tasks import contract
 
-    limits = contract.member_limits(contract.ContractSpec(window=33, crop_size=512, audio_dim=1024))
+    limits = contract.member_limits(contract.ContractSpec(window_frames=contract.WINDOW_FRAMES, crop_size=512,
+                                                           audio_dim=contract.HUBERT_LARGE_DIM))
     with tempfile.TemporaryDirectory(prefix="tar-reader-") as tmp:
         paths = write_shards(Path(tmp), args.shards, args.per_shard)
         read_own(paths, limits), read_webdataset(paths)  # warm the page cache

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from datasets_manifest.schema import SPLITS, ClipRow
+from models.sample_shape import HUBERT_LARGE_DIM, WINDOW_FRAMES
 
 VIDEO_FPS = 25  # the alignment contract's video rate
 
@@ -33,8 +34,7 @@ MOTION_BYTES_PER_S = MOTION_VALUES_PER_FRAME * 2 * VIDEO_FPS  # 6,650
 # 4 FLAME cross-check: per frame a keep flag (uint8) and an agreement score (float16).
 FLAME_BYTES_PER_S = (1 + 2) * VIDEO_FPS  # 75
 
-# 5 HuBERT, float16, pooled 50 Hz -> 25 fps: base 768-d, large 1024-d per video frame.
-HUBERT_LARGE_DIM = 1024
+# 5 HuBERT, float16, pooled 50 Hz -> 25 fps: base 768-d, large 1024-d per video frame (HUBERT_LARGE_DIM).
 
 
 def hubert_bytes_per_s(dim: int = HUBERT_LARGE_DIM) -> float:
@@ -49,13 +49,12 @@ VAE_BYTES_PER_S = VAE_CHANNELS * (VIDEO_FPS / 4) * VAE_LATENT_HW * VAE_LATENT_HW
 # 7 shards: each training window of 4n+1 frames stores its latent (n+1 latent frames), struct and audio rows,
 # keep mask, one reference latent, meta.json, each as a tar member (512-byte header, padding to 512: ~1 KiB
 # per member on average). Windows are assumed not to overlap.
-SHARD_WINDOW_FRAMES = 49  # 4 * 12 + 1: about 2 s at 25 fps
 SHARD_MEMBERS_PER_SAMPLE = 6
 TAR_BYTES_PER_MEMBER = 1024
 META_JSON_BYTES = 1024
 
 
-def shard_bytes_per_window(window_frames: int = SHARD_WINDOW_FRAMES, hubert_dim: int = HUBERT_LARGE_DIM) -> int:
+def shard_bytes_per_window(window_frames: int = WINDOW_FRAMES, hubert_dim: int = HUBERT_LARGE_DIM) -> int:
     if window_frames < 1 or (window_frames - 1) % 4:
         raise ValueError(f"window_frames must be 4n+1, got {window_frames}")
     latent_frames = (window_frames - 1) // 4 + 1
@@ -67,7 +66,7 @@ def shard_bytes_per_window(window_frames: int = SHARD_WINDOW_FRAMES, hubert_dim:
     return latent + reference + struct + audio + keep + META_JSON_BYTES + SHARD_MEMBERS_PER_SAMPLE * TAR_BYTES_PER_MEMBER
 
 
-def storage_bytes_per_second(window_frames: int = SHARD_WINDOW_FRAMES, hubert_dim: int = HUBERT_LARGE_DIM) -> dict[str, float]:
+def storage_bytes_per_second(window_frames: int = WINDOW_FRAMES, hubert_dim: int = HUBERT_LARGE_DIM) -> dict[str, float]:
     """Bytes each step writes per second of clip (steps in pipeline order)."""
     return {
         "download": DOWNLOAD_BYTES_PER_S,
@@ -107,7 +106,7 @@ def summarize(
     dataset: str = "",
     errors: int = 0,
     notes: Iterable[str] = (),
-    window_frames: int = SHARD_WINDOW_FRAMES,
+    window_frames: int = WINDOW_FRAMES,
     hubert_dim: int = HUBERT_LARGE_DIM,
 ) -> ManifestSummary:
     rows = list(rows)

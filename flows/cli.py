@@ -19,6 +19,7 @@ from flows.cli_checks import (
     non_negative_float,
     positive_float,
     preprocess_options,
+    window_frames_arg,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def _done_exit_code(preprocess_report: dict | None) -> int:
 def _finish(state, seconds: float) -> dict | None:
     """Print the run's summary, or why it did not finish; returns the report when there is one."""
     if state.is_completed():
-        from flows.summary import run_lines
+        from flows.run_summary import run_lines
 
         result = state.result()
         print()
@@ -75,7 +76,7 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
     print(f"dry-run: sample clips from {args.samples} -> {out} (extractors: untrained dry-run models)", file=sys.stderr)
     t0 = time.perf_counter()
     state = dry_run(out=str(out), samples=args.samples, batch_size=args.batch_size, workers=args.workers,
-                    window_n=args.window_n, window_stride=args.window_stride, train_steps=args.train_steps,
+                    window_frames=args.window_frames, window_stride=args.window_stride, train_steps=args.train_steps,
                     progress=not args.no_progress, return_state=True)
     result = _finish(state, time.perf_counter() - t0)
     if result is None:
@@ -94,7 +95,7 @@ def add_dry_run(sub) -> None:
     p.add_argument("--samples", default=str(DEFAULT_SAMPLES), help="folder of sample clips")
     p.add_argument("--workers", type=at_least(1), default=2)
     p.add_argument("--batch-size", type=at_least(1), default=1)
-    p.add_argument("--window-n", type=at_least(1), default=4, help="windows of 4n+1 frames")
+    p.add_argument("--window-frames", type=window_frames_arg, default=17, help="video frames per window (4n+1)")
     p.add_argument("--window-stride", type=at_least(1), default=200, help="frames between window starts")
     p.add_argument("--train-steps", type=at_least(0), default=4, help="ZeRO-2 steps on 2 CPU processes (0: no training)")
     p.add_argument("--no-progress", action="store_true")
@@ -139,12 +140,12 @@ def add_backfill(sub) -> None:
 def _checked_preprocess_options(args: argparse.Namespace):
     """The preprocess flags as the flow's options, refused (exit 2 / 6, one line) before any work when they, the
     dataset name, the manifest or the steps cannot run."""
-    options = preprocess_options(lambda: _preprocess_options(args))
+    options = preprocess_options(lambda: preprocess_options_of(args))
     check_preprocess(args.dataset, args.manifest, args.profile, options)
     return options
 
 
-def _preprocess_options(args: argparse.Namespace):
+def preprocess_options_of(args: argparse.Namespace):
     """The CLI's preprocess flags in the flow's parameter groups (flows/preprocess_options.py)."""
     from flows.preprocess_options import (
         ModelWeights,
@@ -160,8 +161,8 @@ def _preprocess_options(args: argparse.Namespace):
         weights=ModelWeights(models=args.models, liveportrait_root=args.liveportrait_root, hubert=args.hubert,
                              wan_vae=args.wan_vae, wan_vae_subfolder=args.wan_vae_subfolder, device=args.device,
                              flame_dir=args.flame_dir),
-        windows=WindowOptions(window_n=args.window_n, window_stride=args.window_stride,
-                              shard_groups=args.shard_groups),
+        windows=WindowOptions(window_stride=args.window_stride, shard_groups=args.shard_groups,
+                              **({"window_frames": args.window_frames} if args.window_frames else {})),
         runner=RunnerOptions(runner=args.runner, batch_size=args.batch_size, ray_address=args.ray_address,
                              ray_num_cpus=args.ray_num_cpus, cpus_per_batch=args.cpus_per_batch,
                              gpus_per_batch=args.gpus_per_batch, progress=not args.no_progress,
@@ -245,7 +246,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.launch import LaunchSpec
 
     config, gates = _json_arg(args.config, "--config"), _json_arg(args.gates, "--gates")
-    check_train_inputs(config, gates)
+    config = check_train_inputs(config, gates)
     try:
         launch = LaunchSpec(**launch_kwargs(args))
     except ValueError as exc:
@@ -275,7 +276,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     train, gates = _json_arg(args.train, "--train"), _json_arg(args.gates, "--gates")
     check_preprocess(args.dataset, args.manifest, "talking_head",
                      preprocess_options(lambda: PreprocessOptions.model_validate(options), "--preprocess"))
-    check_train_inputs({"shards": [], "out_dir": str(args.out), "window": 9, **(train or {})}, gates, "--train")
+    check_train_inputs({"shards": [], "out_dir": str(args.out), "window_frames": 9, **(train or {})}, gates, "--train")
     t0 = time.perf_counter()
     state = pipeline(dataset=args.dataset, manifest=args.manifest, output_root=args.out, preprocess_options=options,
                      train=train, gates=gates, nproc_per_node=args.nproc_per_node, launcher=args.launcher,
@@ -303,7 +304,7 @@ def cmd_program(args: argparse.Namespace) -> int:
     """Exit 0 when every stage went through, 3 when a gate stopped the program (NO-GO), else the state's code."""
     _prefect_env()
     from flows.program import training_program
-    from flows.summary import program_lines
+    from flows.run_summary import program_lines
     from training.program import load_program
 
     if (code := _check_input_file("program", load_program, args.program)) is not None:
@@ -600,7 +601,8 @@ def _add_preprocess_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=at_least(1))
     p.add_argument("--batch-size", type=at_least(1), default=8)
     p.add_argument("--workers", type=at_least(1), default=2)
-    p.add_argument("--window-n", type=at_least(1), default=8, help="windows of 4n+1 frames")
+    p.add_argument("--window-frames", type=window_frames_arg,
+                   help="video frames per window, 4n+1 (default: the shard writer's, 33)")
     p.add_argument("--window-stride", type=at_least(1), help="frames between window starts (default: the window)")
     p.add_argument("--models", choices=["real", "dryrun"], default="real")
     p.add_argument("--liveportrait-root", help="folder holding LivePortrait's pretrained_weights/")

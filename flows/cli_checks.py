@@ -35,6 +35,14 @@ def at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def window_frames_arg(text: str) -> int:
+    """An argparse type: a window length in video frames, 4n+1 (the causal VAE's 4x time stride)."""
+    value = at_least(1)(text)
+    if (value - 1) % 4:
+        raise argparse.ArgumentTypeError(f"must be 4n+1 video frames (5, 9, ..., 33, ...), got {value}")
+    return value
+
+
 def port(text: str) -> int:
     """An argparse type: a TCP port a server can listen on (1-65535)."""
     value = at_least(1)(text)
@@ -122,13 +130,20 @@ def preprocess_options(build: Callable[[], Any], prefix: str = ""):
         raise InputRejected(USAGE, _problems(exc, prefix)) from None
 
 
-def check_train_inputs(config: dict, gates: dict | None, flag: str = "--config") -> None:
+def check_train_inputs(config: dict, gates: dict | None, flag: str = "--config") -> dict:
     """A training config and gate config validated as the train flow will validate them (the same pydantic
-    adapters), and the shard sets it names present; exit 2 naming the key before any process starts."""
+    adapters), and the shard sets it names present; exit 2 naming the key before any process starts. Returns the
+    config with renamed keys given their current names and the data fields it leaves out taken from its shard sets."""
     import pydantic
 
-    from training.config import TrainConfig
     from training.gates import TrainingGateConfig
+    from training.shard_sets import with_data_fields
+    from training.train_config import TrainConfig, renamed_keys
+
+    try:
+        config = with_data_fields(renamed_keys(config))
+    except (ValueError, FileNotFoundError) as exc:
+        raise InputRejected(USAGE, f"{flag}: {exc}") from None
 
     for what, kind, data in ((flag, TrainConfig, config), ("--gates", TrainingGateConfig, gates)):
         if data is None:
@@ -144,6 +159,7 @@ def check_train_inputs(config: dict, gates: dict | None, flag: str = "--config")
             raise InputRejected(USAGE, f"{flag} shards: {shards} does not exist")
         if Path(shards).is_dir() and next(Path(shards).rglob("*.tar"), None) is None:
             raise InputRejected(EXIT_CODES[UNUSABLE_INPUT], f"{flag} shards: {shards} holds no shard (*.tar) files")
+    return config
 
 
 def check_preprocess(dataset: str, manifest: str, profile: str, options) -> None:

@@ -45,7 +45,7 @@ def dry_run(
     samples: str = str(DEFAULT_SAMPLES),
     batch_size: int = 1,
     workers: int = 2,
-    window_n: int = 4,
+    window_frames: int = 17,
     window_stride: int = 200,
     train_steps: int = 4,
     train_processes: int = 2,
@@ -68,7 +68,7 @@ def dry_run(
     logger.info(f"dry-run: {len(built.rows)} sample clips from {samples_dir} -> {out_dir}")
     options = PreprocessOptions(
         weights=ModelWeights(models="dryrun"), runner=RunnerOptions(batch_size=batch_size, progress=progress),
-        windows=WindowOptions(window_n=window_n, window_stride=window_stride, shard_max_samples=2),
+        windows=WindowOptions(window_frames=window_frames, window_stride=window_stride, shard_max_samples=2),
         checks=QualityChecks(audit_fraction=0.5))  # 2 of the 4 samples, every member
     stages = ProgressArtifact(3, "dry-run", "stages: preprocess, general-video preprocess, training program")
     pre = with_workers(workers)(dataset="samples", manifest=str(manifest), output_root=str(out_dir),

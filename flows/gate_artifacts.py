@@ -16,7 +16,7 @@ from typing import Any, Optional
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, Failed, State
 
-from tasks.gates import GateVerdict
+from tasks.gate_verdict import GateVerdict
 
 
 def artifact_key(prefix: str, gate: str) -> str:

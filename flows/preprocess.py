@@ -35,6 +35,7 @@ from flows.layout import DatasetLayout
 from flows.outcomes import BAD_WEIGHTS, UNUSABLE_INPUT, unusable_manifest_message
 from flows.preprocess_options import (
     ModelWeights,
+    PreprocessOptions,
     Profile,
     QualityChecks,
     RunnerOptions,
@@ -49,7 +50,7 @@ from tasks import storage as tasks_storage
 from tasks.audit import AuditConfig, AuditModels, AuditReport, audit_shards
 from tasks.contact_sheet import AcceptedClip, RejectedClip, contact_sheet
 from tasks.feature_models import FeatureModels, dryrun_models
-from tasks.gates import GateVerdict
+from tasks.gate_verdict import GateVerdict
 from tasks.ledger import LEDGER_DIR, step_counts, write_ledger_part
 from tasks.run_report import preprocess_report, rejected_rows
 from tasks.step_runner import ClipState, LedgerEntry, Step, run_step
@@ -388,11 +389,13 @@ def preprocess(
     audited share of the new shard set -- a mismatch ends the run AUDIT-MISMATCH -- and whether cached rejections
     run again; transient failures, status `retryable`, are always retried).
     """
-    plan = plan_run(dataset, manifest, output_root, profile, steps, limit, weights, windows, storage, checks)
+    options = PreprocessOptions(steps=steps, limit=limit, weights=weights, windows=windows, runner=runner,
+                                storage=storage, checks=checks)
+    plan = plan_run(dataset, manifest, output_root, profile, options)
     if isinstance(plan, State):  # unusable weights or manifest: nothing was run
         return plan
-    results, phase = run_and_shard(plan, weights, windows, runner, storage, checks)
-    return finish(plan, results, phase, runner, checks)
+    results, phase = run_and_shard(plan, options)
+    return finish(plan, results, phase, options)
 
 
 @dataclass
@@ -413,14 +416,14 @@ class RunPlan:
     with_features: bool
 
 
-def plan_run(dataset: str, manifest: str, output_root: str, profile: str, steps: Optional[list[str]],
-             limit: Optional[int], weights: ModelWeights, windows: WindowOptions, storage: StorageOptions,
-             checks: QualityChecks) -> RunPlan | State:
+def plan_run(dataset: str, manifest: str, output_root: str, profile: str,
+             options: PreprocessOptions) -> RunPlan | State:
     """Check the weights and read the manifest (a failed state naming what to fix when either is unusable)."""
     logger = get_run_logger()
+    weights, windows, storage = options.weights, options.windows, options.storage
     run_id = str(flow_run.get_id() or uuid.uuid4())
     chosen = preprocess_profile(profile)
-    wanted = wanted_steps(chosen, steps)
+    wanted = wanted_steps(chosen, options.steps)
     validate_dataset_name(dataset)  # it names a folder under output_root
     layout = DatasetLayout(output_root, dataset, storage.work_root, storage.scratch_root)
     needs_models = any(s in wanted for s in chosen.feature_steps)
@@ -439,7 +442,7 @@ def plan_run(dataset: str, manifest: str, output_root: str, profile: str, steps:
     if cleaned:
         logger.info(f"removed {cleaned} leftovers of an interrupted run")
     try:
-        states, manifest_errors = load_clips(manifest, limit)
+        states, manifest_errors = load_clips(manifest, options.limit)
     except Exception as exc:  # a missing file, not parquet, another schema
         message = f"manifest {manifest} cannot be read ({type(exc).__name__}: {exc}); nothing was run"
         logger.error(message)
@@ -449,7 +452,7 @@ def plan_run(dataset: str, manifest: str, output_root: str, profile: str, steps:
         write_ledger_part(layout.ledger, manifest_errors, _run_name(run_id))
         logger.error(message)
         return Failed(name=UNUSABLE_INPUT, message=message)
-    clip_steps = clip_steps_for(chosen, wanted, layout, feature_models, windows, weights, checks)
+    clip_steps = clip_steps_for(chosen, wanted, layout, feature_models, windows, weights, options.checks)
     run_names = {step.name for step in clip_steps}
     hydrate(states, store, tuple(s for s in chosen.clip_steps if s not in run_names))
     if windows.shard_features is None:  # features when this run makes them, or an earlier one made them for all
@@ -462,15 +465,15 @@ def plan_run(dataset: str, manifest: str, output_root: str, profile: str, steps:
                    with_features)
 
 
-def run_and_shard(plan: RunPlan, weights: ModelWeights, windows: WindowOptions, runner: RunnerOptions,
-                  storage: StorageOptions, checks: QualityChecks) -> tuple[list[BatchResult], ShardPhase]:
+def run_and_shard(plan: RunPlan, options: PreprocessOptions) -> tuple[list[BatchResult], ShardPhase]:
     """The clip steps over batches on the chosen runner, then the gate and the shards."""
+    runner, checks = options.runner, options.checks
     local = runner.runner == "local"
     bar = (Progress(total=len(plan.states) * len(plan.clip_steps), desc=plan.dataset)
            if runner.progress and local else None)
     ray_cfg = RayConfig(address=runner.ray_address, num_cpus=runner.ray_num_cpus, cpus_per_batch=runner.cpus_per_batch,
                         gpus_per_batch=runner.gpus_per_batch)
-    run_batches = dict(layout=plan.layout, run_id=plan.run_id, scratch_root=storage.scratch_root,
+    run_batches = dict(layout=plan.layout, run_id=plan.run_id, scratch_root=options.storage.scratch_root,
                        retry_rejected=checks.retry_rejected, batch_size=runner.batch_size, dataset=plan.dataset)
     get_run_logger().info(f"{plan.dataset}: batches of {runner.batch_size} on the {runner.runner} runner")
     with batch_submitter(runner.runner, ray_cfg, runner.processes) as submitter:
@@ -480,17 +483,18 @@ def run_and_shard(plan: RunPlan, weights: ModelWeights, windows: WindowOptions, 
             if bar:
                 bar.close()
         phase = gate_then_shard([s for r in results for s in r.states], plan.wanted, plan.profile, submitter,
-                                plan.layout, plan.feature_models, windows, plan.with_features, weights, checks,
+                                plan.layout, plan.feature_models, options.windows, plan.with_features, options.weights,
+                                checks,
                                 plan.run_id, run_batches)
     return results, phase
 
 
-def finish(plan: RunPlan, results: list[BatchResult], phase: ShardPhase, runner: RunnerOptions,
-           checks: QualityChecks) -> dict | State:
+def finish(plan: RunPlan, results: list[BatchResult], phase: ShardPhase, options: PreprocessOptions) -> dict | State:
     """Audit the new shard set, write the ledger part and the contact sheet, publish the report; the run's state is
     the gate's NO-GO or the audit's mismatch when either stopped it, else the report."""
     logger = get_run_logger()
     layout, dataset, feature_models = plan.layout, plan.dataset, plan.feature_models
+    checks = options.checks
     entries = plan.manifest_errors + [e for r in results for e in r.entries] + phase.entries
     audit = None
     if phase.shard_stats and phase.shard_stats["samples"] and checks.audit_fraction > 0:
@@ -513,7 +517,7 @@ def finish(plan: RunPlan, results: list[BatchResult], phase: ShardPhase, runner:
         gate=None if gate is None else {"name": gate.name, "message": gate.message, "action": phase.fallback},
         struct_source=struct_source(phase.profile), audit=audit, contact_sheet=None if sheet is None else str(sheet),
         untrained_dryrun=bool(feature_models and feature_models.dryrun), output=layout.output,
-        runner=runner.runner, run_id=plan.run_id)
+        runner=options.runner.runner, run_id=plan.run_id)
     if flow_run.get_parent_flow_run_id() is None:  # run on its own: this run is the one a user opens
         publish_summary(report, f"preprocess-{dataset}")
     if gate is not None and gate.is_failed() and not phase.fallback:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tasks import contract
 from tasks.steps.shard import DEFAULT_SHARD_GROUPS, ShardConfig
 
 Profile = Literal["talking_head", "general"]
@@ -36,15 +37,33 @@ class ModelWeights(_Group):
 
 
 class WindowOptions(_Group):
-    window_n: int = Field(8, ge=0)  # a window is 4n+1 video frames
+    window_frames: int = Field(contract.WINDOW_FRAMES, ge=1)  # video frames per window, 4n+1
     window_stride: Optional[int] = Field(None, ge=1)  # frames between window starts (None: back to back)
     shard_max_samples: int = Field(200, ge=1)
     shard_groups: int = Field(DEFAULT_SHARD_GROUPS, ge=1)  # clips hashed into this many groups, a shard set each
     shard_features: Optional[bool] = None  # None: when the feature steps' results exist
 
+    @model_validator(mode="before")
+    @classmethod
+    def _window_n(cls, data):
+        """Deployments and saved parameters written before the rename say `window_n` (a window of 4n+1 frames)."""
+        if isinstance(data, dict) and "window_n" in data:
+            if "window_frames" in data:
+                raise ValueError("give window_frames only (window_n is its old name: 4n+1 frames)")
+            data = {k: v for k, v in data.items() if k != "window_n"} | {
+                "window_frames": contract.video_frames(int(data["window_n"]) + 1)}
+        return data
+
+    @field_validator("window_frames")
+    @classmethod
+    def _four_n_plus_one(cls, value: int) -> int:
+        contract.latent_frames(value)  # 4n+1 or a ValueError naming the count
+        return value
+
     def shard_config(self) -> ShardConfig:
         """The windows the VAE step encodes and the shard step cuts, and the shards' size."""
-        return ShardConfig(n=self.window_n, stride=self.window_stride, max_samples_per_shard=self.shard_max_samples)
+        return ShardConfig(window_frames=self.window_frames, stride=self.window_stride,
+                           max_samples_per_shard=self.shard_max_samples)
 
 
 class RunnerOptions(_Group):

@@ -28,13 +28,13 @@ from flows.train import train_flow
 from models.weights import WeightsError
 from tasks.reasons import shorten
 from training import checkpoint
-from training.config import TrainConfig
 from training.gates import ReviewOptions, read_gate_log
 from training.launch import LaunchSpec
 from training.metrics import METRICS_FILE, read_metrics
 from training.program import ConceptSpec, ProgramConfig, StageSpec, load_program
 from training.program_record import ProgramRecord, StageRun
 from training.shard_sets import train_data_fields
+from training.train_config import TrainConfig
 from training.warm_start import check_wan_init
 
 

@@ -20,7 +20,7 @@ from prefect.input import RunInput
 from prefect.runtime import flow_run
 from prefect.states import Running
 
-from tasks.gates import GateVerdict
+from tasks.gate_verdict import GateVerdict
 from training.gates import OnTimeout
 from training.validation import latest_samples
 

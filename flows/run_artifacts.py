@@ -11,7 +11,7 @@ import cv2
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 from flows.gate_artifacts import artifact_key
-from flows.summary import run_markdown
+from flows.run_summary import run_markdown
 
 
 def publish_summary(result: dict, key_prefix: str, seconds: Optional[float] = None,

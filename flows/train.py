@@ -42,11 +42,10 @@ from flows.review import ask_reviewer, publish_review_request, review_verdict
 from flows.sample_artifacts import publish_validation_samples
 from models.weights import WeightsError
 from tasks import contract
-from tasks.gates import GateVerdict
+from tasks.gate_verdict import GateVerdict
 from training import checkpoint
 from training.conditioning_checkpoint import measure_checkpoint
 from training.conditioning_use import ConditioningUseConfig
-from training.config import TrainConfig
 from training.gates import (
     GATE_LOG,
     OnTimeout,
@@ -72,6 +71,7 @@ from training.launch import (
 from training.metrics import METRICS_FILE, read_metrics
 from training.plots import plot_losses, plot_memory
 from training.run_status import COMPLETED, NONFINITE, OOM, STOPPED, RunStatus, clear_statuses, read_statuses, status_path
+from training.train_config import TrainConfig
 from training.warm_start import check_wan_init
 
 
@@ -91,7 +91,7 @@ class TrainerRun:
 
 
 def attempt_dir(base: Path, cfg: TrainConfig) -> Path:
-    return base / f"run-b{cfg.micro_batch}-w{cfg.effective_window}-{cfg.noise_mode}"
+    return base / f"run-b{cfg.micro_batch}-w{cfg.effective_window_frames}-{cfg.noise_mode}"
 
 
 def _write_config(cfg: TrainConfig, path: Path) -> None:
@@ -206,7 +206,7 @@ def _run_attempt(
     """Train one setting from gate to gate; a State ends the flow, a Retry starts the next attempt."""
     logger = get_run_logger()
     run_dir = Path(cfg.out_dir)
-    fallback_window = contract.window_frames(gate_cfg.fallback_latent_frames - 1)
+    fallback_window_frames = contract.video_frames(gate_cfg.fallback_latent_frames)
     memory_judged = False
     published_samples: set[int] = set()
     stop_index = 0
@@ -228,15 +228,16 @@ def _run_attempt(
         kinds = run.kinds if run else set()
 
         if OOM in kinds or (not memory_judged and stop >= due["memory"]):
-            memory = memory_gate(records, statuses, gate_cfg, cfg.micro_batch, cfg.effective_window)
+            memory = memory_gate(records, statuses, gate_cfg, cfg.micro_batch, cfg.effective_window_frames)
             state = book.publish(memory, run_dir, records, stop)
             memory_judged = True
             if OOM in kinds or not memory.go:
-                nxt = memory_fallback(cfg.micro_batch, cfg.effective_window, fallback_window)
+                nxt = memory_fallback(cfg.micro_batch, cfg.effective_window_frames, fallback_window_frames)
                 if nxt is None:
                     return state
-                window = nxt["window"] if nxt["window"] != cfg.effective_window else cfg.train_window
-                return Retry(replace(cfg, micro_batch=nxt["micro_batch"], train_window=window, resume_from=None),
+                shorter = nxt["window_frames"] if nxt["window_frames"] != cfg.effective_window_frames else None
+                return Retry(replace(cfg, micro_batch=nxt["micro_batch"],
+                                     train_window_frames=shorter or cfg.train_window_frames, resume_from=None),
                              f"memory gate: {memory.summary} -> {memory.recommendation}")
         if run is not None and NONFINITE not in kinds and (
             run.process.returncode != 0 or not kinds or kinds - {COMPLETED, STOPPED}
@@ -323,7 +324,7 @@ def train_flow(
     timeout_s: Optional[float] = None,
     peer_wait_s: float = 60.0,
 ) -> State:
-    """`config`: a training.config.TrainConfig (a mapping of its fields in prefect.yaml and the UI, validated with
+    """`config`: a training.train_config.TrainConfig (a mapping of its fields in prefect.yaml and the UI, validated with
     its types before the run starts; an unknown key is an error); `gates`: a training.gates.TrainingGateConfig.
 
     `launch`: where the trainer processes run (training.launch.LaunchSpec; multi-node runs need a shared out_dir);

@@ -15,8 +15,10 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 # The model's facts the contract checks samples against live with the models (the VAE's channels and strides, the
-# width of LivePortrait's flat struct vector); they are part of this module's names for its readers.
+# width of LivePortrait's flat struct vector, the default window and HuBERT width); they are part of this module's
+# names for its readers.
 from models.latent_geometry import LATENT_CHANNELS, VAE_SPACE_STRIDE, VAE_TIME_STRIDE  # noqa: F401
+from models.sample_shape import HUBERT_LARGE_DIM, WINDOW_FRAMES  # noqa: F401
 from models.struct_layout import STRUCT_DIM  # noqa: F401
 
 FPS = 25
@@ -53,11 +55,11 @@ PROFILE_MEMBERS = {
 OPTIONAL_MEMBERS = {TALKING_HEAD: (HEAD_POSE,), VIDEO_ONLY: ()}
 
 
-def window_frames(n: int) -> int:
-    """Video frames in a window whose VAE latent has n+1 frames."""
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    return VAE_TIME_STRIDE * n + 1
+def video_frames(latent_frames: int) -> int:
+    """Video frames (4n+1) whose causal VAE latent has `latent_frames` (n+1) frames: latent_frames' inverse."""
+    if latent_frames < 1:
+        raise ValueError(f"latent_frames must be >= 1, got {latent_frames}")
+    return VAE_TIME_STRIDE * (latent_frames - 1) + 1
 
 
 def latent_frames(video_frames: int) -> int:
@@ -95,7 +97,7 @@ def member_limits(spec: "ContractSpec") -> dict[str, MemberLimit]:
 
     Compressed video never needs more than the raw frames (yuv420: 1.5 bytes a pixel); wav at most 4 bytes
     a sample. A sample in memory is bounded by the sum of these (`sample_bound`)."""
-    T, hw = spec.window, spec.crop_size // VAE_SPACE_STRIDE
+    T, hw = spec.window_frames, spec.crop_size // VAE_SPACE_STRIDE
     L = latent_frames(T)
     free_dim = spec.audio_dim or MAX_AUDIO_DIM
 
@@ -158,7 +160,7 @@ def load_meta(raw: Any) -> dict:
 
 @dataclass(frozen=True)
 class ContractSpec:
-    window: int  # video frames per sample, 4n+1
+    window_frames: int  # video frames per sample, 4n+1
     crop_size: int = CROP_SIZE
     struct_dim: int = STRUCT_DIM
     audio_dim: Optional[int] = None  # HuBERT width; None: take it from meta.json
@@ -266,7 +268,7 @@ def validate_sample(sample: Mapping[str, Any], spec: ContractSpec) -> dict:
         raise ContractError(f"sample {key!r}, {exc}") from None
     for field in ("clip_id", "dataset", "split", "window", "frames", "steps"):
         _expect(field in meta, key, META, f"field {field!r} missing")
-    T = spec.window
+    T = spec.window_frames
     _expect(meta["frames"] == T, key, META, f"frames {meta['frames']!r}, expected window {T}")
     window = meta["window"]
     _expect(isinstance(window, list) and len(window) == 2 and all(type(v) is int for v in window), key, META,

@@ -12,13 +12,13 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 
-def iter_window_starts(window: int, stride: Optional[int] = None, frames: Optional[int] = None,
+def iter_window_starts(window_frames: int, stride: Optional[int] = None, frames: Optional[int] = None,
                        segments: Optional[Sequence[tuple[int, int]]] = None) -> Iterator[int]:
     """First frame of every whole window, ascending: every `stride` frames (default: back to back) inside
     each `[start, end)` segment (default: the whole clip, of `frames` frames or, when None, unbounded)."""
-    step = stride or window
-    if step < 1 or window < 1:
-        raise ValueError(f"window and stride must be >= 1, got {window}, {step}")
+    step = stride or window_frames
+    if step < 1 or window_frames < 1:
+        raise ValueError(f"window_frames and stride must be >= 1, got {window_frames}, {step}")
     if segments is None:
         if frames is None:
             yield from itertools.count(0, step)
@@ -27,18 +27,18 @@ def iter_window_starts(window: int, stride: Optional[int] = None, frames: Option
     for seg_start, seg_end in segments:
         if frames is not None:
             seg_end = min(int(seg_end), frames)
-        yield from range(int(seg_start), int(seg_end) - window + 1, step)
+        yield from range(int(seg_start), int(seg_end) - window_frames + 1, step)
 
 
-def window_starts(frames: int, window: int, stride: Optional[int] = None,
+def window_starts(frames: int, window_frames: int, stride: Optional[int] = None,
                   segments: Optional[Sequence[tuple[int, int]]] = None) -> list[int]:
     """`iter_window_starts` of a clip of known length, as a list."""
-    return list(iter_window_starts(window, stride, frames, segments))
+    return list(iter_window_starts(window_frames, stride, frames, segments))
 
 
 def iter_windows(chunks: Iterable[np.ndarray], starts: Iterable[int],
-                 window: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(start, frames[start:start+window]) for each of `starts` (ascending, may be unbounded) while the
+                 window_frames: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, frames[start:start+window_frames]) for each of `starts` (ascending, may be unbounded) while the
     stream of frame chunks lasts; the stream is not read past the last window.
 
     Holds at most one window plus one chunk: frames before the next start are dropped as soon as they have
@@ -54,9 +54,9 @@ def iter_windows(chunks: Iterable[np.ndarray], starts: Iterable[int],
         if len(chunk) == 0:
             continue
         buf = chunk if buf is None or len(buf) == 0 else np.concatenate([buf, chunk])
-        while nxt is not None and nxt + window <= buf_start + len(buf):
+        while nxt is not None and nxt + window_frames <= buf_start + len(buf):
             off = nxt - buf_start
-            yield nxt, buf[off: off + window]
+            yield nxt, buf[off: off + window_frames]
             following = next(pending, None)
             if following is not None and following < nxt:
                 raise ValueError(f"window starts must be ascending: {following} after {nxt}")

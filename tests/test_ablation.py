@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from training.ablation import comparison_rows, load_matrix, plot_comparison, variant_train
-from training.config import TrainConfig
+from training.train_config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,9 +19,9 @@ def test_the_review_matrix_covers_the_eight_and_each_variant_changes_one_thing()
     assert items == {"baseline", "3d_stream", "bridge", "fusion_depth", "sigma_s_max", "struct_tokens", "flame_loss",
                      "lipsync_loss"}  # long_sequence: every variant's evaluation (evaluate.long_seconds)
     assert m.evaluate["long_seconds"] == 60.0
-    base = TrainConfig.from_dict({"shards": ["-"], "out_dir": "-", "window": 9, **variant_train(m, m.variant("baseline"))})
+    base = TrainConfig.from_dict({"shards": ["-"], "out_dir": "-", "window_frames": 9, **variant_train(m, m.variant("baseline"))})
     for variant in m.variants:
-        cfg = TrainConfig.from_dict({"shards": ["-"], "out_dir": "-", "window": 9, **variant_train(m, variant)})
+        cfg = TrainConfig.from_dict({"shards": ["-"], "out_dir": "-", "window_frames": 9, **variant_train(m, variant)})
         model_changes = {k for k, v in vars(cfg.model_config()).items() if getattr(base.model_config(), k) != v}
         loss_changes = {k for k in set(cfg.loss_options) | set(base.loss_options)
                         if cfg.loss_options.get(k) != base.loss_options.get(k)}
@@ -42,7 +42,7 @@ def test_the_review_matrix_covers_the_eight_and_each_variant_changes_one_thing()
     (lambda d: d["variants"][0].update(review_item="vibes"), "review_item"),
     (lambda d: d["variants"][0].update(train={"lr_typo": 1}), "unknown training config keys"),
     (lambda d: d["variants"][0].update(train={"model_overrides": {"bridge_strategy": "sideways"}}), "bridge_strategy"),
-    (lambda d: d["train"].update(window=17), "set from the matrix's shards"),
+    (lambda d: d["train"].update(window_frames=17), "set from the matrix's shards"),
 ])
 def test_a_bad_matrix_is_refused_before_anything_runs(edit, message):
     import yaml

@@ -9,7 +9,7 @@ from tasks.ledger import read_ledger
 from tasks.steps.crop import CropStep
 
 STEPS = ["download", "crop", "shard"]
-WINDOWS = {"window_n": 2, "window_stride": 1000, "shard_features": False}
+WINDOWS = {"window_frames": 9, "window_stride": 1000, "shard_features": False}
 BUMPED_CROP = CropStep.version + "-bumped"
 
 
@@ -40,7 +40,7 @@ def test_a_bumped_step_is_listed_stale_then_recomputed_alone(prefect_test_server
     assert _actions(out, second["preprocess"]["run_id"]) == {("download", "skipped"), ("crop", "ran"), ("shard", "ran")}
 
     code = main(["backfill", "t", "--manifest", str(manifest), "--out", str(out), "--steps", *STEPS,
-                 "--window-n", "2", "--window-stride", "1000", "--no-progress"])
+                 "--window-frames", "9", "--window-stride", "1000", "--no-progress"])
     assert code == 0
     assert "1/1 clips" in capsys.readouterr().out
     third = [r for r in read_ledger(out / "t").to_pylist() if r["step"] == "crop"][-1]

@@ -31,11 +31,11 @@ def test_parser_rejects_unknown_choices():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["preprocess", "hdtf", "--manifest", "m", "--out", "o", "--models", "fake"])
     args = build_parser().parse_args(["dry-run"])
-    assert args.window_n == 4 and args.window_stride == 200 and args.train_steps == 4
+    assert args.window_frames == 17 and args.window_stride == 200 and args.train_steps == 4
 
 
 def test_preprocess_retry_rejected_flag_and_summary_counts_retryable():
-    from flows.summary import preprocess_lines
+    from flows.run_summary import preprocess_lines
 
     parse = build_parser().parse_args
     assert parse(["preprocess", "d", "--manifest", "m", "--out", "o", "--retry-rejected"]).retry_rejected
@@ -48,7 +48,7 @@ def test_preprocess_retry_rejected_flag_and_summary_counts_retryable():
 
 
 def test_a_large_run_summary_counts_reasons_instead_of_listing_every_clip():
-    from flows.summary import LISTED_CLIPS, preprocess_lines, preprocess_markdown
+    from flows.run_summary import LISTED_CLIPS, preprocess_lines, preprocess_markdown
 
     def report(n_rejected: int) -> dict:
         rejected = [{"clip_id": f"c{i:05d}", "status": "rejected", "step": "crop" if i % 3 else "download",

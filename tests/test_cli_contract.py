@@ -111,7 +111,7 @@ def _pipe(world, *extra, manifest=None, dataset="t", preprocess='{"weights": {"m
 
 
 def _train(world, **config):
-    return ["train", "--config", json.dumps({"shards": [str(world / "train-only")], "out_dir": "OUT/t", "window": 9,
+    return ["train", "--config", json.dumps({"shards": [str(world / "train-only")], "out_dir": "OUT/t", "window_frames": 9,
                                              **config})]
 
 
@@ -191,8 +191,10 @@ CASES = [
      "argument --workers"),
     ("preprocess-batch-size-0", lambda w: _pre("preprocess", w / "samples.parquet", "--batch-size", "0"), 2,
      "argument --batch-size"),
-    ("preprocess-window-n-0", lambda w: _pre("preprocess", w / "samples.parquet", "--window-n", "0"), 2,
-     "argument --window-n"),
+    ("preprocess-window-frames-0", lambda w: _pre("preprocess", w / "samples.parquet", "--window-frames", "0"), 2,
+     "argument --window-frames"),
+    ("preprocess-window-frames-not-4n+1", lambda w: _pre("preprocess", w / "samples.parquet", "--window-frames", "32"),
+     2, "must be 4n+1"),
     ("preprocess-audit-fraction-2", lambda w: _pre("preprocess", w / "samples.parquet", "--audit-fraction", "2"), 2,
      "argument --audit-fraction"),
     ("preprocess-dataset-escapes", lambda w: _pre("preprocess", w / "samples.parquet", dataset="../evil"), 2, "../evil"),

@@ -82,7 +82,7 @@ def test_a_shot_cut_ends_a_segment_and_no_window_crosses_it(samples_dir, tmp_pat
     assert all(not (a < 75 < b) for a, b in spans), spans  # no kept segment spans the cut
     row = ClipRow(clip_id="cut", dataset="samples", source=str(cut), identity="x")
     clip = ShardClip(row=row, crop_dir=r.clip_dir, frames=r.frames, step_versions={}, segments=spans)
-    write_shards([clip], tmp_path / "shards", ShardConfig(n=4, stride=10), key="k")
+    write_shards([clip], tmp_path / "shards", ShardConfig(window_frames=17, stride=10), key="k")
     windows = [s["meta"]["window"] for s in iter_samples(tmp_path / "shards")]
     assert windows and all(not (w0 < 75 < w1) for w0, w1 in windows), windows
     assert all(any(a <= w0 and w1 <= b for a, b in spans) for w0, w1 in windows)

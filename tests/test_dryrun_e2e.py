@@ -68,7 +68,7 @@ def test_dry_run_makes_shards_from_both_clips(dry_run):
     for clip in CLIPS:
         for step in ("download", "crop", "motion", "pose_check", "audio_features", "vae_latents", "shard"):
             assert status[(clip, step)]["status"] == "ok", (clip, step, status[(clip, step)])
-    spec = contract.ContractSpec(window=17)  # every modality, validated
+    spec = contract.ContractSpec(window_frames=17)  # every modality, validated
     per_clip: dict[str, list[int]] = {}
     for s in iter_samples(base / "shards", spec):
         meta = s["meta"]
@@ -135,7 +135,7 @@ def test_dry_run_runs_the_training_program_stage_by_stage(dry_run):
     joint_cfg = json.loads(next((out / "program" / "joint" / "from-pretrain").glob("run-*/train_config.json")).read_text())
     assert joint_cfg["init_from"].endswith("pretrain/run-b1-w17-per_frame/checkpoints/step00000002/weights.safetensors")
     general = out / "general" / "samples" / "shards"
-    samples = list(iter_samples(general, contract.ContractSpec(window=17, profile=contract.VIDEO_ONLY)))
+    samples = list(iter_samples(general, contract.ContractSpec(window_frames=17, profile=contract.VIDEO_ONLY)))
     assert len(samples) == 2 and all(s["meta"]["profile"] == "video_only" for s in samples)
     assert all(contract.STRUCT not in s and contract.AUDIO not in s for s in samples)
     assert f"pretrain  video-only, {wan['summary']}  GO" in stdout

@@ -120,8 +120,8 @@ def test_lipsync_infonce_prefers_the_true_pairing_and_needs_a_head():
 
 
 def test_a_run_with_the_lipsync_loss_gets_its_head():
-    from training.config import TrainConfig
+    from training.train_config import TrainConfig
 
-    base = dict(shards=["x"], out_dir="y", window=9)
+    base = dict(shards=["x"], out_dir="y", window_frames=9)
     assert TrainConfig(**base).model_config().lipsync_embed_dim == 0
     assert TrainConfig(**base, loss_options={"lipsync_loss_weight": 0.1}).model_config().lipsync_embed_dim == 64

@@ -13,8 +13,8 @@ from models.weights import WeightsError
 from tests.test_dualforce_model import activate_zero_paths, make_inputs, run
 from tests.training_shards import train_config, train_in_process, write_shards
 from training import checkpoint
-from training.config import TrainConfig
 from training.export import ExportError, export_run
+from training.train_config import TrainConfig
 
 torch.set_num_threads(1)
 

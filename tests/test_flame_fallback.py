@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from datasets_manifest.schema import ClipRow, rows_to_table
-from models.flame_struct import flame_struct
+from models.flame_layout import flame_struct
 from tasks import contract
 from tasks.ledger import read_ledger
 from tasks.steps.flame_struct import DEFAULT_FLAME_EXPRESSION
@@ -17,7 +17,7 @@ from tests.flame_files import write_flame_files
 
 # Dry-run models, one 5-frame window per clip; a 0.5 degree pose threshold makes LivePortrait's (random, dry-run)
 # motion disagree with the independent pose on most frames: the gate says NO-GO, as on a dataset LivePortrait fails.
-OPTIONS = dict(weights={"models": "dryrun"}, windows={"window_n": 1, "window_stride": 100_000, "shard_max_samples": 4},
+OPTIONS = dict(weights={"models": "dryrun"}, windows={"window_frames": 5, "window_stride": 100_000, "shard_max_samples": 4},
                checks={"audit_fraction": 0.0, "pose_threshold_deg": 0.5}, runner={"batch_size": 2})
 
 
@@ -67,7 +67,7 @@ def test_the_gate_no_go_switches_the_struct_source_to_flame_and_says_so(flame_ru
     stats = json.loads((base / "shards" / "stats.json").read_text())
     width = DEFAULT_FLAME_EXPRESSION + 12
     assert stats["struct_source"] == "flame" and stats["struct_dim"] == width
-    samples = list(iter_samples(base / "shards", contract.ContractSpec(window=5, struct_dim=width)))
+    samples = list(iter_samples(base / "shards", contract.ContractSpec(window_frames=5, struct_dim=width)))
     assert {s["meta"]["clip_id"] for s in samples} == {"sun", "yongen"}
     for s in samples:
         meta = s["meta"]
@@ -85,16 +85,16 @@ def test_the_gate_no_go_switches_the_struct_source_to_flame_and_says_so(flame_ru
 
 
 def test_flame_shards_train_with_the_struct_width_they_carry(flame_run, single_process_env, tmp_path):
-    from training.config import TrainConfig
     from training.loader import LoaderConfig, ShardLoader
     from training.run_status import COMPLETED
     from training.shard_sets import train_data_fields
+    from training.train_config import TrainConfig
     from training.trainer import run_training
 
     base, _, _, _ = flame_run
     fields = train_data_fields([base / "shards"])
     assert fields["struct_dim"] == DEFAULT_FLAME_EXPRESSION + 12
-    loader = ShardLoader(LoaderConfig(fields["shards"], fields["window"], struct_dim=fields["struct_dim"],
+    loader = ShardLoader(LoaderConfig(fields["shards"], fields["window_frames"], struct_dim=fields["struct_dim"],
                                       batch_size=2, shuffle_buffer=0))
     [batch] = list(loader.epoch_iter())
     assert batch["struct"].shape == (2, 5, DEFAULT_FLAME_EXPRESSION + 12) and not loader.stats.rejected

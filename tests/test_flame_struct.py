@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from models.flame_struct import FlameLayout, flame_struct
+from models.flame_layout import FlameLayout, flame_struct
 from tasks.steps.pose_check import flame_head_matrices
 
 

@@ -33,24 +33,24 @@ OK = [RunStatus(0, COMPLETED, 10), RunStatus(1, COMPLETED, 10)]
 
 def test_memory_gate_go_and_budget_no_go():
     cfg = TrainingGateConfig(memory_budget_mb=2000)
-    go = memory_gate(stream(5, memory=1500.0), OK, cfg, micro_batch=4, window=81)
+    go = memory_gate(stream(5, memory=1500.0), OK, cfg, micro_batch=4, window_frames=81)
     assert go.go and go.numbers["peak_memory_mb"] == 1500.0 and go.state_name == "GO"
-    nogo = memory_gate(stream(5, memory=2500.0), OK, cfg, micro_batch=4, window=81)
+    nogo = memory_gate(stream(5, memory=2500.0), OK, cfg, micro_batch=4, window_frames=81)
     assert not nogo.go and "over budget" in nogo.summary
-    assert nogo.recommendation == "retry with micro batch 1" and nogo.numbers["next"] == {"micro_batch": 1, "window": 81}
+    assert nogo.recommendation == "retry with micro batch 1" and nogo.numbers["next"] == {"micro_batch": 1, "window_frames": 81}
     assert nogo.state_name == "NO-GO: memory"
 
 
 def test_memory_gate_oom_walks_the_fallbacks():
     cfg = TrainingGateConfig(fallback_latent_frames=16)  # 61 video frames
     ooms = [RunStatus(0, COMPLETED, 2), RunStatus(1, OOM, 2)]
-    first = memory_gate([], ooms, cfg, micro_batch=2, window=81)
+    first = memory_gate([], ooms, cfg, micro_batch=2, window_frames=81)
     assert not first.go and first.numbers["oom_ranks"] == [1] and first.numbers["oom_step"] == 3
     assert first.recommendation == "retry with micro batch 1"
-    second = memory_gate([], ooms, cfg, micro_batch=1, window=81)
+    second = memory_gate([], ooms, cfg, micro_batch=1, window_frames=81)
     assert "16 latent frames (61 video frames)" in second.recommendation
-    assert second.numbers["next"] == {"micro_batch": 1, "window": 61}
-    third = memory_gate([], ooms, cfg, micro_batch=1, window=61)
+    assert second.numbers["next"] == {"micro_batch": 1, "window_frames": 61}
+    third = memory_gate([], ooms, cfg, micro_batch=1, window_frames=61)
     assert third.numbers["next"] is None and third.recommendation.startswith("stop")
     assert memory_fallback(1, 61, 61) is None
     # no budget and no OOM: go even with a large peak

@@ -36,12 +36,12 @@ def test_held_out_windows_never_overlap_training_windows(samples_dir, tmp_path):
     from benchmarks.learning_check import CheckConfig, clip_windows
     from tasks.feature_models import dryrun_models
 
-    cfg = CheckConfig(window=17, stride=8, held_out_frames=40)
+    cfg = CheckConfig(window_frames=17, stride=8, held_out_frames=40)
     clip = clip_windows(samples_dir / "more" / "lp_d12.mp4", tmp_path, cfg, dryrun_models())
     starts = lambda ws: [int(w.key.rsplit("_w", 1)[1]) for w in ws]  # noqa: E731
     assert clip.train and clip.held_out
-    assert max(starts(clip.train)) + cfg.window <= min(starts(clip.held_out))
+    assert max(starts(clip.train)) + cfg.window_frames <= min(starts(clip.held_out))
     assert min(starts(clip.held_out)) >= clip.frames - cfg.held_out_frames
     # a window's struct rows are the clip's rows at its frames: consecutive windows overlap by window - stride
     a, b = clip.train[0].tensors["struct"], clip.train[1].tensors["struct"]
-    assert (a[cfg.stride:] == b[: cfg.window - cfg.stride]).all()
+    assert (a[cfg.stride:] == b[: cfg.window_frames - cfg.stride]).all()

@@ -16,7 +16,7 @@ from training.loader import LoaderConfig, ShardLoader, crop_window, expand_shard
 
 
 def _cfg(tmp_path, **kw) -> LoaderConfig:
-    base = dict(shards=[str(tmp_path / "shard-*.tar")], window=WINDOW, crop_size=CROP, batch_size=2)
+    base = dict(shards=[str(tmp_path / "shard-*.tar")], window_frames=WINDOW, crop_size=CROP, batch_size=2)
     base.update(kw)
     return LoaderConfig(**base)
 
@@ -118,7 +118,7 @@ def test_resampled_epochs_draw_with_replacement_and_differ(tmp_path):
     assert e0 != e1
 
 
-def test_train_window_crops_from_the_start(tmp_path):
+def test_train_window_frames_crop_from_the_start(tmp_path):
     arrays = {
         "video_latents": np.arange(16 * 5 * 2 * 2).reshape(16, 5, 2, 2),
         "struct": np.arange(17 * 3).reshape(17, 3),
@@ -129,11 +129,11 @@ def test_train_window_crops_from_the_start(tmp_path):
     out = crop_window(arrays, 9)
     assert out["video_latents"].shape == (16, 3, 2, 2) and out["struct"].shape == (9, 3)
     np.testing.assert_array_equal(out["video_latents"], arrays["video_latents"][:, :3])
-    write_shards(tmp_path, n_shards=1, per_shard=2, window=17)
-    batch = next(iter(ShardLoader(_cfg(tmp_path, window=17, train_window=9))))
+    write_shards(tmp_path, n_shards=1, per_shard=2, window_frames=17)
+    batch = next(iter(ShardLoader(_cfg(tmp_path, window_frames=17, train_window_frames=9))))
     assert batch["video_latents"].shape[2] == 3 and batch["struct"].shape[1] == 9
     with pytest.raises(ValueError, match="4n\\+1"):
-        ShardLoader(_cfg(tmp_path, window=17, train_window=8))
+        ShardLoader(_cfg(tmp_path, window_frames=17, train_window_frames=8))
 
 
 def test_no_shards_is_a_clear_error(tmp_path):

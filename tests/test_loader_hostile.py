@@ -22,7 +22,7 @@ from tests.training_shards import AUDIO_DIM, CROP, WINDOW, sample_members
 from training.loader import LoaderConfig, ShardDataset
 
 VALID_KEY = "clipok_w000000"
-SPEC = contract.ContractSpec(window=WINDOW, crop_size=CROP, audio_dim=AUDIO_DIM)
+SPEC = contract.ContractSpec(window_frames=WINDOW, crop_size=CROP, audio_dim=AUDIO_DIM)
 # One raw sample at its limits, the decoded copy of its arrays, and the reader's own overhead.
 MEMORY_BOUND = 3 * contract.sample_bound(SPEC) + (2 << 20)
 
@@ -129,7 +129,7 @@ def _forged_header(kind: str) -> bytes:
 def _read_all(tmp_path, data: bytes):
     path = tmp_path / "shard-000000.tar"
     path.write_bytes(data)
-    ds = ShardDataset(LoaderConfig(shards=[str(path)], window=WINDOW, crop_size=CROP, audio_dim=AUDIO_DIM, batch_size=1,
+    ds = ShardDataset(LoaderConfig(shards=[str(path)], window_frames=WINDOW, crop_size=CROP, audio_dim=AUDIO_DIM, batch_size=1,
                                    shuffle_buffer=0, partial_batches=True, num_workers=0))
     tracemalloc.start()
     try:

@@ -57,9 +57,9 @@ def test_grouped_parameters_are_checked_before_a_run_starts():
     flow = _load_flow("flows/preprocess.py:preprocess")
     base = {"dataset": "hdtf", "manifest": "m", "output_root": "o"}
     got = flow.validate_parameters({**base, "runner": {"runner": "ray", "batch_size": 4}})
-    assert got["runner"].runner == "ray" and got["runner"].batch_size == 4 and got["windows"].window_n == 8
+    assert got["runner"].runner == "ray" and got["runner"].batch_size == 4 and got["windows"].window_frames == 33
     for wrong in ({"runner": {"runner": "slurm"}}, {"profile": "faces"}, {"weights": {"modles": "dryrun"}},
-                  {"checks": {"audit_fraction": 1.5}}, {"windows": {"window_n": -1}}):
+                  {"checks": {"audit_fraction": 1.5}}, {"windows": {"window_frames": -1}}):
         with pytest.raises(ParameterTypeError):
             flow.validate_parameters({**base, **wrong})
 
@@ -67,12 +67,12 @@ def test_grouped_parameters_are_checked_before_a_run_starts():
 def test_the_training_config_is_typed_and_strict():
     from prefect.exceptions import ParameterTypeError
 
-    from training.config import TrainConfig
     from training.gates import ReviewOptions
     from training.launch import LaunchSpec
+    from training.train_config import TrainConfig
 
     flow = _load_flow("flows/train.py:train_flow")
-    base = {"shards": ["s/*.tar"], "out_dir": "o", "window": 33}
+    base = {"shards": ["s/*.tar"], "out_dir": "o", "window_frames": 33}
     got = flow.validate_parameters({"config": {**base, "total_steps": 7, "validation": {"every": 2}},
                                     "gates": {"convergence_step": 5}})
     assert isinstance(got["config"], TrainConfig) and got["config"].total_steps == 7
@@ -81,7 +81,7 @@ def test_the_training_config_is_typed_and_strict():
                                          "review": {"auto_approve": True}})
     assert launched["launch"] == LaunchSpec(nproc_per_node=8, launcher="deepspeed")  # the fields declared once
     assert launched["review"] == ReviewOptions(auto_approve=True)
-    for wrong in ({"config": {**base, "totl_steps": 7}}, {"config": {**base, "window": "lots"}},
+    for wrong in ({"config": {**base, "totl_steps": 7}}, {"config": {**base, "window_frames": "lots"}},
                   {"config": {**base, "validation": {"evry": 2}}}, {"config": base, "gates": {"convergence": 5}},
                   {"config": base, "launch": {"launcher": "mpirun"}}, {"config": base, "review": {"on_timeout": "later"}},
                   {"config": base, "launch": {"nproc_per_node": 2, "hostfile": 3}}):

@@ -173,7 +173,7 @@ def test_latent_quality_gate_no_go_ends_the_run_before_shards(prefect_test_serve
 
 
 def test_the_markdown_summary_is_tables_with_every_rejection():
-    from flows.summary import run_markdown
+    from flows.run_summary import run_markdown
 
     report = {"dataset": "t", "clips_in": 3, "clips_out": 1, "profile": "talking_head", "output": "/o",
               "rejected": [{"clip_id": "a|b", "status": "rejected", "step": "crop", "reason": "no_face",

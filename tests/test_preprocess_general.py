@@ -21,8 +21,8 @@ from tasks.errors import ClipRejected
 from tasks.media import iter_frames, probe, read_frames, run_ffmpeg
 from tasks.steps.center_crop import center_crop_clip
 
-N = 1  # window_n: 5-frame windows (2 latent frames)
-WINDOW = contract.window_frames(N)
+N = 1  # 5-frame windows: N + 1 = 2 latent frames
+WINDOW = contract.video_frames(N + 1)
 STRIDE = 150  # two windows per clip: the dry-run VAE costs ~0.3 s a frame on CPU
 CLIPS = {"wide": "more/lp_s18.mp4",  # 1280x720 landscape, 30 fps, face off-centre
          "tall": "more/lp_d13.mp4"}  # 720x1280 portrait, 30 fps, no audio stream: the general profile needs none
@@ -52,7 +52,7 @@ def run(prefect_test_server, samples_dir, tmp_path_factory):
     manifest = tmp / "m.parquet"
     pq.write_table(rows_to_table(rows), manifest)
     kwargs = dict(dataset="g", manifest=str(manifest), output_root=str(tmp / "out"), profile="general",
-                  weights={"models": "dryrun"}, windows={"window_n": N, "window_stride": STRIDE},
+                  weights={"models": "dryrun"}, windows={"window_frames": WINDOW, "window_stride": STRIDE},
                   runner={"batch_size": 8},
                   checks={"audit_fraction": 0.25})  # one of the 4 samples: the audit re-encodes with the VAE too
     report = preprocess(**kwargs)
@@ -160,7 +160,7 @@ def test_a_sample_holds_the_crops_frames_at_its_window_and_their_vae_latent(run)
     reference = np.load(io.BytesIO(sample[contract.REFERENCE_LATENT]), allow_pickle=False).astype(np.float32)
     assert np.abs(reference - encode_reference(wan, crop[0]).astype(np.float32)).max() <= 2e-2
 
-    loader = ShardLoader(LoaderConfig(shards=[str(shards / "train" / "shard-*.tar")], window=WINDOW,
+    loader = ShardLoader(LoaderConfig(shards=[str(shards / "train" / "shard-*.tar")], window_frames=WINDOW,
                                       profile=contract.VIDEO_ONLY, shuffle_buffer=0, shuffle_shards=False))
     batches = list(loader.epoch_iter())
     assert sorted(b["sample_keys"][0] for b in batches) == sorted(samples)
@@ -177,7 +177,7 @@ def _bytes_file(data: bytes, path: Path) -> Path:
 
 def test_bad_clips_are_rejected_with_a_reason_and_the_run_carries_on(run):
     from flows.preprocess import preprocess
-    from flows.summary import preprocess_lines
+    from flows.run_summary import preprocess_lines
     from tasks.ledger import read_ledger
 
     report, base, kwargs = run
@@ -272,6 +272,7 @@ def test_a_shard_set_holds_one_sample_profile(tmp_path):
         return ShardClip(row=row, crop_dir=tmp_path, frames=0, step_versions={}, profile=profile)
 
     with pytest.raises(ValueError, match="one sample profile"):
-        write_shards([clip("a", contract.TALKING_HEAD), clip("b", contract.VIDEO_ONLY)], tmp_path / "s", ShardConfig(n=1))
+        write_shards([clip("a", contract.TALKING_HEAD), clip("b", contract.VIDEO_ONLY)], tmp_path / "s",
+                     ShardConfig(window_frames=WINDOW))
     with pytest.raises(ValueError, match="profile must be one of"):
         clip("c", "general")  # the preprocess profile's name is not a sample profile

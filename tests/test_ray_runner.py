@@ -17,7 +17,7 @@ from tasks.ledger import read_ledger
 from tasks.steps.shard import shard_files
 
 # Steps 1, 2 and 7 on three short real clips, sparse windows: the plumbing, not the models.
-WINDOWS = dict(shard_features=False, window_n=4, window_stride=50, shard_max_samples=2, shard_groups=4)
+WINDOWS = dict(shard_features=False, window_frames=17, window_stride=50, shard_max_samples=2, shard_groups=4)
 FLOW = dict(steps=["download", "crop", "shard"], windows=WINDOWS, runner={"batch_size": 1})
 RAY = dict(runner={"runner": "ray", "ray_num_cpus": 2, "batch_size": 1})
 

@@ -104,13 +104,13 @@ def test_weights_flags_name_the_downloaded_folders():
 
 def test_export_takes_the_joint_run_and_generate_and_evaluate_take_the_export():
     from flows.train import attempt_dir
-    from training.config import TrainConfig
     from training.program import load_program
+    from training.train_config import TrainConfig
 
     program = load_program(REPO / "configs" / "program-lite.yaml")
     assert [_resolve(a[1]) for a in _ours("program")] == [REPO / "configs" / "program-lite.yaml"]
-    window = 4 * 8 + 1  # preprocess's default --window-n 8
-    joint = TrainConfig.from_dict({"shards": ["-"], "out_dir": "-", "window": window, **program.joint.train})
+    window = 4 * 8 + 1  # preprocess's default --window-frames
+    joint = TrainConfig.from_dict({"shards": ["-"], "out_dir": "-", "window_frames": window, **program.joint.train})
     expected_run = attempt_dir(Path(program.out_dir) / "joint" / "from-pretrain", joint)
     (export,) = _ours("export")
     args = _parse(export)

@@ -209,7 +209,7 @@ def test_dry_run_deployment_runs_through_the_worker(tmp_path, samples_dir):
         assert again.returncode == 0 and "already up" in again.stderr and load_record(state) == record
         assert _server_cli("status", "--state-dir", str(state)).returncode == 0
 
-        params = {"out": str(out), "samples": str(one_clip), "train_steps": 0, "window_n": 1,
+        params = {"out": str(out), "samples": str(one_clip), "train_steps": 0, "window_frames": 5,
                   "window_stride": 10000, "workers": 1}
         env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(state / "home")}
         t1 = time.monotonic()

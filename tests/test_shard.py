@@ -38,21 +38,21 @@ def _digests(root):
 
 
 def test_window_starts():
-    cfg = ShardConfig(n=8)
-    assert cfg.window == 33
+    cfg = ShardConfig(window_frames=33)
+    assert cfg.step == 33
     assert window_starts(200, cfg) == [0, 33, 66, 99, 132, 165]
     assert window_starts(32, cfg) == []
-    assert window_starts(41, ShardConfig(n=2, stride=4)) == list(range(0, 41 - 9 + 1, 4))
+    assert window_starts(41, ShardConfig(window_frames=9, stride=4)) == list(range(0, 41 - 9 + 1, 4))
 
 
 def test_samples_are_aligned_windows_of_the_clip(yongen_crop, tmp_path):
-    cfg = ShardConfig(n=4, max_samples_per_shard=4)  # 17-frame windows, 4 per shard
+    cfg = ShardConfig(window_frames=17, max_samples_per_shard=4)  # 17-frame windows, 4 per shard
     stats = write_shards([_clip(yongen_crop)], tmp_path / "shards", cfg, key="k")
     starts = window_starts(200, cfg)
     assert stats.samples == len(starts) == 11 and stats.shards == 3  # 4 + 4 + 3
     clip_audio, _ = sf.read(yongen_crop.audio, dtype="float32")
     clip_frames = read_frames(yongen_crop.video)
-    spec = contract.ContractSpec(window=17, require_features=False)
+    spec = contract.ContractSpec(window_frames=17, require_features=False)
     seen = []
     for s in iter_samples(tmp_path / "shards", spec):
         start, end = s["meta"]["window"]
@@ -79,7 +79,7 @@ def test_samples_are_aligned_windows_of_the_clip(yongen_crop, tmp_path):
 
 
 def test_same_inputs_same_bytes_and_skip_by_key(yongen_crop, tmp_path):
-    cfg = ShardConfig(n=8)
+    cfg = ShardConfig(window_frames=33)
     write_shards([_clip(yongen_crop)], tmp_path / "a", cfg, key="k1")
     write_shards([_clip(yongen_crop)], tmp_path / "b", cfg, key="k1")
     assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
@@ -95,7 +95,7 @@ def test_same_inputs_same_bytes_and_skip_by_key(yongen_crop, tmp_path):
 
 def test_size_bound_and_splits(yongen_crop, tmp_path):
     clips = [_clip(yongen_crop, "c-train", "train"), _clip(yongen_crop, "c-test", "test")]
-    stats = write_shards(clips, tmp_path / "s", ShardConfig(n=8, max_bytes_per_shard=400_000), key="k")
+    stats = write_shards(clips, tmp_path / "s", ShardConfig(window_frames=33, max_bytes_per_shard=400_000), key="k")
     sizes = [p.stat().st_size for p in shard_files(tmp_path / "s")]
     assert stats.per_split["train"]["samples"] == stats.per_split["test"]["samples"] == 6
     assert len(sizes) > 2 and max(sizes) < 400_000 + 250_000  # one sample may overflow a fresh shard only
@@ -103,7 +103,7 @@ def test_size_bound_and_splits(yongen_crop, tmp_path):
 
 
 def test_reader_rejects_a_tampered_sample(yongen_crop, tmp_path):
-    write_shards([_clip(yongen_crop)], tmp_path / "s", ShardConfig(n=8), key="k")
+    write_shards([_clip(yongen_crop)], tmp_path / "s", ShardConfig(window_frames=33), key="k")
     tar_path = tmp_path / "s" / "train" / f"shard-{G}-000000.tar"
     with tarfile.open(tar_path) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
@@ -115,7 +115,7 @@ def test_reader_rejects_a_tampered_sample(yongen_crop, tmp_path):
                 data = json.dumps(meta).encode()
                 m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
-    spec = contract.ContractSpec(window=33, require_features=False)
+    spec = contract.ContractSpec(window_frames=33, require_features=False)
     it = iter_samples(tmp_path / "s", spec)
     next(it)
     with pytest.raises(contract.ContractError, match=r"yongen_w000033.*meta.json: frames 32, expected window 33"):

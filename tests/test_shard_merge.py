@@ -29,7 +29,7 @@ from tasks.steps.shard import (
     write_shards,
 )
 
-CFG = ShardConfig(n=4, stride=100, max_samples_per_shard=1)  # 17-frame windows every 100 frames: 2 per clip
+CFG = ShardConfig(window_frames=17, stride=100, max_samples_per_shard=1)  # 17-frame windows every 100 frames: 2 per clip
 GROUPS = 4
 
 

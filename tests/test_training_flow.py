@@ -100,7 +100,7 @@ def test_memory_fallback_reaches_the_short_clip_then_nan_retries_per_sample(shar
     assert tried == ["run-b1-w5-per_frame", "run-b1-w5-per_sample", "run-b1-w9-per_frame", "run-b2-w9-per_frame"]
     assert {s.status for s in read_statuses(tmp_path / "run-b1-w5-per_frame")} == {NONFINITE}
     final = read_metrics(tmp_path / "run-b1-w5-per_sample" / "metrics.jsonl")
-    assert [r["window"] for r in final] == [5, 5, 5] and final[0]["noise_mode"] == "per_sample"
+    assert [r["window_frames"] for r in final] == [5, 5, 5] and final[0]["noise_mode"] == "per_sample"
 
 
 def _gate_log(base: Path) -> list[dict]:
@@ -207,7 +207,7 @@ def test_publish_gate_artifacts_and_states(tmp_path):
     from prefect import flow
 
     from flows.gate_artifacts import artifact_key, publish_gate
-    from tasks.gates import GateVerdict
+    from tasks.gate_verdict import GateVerdict
     from training.plots import plot_losses
 
     records = [{"step": s, "loss": 1.0 / s, "video_loss": 0.6 / s, "struct_loss": 0.4 / s} for s in range(1, 6)]

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from training.config import TrainConfig
 from training.launch import REPO_ROOT, LaunchSpec, command, environment, extensions_dir, run_streaming
+from training.train_config import TrainConfig
 
 
 def test_torchrun_single_node_is_standalone():
@@ -62,13 +62,13 @@ def test_run_streaming_timeout_kills_the_process_group():
 
 
 def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
-    base = {"shards": ["a.tar"], "out_dir": str(tmp_path), "window": 9}
+    base = {"shards": ["a.tar"], "out_dir": str(tmp_path), "window_frames": 9}
     with pytest.raises(ValueError, match="unknown training config keys: \\['bach'\\]"):
         TrainConfig.from_dict({**base, "bach": 2})
     with pytest.raises(ValueError, match="noise_mode"):
         TrainConfig.from_dict({**base, "noise_mode": "per_token"})
-    cfg = TrainConfig.from_dict({**base, "faults": {"crash_at_step": 3}, "train_window": 5})
-    assert cfg.faults.crash_at_step == 3 and cfg.effective_window == 5
+    cfg = TrainConfig.from_dict({**base, "faults": {"crash_at_step": 3}, "train_window_frames": 5})
+    assert cfg.faults.crash_at_step == 3 and cfg.effective_window_frames == 5
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 

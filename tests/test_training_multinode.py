@@ -148,7 +148,7 @@ def test_check_launch_matches_nnodes_and_slots_to_the_hostfile(tmp_path):
 
 
 def test_train_flow_rejects_bad_launch_settings_before_starting_anything(tmp_path):
-    cfg = {"shards": ["x.tar"], "out_dir": str(tmp_path / "out"), "window": WINDOW}
+    cfg = {"shards": ["x.tar"], "out_dir": str(tmp_path / "out"), "window_frames": WINDOW}
     with pytest.raises(ValueError, match="nnodes=3 but hostfile"):
         train_flow.fn(cfg, launch=LaunchSpec(launcher="deepspeed", nproc_per_node=1, nnodes=3, hostfile=str(
             write_hostfile([HostSlots("a", 1), HostSlots("b", 1)], tmp_path / "hosts"))))

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from tests.training_shards import train_config, write_shards
-from training.config import TrainConfig
 from training.launch import LaunchSpec, command, environment
 from training.metrics import read_metrics
 from training.run_status import COMPLETED, STOPPED, read_statuses
+from training.train_config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

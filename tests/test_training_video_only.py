@@ -9,10 +9,10 @@ import torch
 from tasks import contract
 from tests.training_shards import AUDIO_DIM, CROP, WINDOW, train_config, write_shards
 from training import checkpoint
-from training.config import TrainConfig
 from training.loader import LoaderConfig, ShardLoader
 from training.metrics import read_metrics
 from training.run_status import COMPLETED
+from training.train_config import TrainConfig
 
 
 @pytest.fixture(scope="module")

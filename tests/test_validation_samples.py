@@ -21,7 +21,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="module")
 def validated_run(tmp_path_factory, samples_dir):
-    from training.config import TrainConfig
+    from training.train_config import TrainConfig
 
     root = tmp_path_factory.mktemp("validation")
     models = dryrun_models()

@@ -61,12 +61,12 @@ def crop_frames(yongen_crop):
 
 @pytest.mark.parametrize("n,stride,chunk", [(4, 100, 32), (4, 50, 8), (2, 33, 32), (8, None, 5), (1, 70, 16)])
 def test_real_crop_windows_equal_the_decoded_crop(yongen_crop, crop_frames, n, stride, chunk):
-    cfg = ShardConfig(n=n, stride=stride)
+    cfg = ShardConfig(window_frames=4 * n + 1, stride=stride)
     clip = ShardClip(row=_row(), crop_dir=yongen_crop.clip_dir, frames=yongen_crop.frames, step_versions={})
     got = list(_iter_windows(clip, cfg, chunk=chunk))
-    assert [s for s, _ in got] == window_starts(yongen_crop.frames, cfg.window, stride)
+    assert [s for s, _ in got] == window_starts(yongen_crop.frames, cfg.window_frames, stride)
     for s, w in got:
-        assert np.array_equal(w, crop_frames[s: s + cfg.window]), (n, stride, chunk, s)
+        assert np.array_equal(w, crop_frames[s: s + cfg.window_frames]), (n, stride, chunk, s)
 
 
 def _row():
@@ -86,13 +86,13 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize("n,stride", [(4, 100), (2, 45)])  # the dry-run's settings, and a stride > chunk
 def test_every_shard_sample_holds_its_windows_video_and_audio(yongen_crop, crop_frames, tmp_path, n, stride):
-    cfg = ShardConfig(n=n, stride=stride)
+    cfg = ShardConfig(window_frames=4 * n + 1, stride=stride)
     clip = ShardClip(row=_row(), crop_dir=yongen_crop.clip_dir, frames=yongen_crop.frames, step_versions={})
     write_shards([clip], tmp_path, cfg, key="k")
     clip_audio, _ = sf.read(yongen_crop.audio, dtype="int16")
     crop_small = _small(crop_frames)
     starts = []
-    for sample in iter_samples(tmp_path, contract.ContractSpec(window=cfg.window, require_features=False)):
+    for sample in iter_samples(tmp_path, contract.ContractSpec(window_frames=cfg.window_frames, require_features=False)):
         start, end = sample["meta"]["window"]
         starts.append(start)
         path = tmp_path / "w.mp4"
@@ -108,7 +108,7 @@ def test_every_shard_sample_holds_its_windows_video_and_audio(yongen_crop, crop_
             assert near > max(others), (start, k, near, max(others))
         audio, _ = sf.read(io.BytesIO(sample[contract.AUDIO]), dtype="int16")
         assert np.array_equal(audio, clip_audio[start * 640: end * 640])
-    assert starts == window_starts(yongen_crop.frames, cfg.window, stride)
+    assert starts == window_starts(yongen_crop.frames, cfg.window_frames, stride)
 
 
 def test_iter_frames_chunks_do_not_change_the_frames(yongen_crop, crop_frames):

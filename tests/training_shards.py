@@ -17,20 +17,20 @@ WINDOW = 9  # video frames -> 3 latent frames
 
 
 def sample_members(
-    rng: np.random.Generator, clip_id: str, window: int = WINDOW, crop: int = CROP, audio_dim: int = AUDIO_DIM,
+    rng: np.random.Generator, clip_id: str, window_frames: int = WINDOW, crop: int = CROP, audio_dim: int = AUDIO_DIM,
     profile: str = contract.TALKING_HEAD, split: str = "train", media: Optional[tuple[bytes, bytes]] = None,
     meta_extra: Optional[dict] = None,
 ) -> dict[str, bytes]:
     """`media`: real (video.mp4, audio.wav) bytes for tests that decode them (validation, evaluation)."""
     hw = crop // contract.VAE_SPACE_STRIDE
-    latents = contract.latent_frames(window)
+    latents = contract.latent_frames(window_frames)
     meta = {
         "clip_id": clip_id,
         "dataset": "synthetic",
         "source": "tests/training_shards.py",
         "split": split,
-        "window": [0, window],
-        "frames": window,
+        "window": [0, window_frames],
+        "frames": window_frames,
         "audio_dim": audio_dim,
         "steps": {"sharding": "test"},
         "profile": profile,
@@ -45,9 +45,9 @@ def sample_members(
         contract.REFERENCE_LATENT: contract.npy_bytes(
             rng.standard_normal((contract.LATENT_CHANNELS, 1, hw, hw)).astype(np.float16)
         ),
-        contract.STRUCT: contract.npy_bytes(rng.standard_normal((window, contract.STRUCT_DIM)).astype(np.float32)),
-        contract.AUDIO_FEATURES: contract.npy_bytes(rng.standard_normal((window, audio_dim)).astype(np.float16)),
-        contract.KEEP_MASK: contract.npy_bytes(rng.random(window) > 0.1),
+        contract.STRUCT: contract.npy_bytes(rng.standard_normal((window_frames, contract.STRUCT_DIM)).astype(np.float32)),
+        contract.AUDIO_FEATURES: contract.npy_bytes(rng.standard_normal((window_frames, audio_dim)).astype(np.float16)),
+        contract.KEEP_MASK: contract.npy_bytes(rng.random(window_frames) > 0.1),
         contract.META: json.dumps(meta).encode(),
     }
     if media is not None:
@@ -63,7 +63,7 @@ def write_shards(
     n_shards: int,
     per_shard: int,
     seed: int = 0,
-    window: int = WINDOW,
+    window_frames: int = WINDOW,
     crop: int = CROP,
     audio_dim: int = AUDIO_DIM,
     tamper: Optional[Callable[[str, dict[str, bytes]], dict[str, bytes]]] = None,
@@ -82,7 +82,7 @@ def write_shards(
         with tarfile.open(path, "w") as tar:
             for i in range(per_shard):
                 key = f"clip{s:03d}_w{i:06d}"  # the shard writer's key form (tasks.steps.shard.sample_key)
-                members = sample_members(rng, key, window, crop, audio_dim, profile, split,
+                members = sample_members(rng, key, window_frames, crop, audio_dim, profile, split,
                                          media(key) if media else None, meta_extra)
                 if tamper is not None:
                     members = tamper(key, members)
@@ -97,7 +97,7 @@ def write_shards(
 
 def train_config(shards: Path, out_dir: Path, **overrides) -> dict:
     """A TrainConfig dict for the tiny model over shards from write_shards (tests override what they study)."""
-    cfg = dict(shards=[str(Path(shards) / "shard-*.tar")], out_dir=str(out_dir), window=WINDOW, crop_size=CROP,
+    cfg = dict(shards=[str(Path(shards) / "shard-*.tar")], out_dir=str(out_dir), window_frames=WINDOW, crop_size=CROP,
                audio_dim=AUDIO_DIM, micro_batch=2, total_steps=3, ckpt_every=10, warmup_steps=1, num_workers=0,
                shuffle_buffer=4)
     cfg.update(overrides)
@@ -128,9 +128,9 @@ def train_in_process(cfg) -> None:
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
-def real_media(source: Path, window: int = WINDOW, crop: int = CROP) -> Callable[[str], tuple[bytes, bytes]]:
+def real_media(source: Path, window_frames: int = WINDOW, crop: int = CROP) -> Callable[[str], tuple[bytes, bytes]]:
     """`write_shards(media=...)` with real frames and speech: the `source` video at crop x crop, a new stretch per
-    sample (20 frames apart), its speech cut to exactly window x 640 samples."""
+    sample (20 frames apart), its speech cut to exactly window_frames x 640 samples."""
     import tempfile
 
     from tasks.media import VideoWriter, read_audio, read_frames, wav_bytes
@@ -144,9 +144,9 @@ def real_media(source: Path, window: int = WINDOW, crop: int = CROP) -> Callable
         made.append(key)
         with tempfile.TemporaryDirectory() as tmp:
             with VideoWriter(Path(tmp) / "w.mp4", crop, crop) as writer:
-                writer.write(frames[start:start + window])
+                writer.write(frames[start:start + window_frames])
             video = (Path(tmp) / "w.mp4").read_bytes()
         a = start * contract.AUDIO_SAMPLES_PER_FRAME
-        return video, wav_bytes(audio[a:a + window * contract.AUDIO_SAMPLES_PER_FRAME])
+        return video, wav_bytes(audio[a:a + window_frames * contract.AUDIO_SAMPLES_PER_FRAME])
 
     return media

@@ -24,9 +24,9 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from training.config import TrainConfig, config_adapter
 from training.gates import TrainingGateConfig
 from training.program import STAGE_OWNED, LaunchSpecFields, read_config_file, resolve_path
+from training.train_config import TrainConfig, config_adapter
 
 REVIEW_ITEMS = ("baseline", "3d_stream", "bridge", "fusion_depth", "sigma_s_max", "long_sequence", "struct_tokens",
                 "flame_loss", "lipsync_loss")
@@ -72,7 +72,7 @@ class AblationMatrix(_Strict):
             raise ValueError(f"{owned} are set from the matrix's shards, not in train")
         config_adapter(TrainingGateConfig).validate_python(self.gates)
         for variant in self.variants:  # unknown keys and bad values, per variant, before anything runs
-            cfg = TrainConfig.from_dict({"shards": ["-"], "out_dir": "-", "window": 9, **variant_train(self, variant)})
+            cfg = TrainConfig.from_dict({"shards": ["-"], "out_dir": "-", "window_frames": 9, **variant_train(self, variant)})
             try:
                 cfg.model_config()
             except TypeError as exc:  # a model_overrides key DualForceConfig does not have

@@ -19,8 +19,8 @@ from models.dualforce import DualForce
 from models.dualforce.serialization import check_output_folder
 from tasks import contract
 from training import checkpoint
-from training.config import TrainConfig
 from training.safe_checkpoint import load_weights_only
+from training.train_config import TrainConfig
 from training.warm_start import provenance_of_start
 
 CONFIG_NAME = "train_config.json"
@@ -123,7 +123,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, tag: Optional[str] = No
     provenance = {
         "run_dir": str(run_dir.resolve()), "checkpoint": tag, "step": int(tag.removeprefix("step")),
         "weights": used, "weights_file": source, "model_variant": cfg.model_variant,
-        "train_window": cfg.effective_window, "crop_size": cfg.crop_size, "loss_options": cfg.loss_options,
+        "train_window_frames": cfg.effective_window_frames, "crop_size": cfg.crop_size, "loss_options": cfg.loss_options,
         "noise_mode": cfg.noise_mode, "training_data": training_data(cfg),
         "initialised_from": provenance_of_start(cfg, run_dir),
     }

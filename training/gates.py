@@ -1,7 +1,7 @@
 """Training go/no-go gates (DESIGN.md gate table) as pure functions of the metrics stream.
 
 Input is the list of metrics.jsonl records ({"step", "loss", "video_loss", "struct_loss", "memory_mb", ...})
-and the per-rank run statuses; output is a tasks.gates.GateVerdict. A gate whose step has not been reached
+and the per-rank run statuses; output is a tasks.gate_verdict.GateVerdict. A gate whose step has not been reached
 says so (evaluated False: titled NOT EVALUATED, never GO) rather than guessing.
 
 gate_steps() is the schedule the training flow runs by: the trainer stops at each gate's step, the flow judges
@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional, Sequence, get_args
 from pydantic import ConfigDict
 
 from tasks import contract
-from tasks.gates import GateVerdict
+from tasks.gate_verdict import GateVerdict
 from training.run_status import NONFINITE, OOM, RunStatus
 
 Records = Sequence[dict[str, Any]]
@@ -122,26 +122,26 @@ def _last_step(records: Records) -> int:
     return max((int(r["step"]) for r in records), default=0)
 
 
-def memory_fallback(micro_batch: int, window: int, fallback_window: int) -> Optional[dict[str, int]]:
+def memory_fallback(micro_batch: int, window_frames: int, fallback_window_frames: int) -> Optional[dict[str, int]]:
     """Next setting to try after running out of memory: batch 1 first, then the shorter clip; None when spent."""
     if micro_batch > 1:
-        return {"micro_batch": 1, "window": window}
-    if window > fallback_window:
-        return {"micro_batch": 1, "window": fallback_window}
+        return {"micro_batch": 1, "window_frames": window_frames}
+    if window_frames > fallback_window_frames:
+        return {"micro_batch": 1, "window_frames": fallback_window_frames}
     return None
 
 
 def memory_gate(
-    records: Records, statuses: Sequence[RunStatus], cfg: TrainingGateConfig, micro_batch: int, window: int
+    records: Records, statuses: Sequence[RunStatus], cfg: TrainingGateConfig, micro_batch: int, window_frames: int
 ) -> GateVerdict:
-    fallback_window = contract.window_frames(cfg.fallback_latent_frames - 1)
+    fallback_window_frames = contract.video_frames(cfg.fallback_latent_frames)
     ooms = [s for s in statuses if s.status == OOM]
     peaks = [float(r["memory_mb"]) for r in records if r.get("memory_mb") is not None]
     peak = max(peaks, default=None)
     over = cfg.memory_budget_mb is not None and peak is not None and peak > cfg.memory_budget_mb
     numbers = {
         "micro_batch": micro_batch,
-        "window_frames": window,
+        "window_frames": window_frames,
         "peak_memory_mb": peak,
         "budget_mb": cfg.memory_budget_mb,
         "oom_ranks": [s.rank for s in ooms],
@@ -151,15 +151,15 @@ def memory_gate(
         summary = f"peak {peak:.0f} MB" if peak is not None else "no memory figure recorded"
         if cfg.memory_budget_mb is not None:
             summary += f" within budget {cfg.memory_budget_mb:.0f} MB"
-        return GateVerdict("memory", True, f"{summary} (batch {micro_batch}, window {window})", numbers)
-    nxt = memory_fallback(micro_batch, window, fallback_window)
+        return GateVerdict("memory", True, f"{summary} (batch {micro_batch}, window {window_frames})", numbers)
+    nxt = memory_fallback(micro_batch, window_frames, fallback_window_frames)
     if nxt is None:
         recommendation = "stop: does not fit even at batch 1 and the shortest clip; shrink the model or shard it further"
     elif nxt["micro_batch"] != micro_batch:
         recommendation = "retry with micro batch 1"
     else:
         recommendation = (
-            f"retry with clip length {cfg.fallback_latent_frames} latent frames ({nxt['window']} video frames)"
+            f"retry with clip length {cfg.fallback_latent_frames} latent frames ({nxt['window_frames']} video frames)"
         )
     numbers["next"] = nxt
     cause = (
@@ -167,7 +167,7 @@ def memory_gate(
         if ooms
         else f"peak {peak:.0f} MB over budget {cfg.memory_budget_mb:.0f} MB"
     )
-    return GateVerdict("memory", False, f"{cause} (batch {micro_batch}, window {window})", numbers, recommendation)
+    return GateVerdict("memory", False, f"{cause} (batch {micro_batch}, window {window_frames})", numbers, recommendation)
 
 
 def oscillation(losses: Sequence[float], chunks: int) -> tuple[int, float]:

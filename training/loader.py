@@ -64,10 +64,10 @@ SHARD_ERRORS = (OSError, EOFError, ValueError, tarfile.TarError)
 @dataclass
 class LoaderConfig:
     shards: list[str]  # tar paths / fsspec URLs, with globs and brace patterns ("s3://b/shard-{000000..000009}.tar")
-    window: int  # video frames per shard sample (4n+1), as written by the shard writer
+    window_frames: int  # video frames per shard sample (4n+1), as written by the shard writer
     crop_size: int = contract.CROP_SIZE
     audio_dim: Optional[int] = None  # None: take it from each sample's meta.json
-    train_window: Optional[int] = None  # shorter window (4m+1) cut from the start of each sample
+    train_window_frames: Optional[int] = None  # shorter window (4m+1) cut from the start of each sample
     batch_size: int = 1
     num_workers: int = 0
     shuffle_buffer: int = 64  # 0 disables sample shuffling
@@ -81,7 +81,7 @@ class LoaderConfig:
     # contract.TALKING_HEAD, or contract.VIDEO_ONLY: batches of video_latents + reference_latent alone (any
     # shard set qualifies: a talking-head sample's other members are then left undecoded)
     profile: str = contract.TALKING_HEAD
-    struct_dim: int = contract.STRUCT_DIM  # LivePortrait's 133, or the FLAME layout's width (models/flame_struct.py)
+    struct_dim: int = contract.STRUCT_DIM  # LivePortrait's 133, or the FLAME layout's width (models/flame_layout.py)
 
 
 def _is_url(pattern: str) -> bool:
@@ -230,14 +230,15 @@ class ShardDataset(IterableDataset):
         in_memory = [u for u in self.urls if "memory://" in u]
         if in_memory and cfg.num_workers > 0:  # each worker process has its own, empty, memory filesystem
             raise ValueError(f"memory:// shards ({in_memory[0]}, ...) are only readable with num_workers=0")
-        self.spec = ContractSpec(window=cfg.window, crop_size=cfg.crop_size, audio_dim=cfg.audio_dim,
+        self.spec = ContractSpec(window_frames=cfg.window_frames, crop_size=cfg.crop_size, audio_dim=cfg.audio_dim,
                                  profile=cfg.profile, struct_dim=cfg.struct_dim)
         self.tensor_keys = PROFILE_TENSOR_KEYS[cfg.profile]
         self.limits = contract.member_limits(self.spec)  # what a member may declare before it is read
-        if cfg.train_window is not None:
-            contract.latent_frames(cfg.train_window)  # 4m+1 check
-            if cfg.train_window > cfg.window:
-                raise ValueError(f"train_window {cfg.train_window} is longer than the shard window {cfg.window}")
+        if cfg.train_window_frames is not None:
+            contract.latent_frames(cfg.train_window_frames)  # 4m+1 check
+            if cfg.train_window_frames > cfg.window_frames:
+                raise ValueError(f"train_window_frames {cfg.train_window_frames} is longer than the shard window "
+                                 f"{cfg.window_frames}")
         self.epoch = 0
         # Per-worker counters (live in the worker process; reported through STATS_KEY records).
         self.accepted = 0
@@ -306,8 +307,8 @@ class ShardDataset(IterableDataset):
         arrays = {name: decoded[_MEMBER_OF_KEY[name]] for name in self.tensor_keys}
         arrays.update({name: decoded[_MEMBER_OF_KEY[name]] for name in OPTIONAL_TENSOR_KEYS[self.cfg.profile]
                        if _MEMBER_OF_KEY[name] in decoded})
-        if self.cfg.train_window is not None:
-            arrays = crop_window(arrays, self.cfg.train_window)
+        if self.cfg.train_window_frames is not None:
+            arrays = crop_window(arrays, self.cfg.train_window_frames)
         self.accepted += 1
         return {"__key__": key, "meta": meta, **arrays}
 

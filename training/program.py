@@ -19,11 +19,11 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from training.config import TrainConfig, config_adapter
 from training.gates import TrainingGateConfig
+from training.train_config import TrainConfig, config_adapter
 
 # TrainConfig fields a stage sets itself (from its data or its place in the program), never from the file
-STAGE_OWNED = ("shards", "out_dir", "window", "audio_dim", "struct_dim", "crop_size", "video_only", "init_from",
+STAGE_OWNED = ("shards", "out_dir", "window_frames", "audio_dim", "struct_dim", "crop_size", "video_only", "init_from",
                "init_from_wan", "resume_from")
 
 
@@ -56,7 +56,7 @@ class StageSpec(_Strict):
         owned = sorted(set(train) & set(STAGE_OWNED))
         if owned:
             raise ValueError(f"{owned} are set by the program from the stage's data and order, not in train")
-        TrainConfig.from_dict({"shards": ["-"], "out_dir": "-", "window": 9, **train})  # unknown keys, bad values
+        TrainConfig.from_dict({"shards": ["-"], "out_dir": "-", "window_frames": 9, **train})  # unknown keys, bad values
         return train
 
     @field_validator("gates")
@@ -120,7 +120,7 @@ class ProgramConfig(_Strict):
             if spec is None:
                 continue
             gates = TrainingGateConfig(**spec.gates)
-            total = TrainConfig.from_dict({"shards": ["-"], "out_dir": "-", "window": 9, **spec.train}).total_steps
+            total = TrainConfig.from_dict({"shards": ["-"], "out_dir": "-", "window_frames": 9, **spec.train}).total_steps
             if gates.convergence_step is None or gates.convergence_step > total:
                 raise ValueError(f"{stage}'s convergence gate (step {gates.convergence_step}) must fall within its "
                                  f"{total} training steps: the stage is left by that verdict")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from datasets_manifest.schema import SPLITS
 from tasks import contract
 from tasks.steps.shard import STATS_FILE, iter_samples
 
@@ -17,7 +18,7 @@ from tasks.steps.shard import STATS_FILE, iter_samples
 @dataclass(frozen=True)
 class ShardSetInfo:
     path: Path
-    window: int
+    window_frames: int
     crop_size: int
     profile: str  # contract.TALKING_HEAD | contract.VIDEO_ONLY
     audio_dim: Optional[int]  # None for video-only sets
@@ -46,14 +47,14 @@ def train_data_fields(shard_dirs: list[str | Path], split: str = "train", video_
     infos = [shard_set_info(Path(d), split) for d in shard_dirs]
     if not infos:
         raise ValueError("no shard sets given")
-    shapes = {(i.window, i.crop_size) for i in infos}
+    shapes = {(i.window_frames, i.crop_size) for i in infos}
     if len(shapes) > 1:
         raise ValueError(f"shard sets disagree on the window or crop size: "
-                         f"{[(str(i.path), i.window, i.crop_size) for i in infos]}")
-    window, crop_size = shapes.pop()
+                         f"{[(str(i.path), i.window_frames, i.crop_size) for i in infos]}")
+    window_frames, crop_size = shapes.pop()
     fields: dict[str, Any] = {
         "shards": [str(i.path / split / "shard-*.tar") for i in infos],
-        "window": window,
+        "window_frames": window_frames,
         "crop_size": crop_size,
         "video_only": video_only,
     }
@@ -67,6 +68,22 @@ def train_data_fields(shard_dirs: list[str | Path], split: str = "train", video_
                              f"{[(str(i.path), i.audio_dim, i.struct_source, i.struct_dim) for i in infos]}")
         fields["audio_dim"], fields["struct_dim"], _ = dims.pop()
     return fields
+
+
+DATA_FIELDS = ("window_frames", "crop_size", "audio_dim", "struct_dim")  # what a shard set decides for its runs
+
+
+def with_data_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """A raw training config (`dualforce train --config`) with the data fields it leaves out taken from the shard
+    sets its `shards` belong to (window_frames, crop size, HuBERT width, struct width), as program and pipeline
+    take them; fields it states are kept (a disagreement is the loader's contract error, naming the sample)."""
+    missing = [k for k in DATA_FIELDS if k not in config]
+    roots = [shard_set_root(str(p)) for p in config.get("shards") or []]
+    if not missing or not roots or not all((r / STATS_FILE).is_file() for r in roots):
+        return config
+    named = [p for pattern in config["shards"] for p in Path(str(pattern)).parts if p in SPLITS]
+    found = train_data_fields(roots, named[0] if named else "train", video_only=bool(config.get("video_only")))
+    return {**config, **{k: found[k] for k in missing if k in found}}
 
 
 def shard_set_root(pattern: str) -> Path:

@@ -8,8 +8,8 @@ import sys
 import torch.distributed as dist
 
 from tasks.known_noise import quiet_known_noise
-from training.config import TrainConfig
 from training.run_status import COMPLETED, EXIT_CODES, STOPPED
+from training.train_config import TrainConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.trainer import run_training
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", required=True, help="training config JSON (training.config.TrainConfig)")
+    parser.add_argument("--config", required=True, help="training config JSON (training.train_config.TrainConfig)")
     parser.add_argument("--local_rank", type=int, default=None, help="set by DeepSpeed's launcher; unused")
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -26,12 +26,12 @@ from models.dualforce.pretrained import load_video_dit
 from models.dualforce.wan_transfer import transfer_wan
 from tasks import contract
 from training import checkpoint, rng_state, safe_checkpoint
-from training.config import TrainConfig, load_ds_config
 from training.ema import EMA
 from training.loader import OPTIONAL_TENSOR_KEYS, PROFILE_TENSOR_KEYS, LoaderConfig, ShardLoader
 from training.metrics import MetricsWriter, peak_memory_mb
 from training.run_status import COMPLETED, ERROR, NONFINITE, OOM, STOPPED, RunStatus, write_status
 from training.schedule import WarmupDecay
+from training.train_config import TrainConfig, load_ds_config
 from training.warm_start import write_transfer_report
 
 log = logging.getLogger("training")
@@ -124,10 +124,10 @@ class Trainer:
         self.loader = ShardLoader(
             LoaderConfig(
                 shards=cfg.shards,
-                window=cfg.window,
+                window_frames=cfg.window_frames,
                 crop_size=cfg.crop_size,
                 audio_dim=cfg.audio_dim,
-                train_window=cfg.train_window,
+                train_window_frames=cfg.train_window_frames,
                 batch_size=cfg.micro_batch,
                 num_workers=cfg.num_workers,
                 shuffle_buffer=cfg.shuffle_buffer,
@@ -187,10 +187,10 @@ class Trainer:
         if (
             f.oom_at_step == step
             and batch_size > f.oom_if_batch_above
-            and self.cfg.effective_window > f.oom_if_window_above
+            and self.cfg.effective_window_frames > f.oom_if_window_above
         ):
             raise torch.OutOfMemoryError(
-                f"injected out of memory at step {step} (batch {batch_size}, window {self.cfg.effective_window})"
+                f"injected out of memory at step {step} (batch {batch_size}, window {self.cfg.effective_window_frames})"
             )
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -274,7 +274,7 @@ class Trainer:
             "memory_kind": "cuda_max_allocated" if self.use_cuda else "cpu_peak_rss",
             "epoch": self.loader.epoch,
             "micro_batch": self.cfg.micro_batch,
-            "window": self.cfg.effective_window,
+            "window_frames": self.cfg.effective_window_frames,
             "noise_mode": self.cfg.noise_mode,
             "world_size": self.world,
         }

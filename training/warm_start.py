@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from models.dualforce.wan_transfer import WanTransfer, plan_from_path
-from training.config import TrainConfig
+from training.train_config import TrainConfig
 
 REPORT_JSON = "wan_transfer.json"
 REPORT_MD = "wan_transfer.md"

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from models.latent_geometry import LATENT_CHANNELS, VAE_TIME_STRIDE
+from models.sample_shape import HUBERT_LARGE_DIM
 from models.struct_layout import STRUCT_DIM
 
 from .attention import ATTENTION_BACKENDS
@@ -25,7 +26,7 @@ class DualForceConfig:
     mask_channels: int = 4  # Wan i2v: 4 mask channels (one per video frame packed into a latent frame)
     patch_size: tuple[int, int, int] = (1, 2, 2)
     struct_dim: int = STRUCT_DIM
-    audio_dim: int = 1024  # HuBERT-large width; 768 for base
+    audio_dim: int = HUBERT_LARGE_DIM  # the shards' HuBERT width (hubert-large; 768 for base)
     frames_per_latent: int = VAE_TIME_STRIDE
     # video DiT
     video_dim: int = 1536

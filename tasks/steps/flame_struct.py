@@ -15,7 +15,7 @@ from typing import ClassVar, Optional
 import numpy as np
 
 from datasets_manifest.schema import ClipRow
-from models.flame_struct import FlameStruct, flame_struct
+from models.flame_layout import FlameStruct, flame_struct
 from tasks.errors import ClipRejected
 from tasks.step_store import fingerprint, save_npy
 from tasks.steps.crop import CropStep, crop_frames

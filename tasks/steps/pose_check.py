@@ -33,7 +33,7 @@ import numpy as np
 from datasets_manifest.schema import ClipRow
 from models.struct_layout import MotionLatents, angles_from_rotation, rotation_from_angles
 from tasks.errors import ClipRejected
-from tasks.gates import GateVerdict
+from tasks.gate_verdict import GateVerdict
 from tasks.step_store import fingerprint, save_npy
 from tasks.steps.crop import CROP_LANDMARKS, CropStep
 from tasks.steps.motion import MOTION_FILE, MotionStep

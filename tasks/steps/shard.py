@@ -44,19 +44,18 @@ STATUS_FILE = "_status.json"
 
 @dataclass(frozen=True)
 class ShardConfig:
-    n: int = 8  # window = 4n+1 video frames (33 frames, 1.32 s) -> n+1 latent frames
-    stride: Optional[int] = None  # frames between window starts; None = window (no overlap)
+    window_frames: int = contract.WINDOW_FRAMES  # 4n+1 video frames per window -> n+1 latent frames
+    stride: Optional[int] = None  # frames between window starts; None = window_frames (no overlap)
     max_samples_per_shard: int = 200
     max_bytes_per_shard: int = 512 << 20
     video_crf: int = 18
 
-    @property
-    def window(self) -> int:
-        return contract.window_frames(self.n)
+    def __post_init__(self) -> None:
+        contract.latent_frames(self.window_frames)  # 4n+1, or a ValueError naming the count
 
     @property
     def step(self) -> int:
-        return self.stride or self.window
+        return self.stride or self.window_frames
 
 
 # A feature source adds members to a sample: (clip, start, end) -> {member name: bytes}.
@@ -81,7 +80,7 @@ class ShardClip:
 
 
 def window_starts(frames: int, cfg: ShardConfig, segments: Optional[list[tuple[int, int]]] = None) -> list[int]:
-    return windows.window_starts(frames, cfg.window, cfg.step, segments)
+    return windows.window_starts(frames, cfg.window_frames, cfg.step, segments)
 
 
 def sample_key(clip_id: str, start: int) -> str:
@@ -105,12 +104,12 @@ def _iter_windows(clip: ShardClip, cfg: ShardConfig, chunk: int = 32) -> Iterato
     starts = window_starts(clip.frames, cfg, clip.segments)
     if not starts:
         return
-    yield from windows.iter_windows(iter_frames(clip.crop_dir / CROP_VIDEO, chunk=chunk), starts, cfg.window)
+    yield from windows.iter_windows(iter_frames(clip.crop_dir / CROP_VIDEO, chunk=chunk), starts, cfg.window_frames)
 
 
 def _sample(clip: ShardClip, start: int, frames: np.ndarray, audio: Optional[np.ndarray], cfg: ShardConfig) -> dict:
     """One window's members; `audio`: the crop's wav samples, None for a video-only clip (no audio member)."""
-    end = start + cfg.window
+    end = start + cfg.window_frames
     row = clip.row
     meta = {
         "clip_id": row.clip_id,
@@ -122,7 +121,7 @@ def _sample(clip: ShardClip, start: int, frames: np.ndarray, audio: Optional[np.
         "source_time_range_s": [row.start_s + start / contract.FPS, row.start_s + end / contract.FPS],
         "window": [start, end],
         "segment": next(([a, b] for a, b in (clip.segments or [(0, clip.frames)]) if a <= start and end <= b), None),
-        "frames": cfg.window,
+        "frames": cfg.window_frames,
         "fps": contract.FPS,
         "sample_rate": contract.SAMPLE_RATE,
         "profile": clip.profile,
@@ -298,7 +297,7 @@ def write_shard_group(
                     shard = writer.write(sample)
                     index_rows.append({
                         "key": sample["__key__"], "shard": shard, "clip_id": clip.row.clip_id,
-                        "window_start": start, "window_end": start + cfg.window, "split": split,
+                        "window_start": start, "window_end": start + cfg.window_frames, "split": split,
                     })
                     n += 1
                 per_clip[clip.row.clip_id] = [split, n]
@@ -415,8 +414,8 @@ def merge_shard_groups(
         "bytes": sum(s["bytes"] for s in shards),
         "clips": len({r["clip_id"] for r in index_rows}),
         "per_split": dict(sorted(per_split.items())),
-        "window_frames": cfg.window,
-        "latent_frames": contract.latent_frames(cfg.window),
+        "window_frames": cfg.window_frames,
+        "latent_frames": contract.latent_frames(cfg.window_frames),
         "config": asdict(cfg),
         "shard_groups": group_count,
         "shard_files": shards,
@@ -559,7 +558,7 @@ class ShardStep:
                 entries.append(LedgerEntry(
                     clip_id=s.row.clip_id, dataset=s.row.dataset, step=self.name, status="ok" if n else "rejected",
                     action="skipped" if r.skipped else "ran", reason="" if n else "too_short",
-                    detail="" if n else f"no {self.config.window}-frame window in its stable segments",
+                    detail="" if n else f"no {self.config.window_frames}-frame window in its stable segments",
                     version=self.version, key=r.key, checksum="",
                     seconds=0.0 if r.skipped else r.seconds / max(1, len(r.clips)), run_id=run_id, finished_at=now))
         return entries

@@ -24,7 +24,7 @@ import torch
 
 from datasets_manifest.schema import ClipRow
 from models.wan_vae import TIME_STRIDE, CausalStreamEncoder, WanVae
-from tasks import feature_models, windows
+from tasks import contract, feature_models, windows
 from tasks.errors import ClipRejected
 from tasks.feature_models import FeatureModels
 from tasks.media import iter_frames
@@ -36,7 +36,7 @@ from tasks.steps.shard import ShardConfig
 
 @dataclass(frozen=True)
 class VaeLatentConfig:
-    window_frames: Optional[int] = 81  # 4n+1 video frames per window; None = whole clip as one stream
+    window_frames: Optional[int] = contract.WINDOW_FRAMES  # 4n+1 video frames per window; None = whole clip as one stream
     stride: Optional[int] = None  # frames between window starts; None = window_frames (no overlap)
     batch_windows: int = 4  # windows encoded together (a GPU's batch); 1: one at a time
 
@@ -113,9 +113,9 @@ def encode_clip(
             raise ClipRejected("too_short", "no frames to encode")
         windows_out.append(torch.cat(parts, dim=2)[0].cpu().numpy().astype(np.float16))
         starts.append(0)
-        window = total - dropped
+        window_frames = total - dropped
     else:
-        window = cfg.window_frames
+        window_frames = cfg.window_frames
 
         def counted(chunks):  # frame 0 and the frame count come from the stream the windows are cut from
             nonlocal first, total
@@ -126,14 +126,14 @@ def encode_clip(
                 yield chunk
 
         chunks = counted(frames)
-        wanted = windows.iter_window_starts(window, cfg.stride, segments=segments)
+        wanted = windows.iter_window_starts(window_frames, cfg.stride, segments=segments)
         batch: list[np.ndarray] = []
 
         def encode_batch() -> None:
             windows_out.extend(encode_windows(wan, batch).cpu().numpy().astype(np.float16))
             batch.clear()
 
-        cut = prefetched(windows.iter_windows(chunks, wanted, window), depth=cfg.batch_windows)
+        cut = prefetched(windows.iter_windows(chunks, wanted, window_frames), depth=cfg.batch_windows)
         with contextlib.closing(cut):
             for start, clip in cut:
                 batch.append(clip)
@@ -145,11 +145,11 @@ def encode_clip(
         for _ in chunks:  # drain: the count of frames after the last window
             pass
         if not windows_out:
-            raise ClipRejected("too_short", f"{total} frames, fewer than one {window}-frame window")
-        dropped = total - (starts[-1] + window)
+            raise ClipRejected("too_short", f"{total} frames, fewer than one {window_frames}-frame window")
+        dropped = total - (starts[-1] + window_frames)
     reference = encode_reference(wan, first)
     latents = np.stack(windows_out)  # [W, C, n+1, h, w] float16
-    return VaeLatents(latents, np.asarray(starts, np.int64), window, reference, total, dropped, meta)
+    return VaeLatents(latents, np.asarray(starts, np.int64), window_frames, reference, total, dropped, meta)
 
 
 def save_vae_latents(path: str | Path, result: VaeLatents) -> Path:
@@ -198,12 +198,12 @@ class VaeLatentsStep:
         return (self.crop_step,)
 
     def fingerprint(self) -> str:
-        return fingerprint(self.models.wan_vae, self.models.wan_vae_subfolder, self.windows.window, self.windows.step)
+        return fingerprint(self.models.wan_vae, self.models.wan_vae_subfolder, self.windows.window_frames, self.windows.step)
 
     def run(self, row: ClipRow, inputs: dict[str, Path], out_dir: Path) -> dict:
         crop = inputs[self.crop_step]
-        cfg = VaeLatentConfig(window_frames=self.windows.window, stride=self.windows.step)
-        latents = encode_clip(iter_frames(crop / CROP_VIDEO, chunk=self.windows.window),
+        cfg = VaeLatentConfig(window_frames=self.windows.window_frames, stride=self.windows.step)
+        latents = encode_clip(iter_frames(crop / CROP_VIDEO, chunk=self.windows.window_frames),
                               feature_models.wan_vae(self.models), cfg, segments=crop_segments(crop))
         save_vae_latents(out_dir / VAE_FILE, latents)
         info = {"windows": int(len(latents.window_starts)), "untrained_dryrun": bool(latents.meta.get("untrained_dryrun")),

@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 from pydantic import ConfigDict
 
-from tasks.contract import STRUCT_DIM
+from tasks.contract import HUBERT_LARGE_DIM, STRUCT_DIM
 from training.validation import ValidationConfig
 
 LIPSYNC_EMBED_DIM = 64  # the lip-sync head's width when a run turns the loss on without choosing one
@@ -50,16 +50,31 @@ class WanInit:
             self.layers = [int(i) for i in self.layers]
 
 
+# old name -> name: configs written before a rename (run folders' train_config.json, program files) still load
+RENAMED_KEYS = {"window": "window_frames", "train_window": "train_window_frames"}
+
+
+def renamed_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with the old names of renamed keys (RENAMED_KEYS) given their current ones."""
+    data = dict(data)
+    for old, new in RENAMED_KEYS.items():
+        if old in data:
+            if new in data:
+                raise ValueError(f"training config gives both {new} and {old} (its old name): keep {new}")
+            data[new] = data.pop(old)
+    return data
+
+
 @dataclass
 class TrainConfig:
     __pydantic_config__ = ConfigDict(extra="forbid")  # as a flow parameter: a misspelt key is an error, not dropped
 
     shards: list[str]
     out_dir: str
-    window: int  # video frames per shard sample (4n+1)
-    train_window: Optional[int] = None  # shorter window cut from each sample (memory fallback)
+    window_frames: int  # video frames per shard sample (4n+1)
+    train_window_frames: Optional[int] = None  # shorter window cut from each sample (memory fallback)
     crop_size: int = 512
-    audio_dim: int = 768
+    audio_dim: int = HUBERT_LARGE_DIM  # the shards' HuBERT width: a program or pipeline takes it from the shard set
     struct_dim: int = STRUCT_DIM  # per-frame struct width of the shards: LivePortrait's 133, or a FLAME layout's (stats.json)
     model_variant: str = "tiny"  # models.dualforce preset: "tiny" (CPU tests) or "lite" (~1.5B)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # DualForceConfig fields
@@ -114,7 +129,7 @@ class TrainConfig:
             raise ValueError(f"noise_mode must be per_frame or per_sample, got {self.noise_mode!r}")
         if self.decay not in ("cosine", "linear", "constant"):
             raise ValueError(f"decay must be cosine, linear or constant, got {self.decay!r}")
-        small = {k: getattr(self, k) for k in ("ckpt_every", "total_steps", "micro_batch", "grad_accum", "window",
+        small = {k: getattr(self, k) for k in ("ckpt_every", "total_steps", "micro_batch", "grad_accum", "window_frames",
                                                "keep_checkpoints", "log_every") if getattr(self, k) < 1}
         small.update({k: getattr(self, k) for k in ("warmup_steps", "num_workers") if getattr(self, k) < 0})
         if small:
@@ -138,11 +153,13 @@ class TrainConfig:
         return get_config(self.model_variant, audio_dim=self.audio_dim, struct_dim=self.struct_dim, **overrides)
 
     @property
-    def effective_window(self) -> int:
-        return self.train_window or self.window
+    def effective_window_frames(self) -> int:
+        return self.train_window_frames or self.window_frames
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """A config from a mapping (a program file, a run folder's train_config.json); keys renamed since still read."""
+        data = renamed_keys(data)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

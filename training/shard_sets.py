@@ -82,7 +82,10 @@ def with_data_fields(config: dict[str, Any]) -> dict[str, Any]:
     if not missing or not roots or not all((r / STATS_FILE).is_file() for r in roots):
         return config
     named = [p for pattern in config["shards"] for p in Path(str(pattern)).parts if p in SPLITS]
-    found = train_data_fields(roots, named[0] if named else "train", video_only=bool(config.get("video_only")))
+    try:
+        found = train_data_fields(roots, named[0] if named else "train", video_only=bool(config.get("video_only")))
+    except (ValueError, FileNotFoundError):  # no sample to read the widths from: the checks after this one say why
+        return config
     return {**config, **{k: found[k] for k in missing if k in found}}
 
 

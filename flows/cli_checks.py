@@ -37,8 +37,10 @@ def at_least(low: int) -> Callable[[str], int]:
 
 def window_frames_arg(text: str) -> int:
     """An argparse type: a window length in video frames, 4n+1 (the causal VAE's 4x time stride)."""
+    from models.latent_geometry import VAE_TIME_STRIDE  # a constant module: nothing heavy at parse time
+
     value = at_least(1)(text)
-    if (value - 1) % 4:
+    if (value - 1) % VAE_TIME_STRIDE:
         raise argparse.ArgumentTypeError(f"must be 4n+1 video frames (5, 9, ..., 33, ...), got {value}")
     return value
 

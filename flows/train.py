@@ -235,9 +235,10 @@ def _run_attempt(
                 nxt = memory_fallback(cfg.micro_batch, cfg.effective_window_frames, fallback_window_frames)
                 if nxt is None:
                     return state
-                shorter = nxt["window_frames"] if nxt["window_frames"] != cfg.effective_window_frames else None
-                return Retry(replace(cfg, micro_batch=nxt["micro_batch"],
-                                     train_window_frames=shorter or cfg.train_window_frames, resume_from=None),
+                window_frames = (nxt["window_frames"] if nxt["window_frames"] != cfg.effective_window_frames
+                                 else cfg.train_window_frames)
+                return Retry(replace(cfg, micro_batch=nxt["micro_batch"], train_window_frames=window_frames,
+                                     resume_from=None),
                              f"memory gate: {memory.summary} -> {memory.recommendation}")
         if run is not None and NONFINITE not in kinds and (
             run.process.returncode != 0 or not kinds or kinds - {COMPLETED, STOPPED}

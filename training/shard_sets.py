@@ -78,8 +78,10 @@ def with_data_fields(config: dict[str, Any]) -> dict[str, Any]:
     sets its `shards` belong to (window_frames, crop size, HuBERT width, struct width), as program and pipeline
     take them; fields it states are kept (a disagreement is the loader's contract error, naming the sample)."""
     missing = [k for k in DATA_FIELDS if k not in config]
+    if not missing:
+        return config
     roots = [shard_set_root(str(p)) for p in config.get("shards") or []]
-    if not missing or not roots or not all((r / STATS_FILE).is_file() for r in roots):
+    if not roots or not all((r / STATS_FILE).is_file() for r in roots):
         return config
     named = [p for pattern in config["shards"] for p in Path(str(pattern)).parts if p in SPLITS]
     try:

@@ -212,6 +212,7 @@ def test_crop_outputs_meet_the_contract(dry_run):
         assert abs(centre[0] - 256) < 41 and abs(centre[1] - 320) < 41, centre
 
 
+@pytest.mark.slow
 def test_second_run_does_no_step_work(dry_run, prefect_test_server):
     out, home, _ = dry_run
     shards = out / "samples" / "shards"
@@ -228,6 +229,7 @@ def test_second_run_does_no_step_work(dry_run, prefect_test_server):
     assert len([line for line in metrics.read_text().splitlines() if '"loss"' in line]) == 4  # resumed at step 4: no new steps
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_shards(dry_run, prefect_test_server, tmp_path):
     """A fresh run is killed in the middle of a clip's VAE step, then re-run: the shards come out byte-identical
     to the first run's, what the killed run committed is reused and its half-done step is cleaned up.
@@ -277,6 +279,7 @@ def test_killed_run_resumes_to_identical_shards(dry_run, prefect_test_server, tm
                        (done_clip, "shard"): ("ok", "ran"), (fresh_clip, "shard"): ("ok", "ran")}
 
 
+@pytest.mark.slow
 def test_the_summary_ends_with_next_commands_that_run_as_printed(dry_run, prefect_test_server):
     """export -> generate -> evaluate, as the summary prints them (this run's paths filled in), all exit 0."""
     import shlex

@@ -74,6 +74,7 @@ def test_program_files_are_checked_before_anything_runs(tmp_path):
 
 
 @pytest.mark.usefixtures("prefect_test_server")
+@pytest.mark.slow
 def test_the_program_runs_concept_then_pretrain_and_branches_to_option_b_on_its_no_go(tmp_path, shard_sets, capsys):
     """concept (GO) -> pretrain NO-GO at step 2 of 6 (stops there) -> joint from scratch, whose review gate is
     auto-approved; `dualforce program` exits 0 and prints the stage table. (Three ceilings: the dry-run's test.)"""

@@ -7,7 +7,7 @@ from pathlib import Path
 from datasets_manifest.schema import ClipRow
 from tasks.errors import ClipRejected, ClipRetryable
 from tasks.ledger import read_ledger, step_counts, write_ledger_part
-from tasks.step_runner import ClipState, run_step, step_key
+from tasks.step_runner import ClipState, run_step, stale_scan, step_key
 from tasks.step_store import StepStore
 
 
@@ -162,3 +162,30 @@ def test_row_fields_enter_the_key_and_steps_without_them_keep_theirs(tmp_path):
     up.row_fields = lambda r: {"source": r.source}
     moved = row.model_copy(update={"source": "/y/a.mp4"})
     assert step_key(up, [], row) != step_key(up, [], moved) != fingerprint("upper", "1", "cfg", [])
+
+
+@dataclass
+class CountedPrint(Exclaim):
+    """Exclaim whose config fingerprint counts its calls."""
+
+    prints: list = field(default_factory=list)
+
+    def fingerprint(self) -> str:
+        self.prints.append(1)
+        return "cfg"
+
+
+def test_stale_scan_hashes_each_steps_config_once_whatever_the_clip_count(tmp_path):
+    """The config hash was a third of a 10,000-row scan: one per step per scan, and the same verdicts as per clip."""
+    store = StepStore(tmp_path)
+    ids = [f"c{i}" for i in range(6)]
+    states = _states(ids)
+    run_step(Upper(), states, store, "r1")
+    run_step(Exclaim(), states, store, "r1")
+    for n in (2, 6):
+        counted = CountedPrint()
+        listing = stale_scan([Upper(), counted], [s.row for s in states[:n]], store)
+        assert len(counted.prints) == 1
+        assert [(r["step"], r["current"], r["stale"]) for r in listing] == [("upper", n, 0), ("exclaim", n, 0)]
+    listing = stale_scan([Upper(version="2"), CountedPrint()], [s.row for s in states], store)
+    assert [(r["step"], r["stale"], r["behind_stale"]) for r in listing] == [("upper", 6, 0), ("exclaim", 0, 6)]

@@ -124,6 +124,7 @@ def run_step(
     `retry_rejected`: run clips whose cached record is a rejection again (e.g. after fixing what rejected them).
     """
     reusable = ("ok",) if retry_rejected else ("ok", "rejected")
+    config_print = step.fingerprint()  # one per batch, as stale_scan keys them
     entries: list[LedgerEntry] = []
     for state in states:
         if not state.alive:
@@ -136,7 +137,7 @@ def run_step(
             action = "ran"
         else:
             upstream = [state.records[r] for r in step.requires]
-            key = step_key(step, upstream, row)
+            key = step_key(step, upstream, row, config_print)
             cached = store.load(step.name, row.clip_id)
             if cached is not None and cached.key == key and cached.status in reusable:
                 rec, action = cached, "skipped"

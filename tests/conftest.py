@@ -18,6 +18,14 @@ def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
 
 
+def pytest_configure(config):
+    """Configure Prefect's logging now, while sys.stderr is pytest's session-long stream. Importing `prefect.main`
+    binds Prefect's console handler to the sys.stderr of that moment; left to the first test that imports a flow, a
+    test with `capsys` bound it to a stream closed after that test, and every later flow's logging raised "I/O
+    operation on closed file" (tests/test_backfill.py before tests/test_step_store_remote.py failed that way)."""
+    import prefect.main  # noqa: F401
+
+
 def pytest_collection_modifyitems(config, items):
     run_slow = config.getoption("--runslow") or os.environ.get("DUALFORCE_SLOW") == "1"
     try:

@@ -84,31 +84,44 @@ def step_key(step: Step, upstream: list[StepRecord], row: Optional[ClipRow] = No
     return fingerprint(*parts)
 
 
+SCAN_CHUNK = 4096  # clips whose status files a stale scan holds at once
+
+
 def stale_scan(steps: list[Step], rows: list[ClipRow], store: StepStore) -> list[dict]:
     """Before a run (a backfill), per step: how many clips' stored results are `current` (stored under the key this
     run would compute), `stale` (the step's version, config or manifest fields changed since), `behind_stale`
     (downstream of a stale result: recomputed when that one's output changes) or `missing`. Reads status files
-    only, in step order, the way run_step keys them."""
+    only (a chunk of clips at a time, through StepStore.load_many), keyed the way run_step keys them."""
     counts = {step.name: {"current": 0, "stale": 0, "behind_stale": 0, "missing": 0} for step in steps}
     prints = {step.name: step.fingerprint() for step in steps}
-    for row in rows:
-        done: dict[str, StepRecord] = {}
-        stale: set[str] = set()
-        for step in steps:
-            rec = store.load(step.name, row.clip_id)
-            if rec is None or any(r not in done and r not in stale for r in step.requires):
-                state = "missing"
-            elif any(r in stale for r in step.requires):
-                state = "behind_stale"
-            else:
-                key = step_key(step, [done[r] for r in step.requires], row, prints[step.name])
-                state = "current" if rec.key == key else "stale"
-            if state in ("stale", "behind_stale"):
-                stale.add(step.name)
-            if rec is not None and rec.status == "ok":
-                done[step.name] = rec
-            counts[step.name][state] += 1
+    for start in range(0, len(rows), SCAN_CHUNK):
+        chunk = rows[start:start + SCAN_CHUNK]
+        ids = [row.clip_id for row in chunk]
+        stored = {step.name: store.load_many(step.name, ids) for step in steps}
+        for i, row in enumerate(chunk):
+            _scan_clip(steps, row, {name: recs[i] for name, recs in stored.items()}, prints, counts)
     return [{"step": step.name, "version": step.version, **counts[step.name]} for step in steps]
+
+
+def _scan_clip(steps: list[Step], row: ClipRow, stored: dict[str, Optional[StepRecord]], prints: dict[str, str],
+               counts: dict[str, dict[str, int]]) -> None:
+    """One clip's verdict per step, from its stored records, counted into `counts`."""
+    done: dict[str, StepRecord] = {}
+    stale: set[str] = set()
+    for step in steps:
+        rec = stored[step.name]
+        if rec is None or any(r not in done and r not in stale for r in step.requires):
+            state = "missing"
+        elif any(r in stale for r in step.requires):
+            state = "behind_stale"
+        else:
+            key = step_key(step, [done[r] for r in step.requires], row, prints[step.name])
+            state = "current" if rec.key == key else "stale"
+        if state in ("stale", "behind_stale"):
+            stale.add(step.name)
+        if rec is not None and rec.status == "ok":
+            done[step.name] = rec
+        counts[step.name][state] += 1
 
 
 def run_step(

@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -38,6 +39,7 @@ from typing import Any, Optional
 from tasks import storage
 
 STATUS_FILE = "_status.json"
+STATUS_READERS = 16  # threads of load_many on a remote root
 
 
 class StepOutputCorrupt(RuntimeError):
@@ -111,6 +113,7 @@ class StepStore:
         self.remote = local is None
         if not self.remote:
             self.root: Path | str = local
+            self._root_str = str(local)
             return
         self.root = str(root).rstrip("/")
         self.fs, self.base = storage.filesystem(self.root)
@@ -128,10 +131,28 @@ class StepStore:
         return self._materialise(step, clip_id)
 
     def load(self, step: str, clip_id: str) -> Optional[StepRecord]:
+        return _parse(self._status_blob(step, clip_id))
+
+    def load_many(self, step: str, clip_ids: list[str], readers: int = STATUS_READERS) -> list[Optional[StepRecord]]:
+        """`load` for many clips, in their order (a backfill's stale listing reads one status per clip and step).
+        Remote, the requests overlap in a thread pool: each is a round trip that waits outside the GIL. Local, they
+        are read one after another: with the files in the page cache a pool only adds its hand-offs (10,000 clips x
+        6 steps on the 2-core machine: 2.0-2.7 s in turn, 6.2 s with 2 threads, 9.2 s with 8)."""
         if not self.remote:
-            f = self.clip_dir(step, clip_id) / STATUS_FILE
-            return _parse(f.read_bytes()) if f.exists() else None
-        return _parse(storage.read_bytes(self.fs, self._key(step, clip_id, STATUS_FILE)))
+            return [self.load(step, clip_id) for clip_id in clip_ids]
+        with ThreadPoolExecutor(readers, thread_name_prefix="status-read") as pool:
+            return [_parse(blob) for blob in pool.map(lambda clip_id: self._status_blob(step, clip_id), clip_ids)]
+
+    def _status_blob(self, step: str, clip_id: str) -> Optional[bytes]:
+        """The status file's bytes, None when there is none. Local: one open, no exists() and no pathlib (at
+        100,000 clips x 7 steps the path objects and the extra stat were a third of the stale listing)."""
+        if self.remote:
+            return storage.read_bytes(self.fs, self._key(step, clip_id, STATUS_FILE))
+        try:
+            with open(os.path.join(self._root_str, step, clip_id, STATUS_FILE), "rb") as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
 
     # -- writing ------------------------------------------------------------------------------------------
 

@@ -189,3 +189,22 @@ def test_stale_scan_hashes_each_steps_config_once_whatever_the_clip_count(tmp_pa
         assert [(r["step"], r["current"], r["stale"]) for r in listing] == [("upper", n, 0), ("exclaim", n, 0)]
     listing = stale_scan([Upper(version="2"), CountedPrint()], [s.row for s in states], store)
     assert [(r["step"], r["stale"], r["behind_stale"]) for r in listing] == [("upper", 6, 0), ("exclaim", 0, 6)]
+
+
+def test_stale_scan_reads_in_chunks_and_gives_the_verdicts_of_one_pass(tmp_path, monkeypatch):
+    """Status files are read a chunk of clips at a time: chunks of 2 over 5 clips (one missing, one stale) give the
+    verdicts of a single chunk, and each clip's verdict comes from its own records, not a neighbour's."""
+    import tasks.step_runner as step_runner
+
+    store = StepStore(tmp_path)
+    states = _states([f"c{i}" for i in range(5)])
+    run_step(Upper(), states[:4], store, "r1")
+    run_step(Exclaim(), states[:4], store, "r1")
+    run_step(Exclaim(version="2"), states[1:2], store, "r2")  # c1's exclaim is now under another key
+    rows = [s.row for s in states]
+    whole = stale_scan([Upper(), Exclaim()], rows, store)
+    monkeypatch.setattr(step_runner, "SCAN_CHUNK", 2)
+    assert stale_scan([Upper(), Exclaim()], rows, store) == whole
+    assert [(r["step"], r["current"], r["stale"], r["missing"]) for r in whole] == [
+        ("upper", 4, 0, 1), ("exclaim", 3, 1, 1)]
+    assert [(r["current"], r["stale"]) for r in stale_scan([Upper(), Exclaim()], rows[1:2], store)] == [(1, 0), (0, 1)]

@@ -291,3 +291,22 @@ def test_preprocess_with_a_memory_output_root_writes_the_local_runs_shards(prefe
     assert again["shards"]["skipped"]
     second = [r for r in read_ledger(f"{url}/t").to_pylist() if r["run_id"] == again["run_id"]]
     assert {(r["step"], r["action"]) for r in second} == {("download", "skipped"), ("crop", "skipped"), ("shard", "skipped")}
+
+
+def test_load_many_gives_loads_records_in_order_for_local_and_remote_roots(mem, tmp_path):
+    """The stale listing's batched read: the same records as one `load` per clip, in the clips' order, None where a
+    clip has no status or a damaged one, on a local root (read in turn) and a remote one (a thread pool)."""
+    ids = ["a", "bad1", "c", "d"]
+    for store in (StepStore(tmp_path / "local"), StepStore(ROOT, scratch=tmp_path / "scratch")):
+        _run(store, ids[:3], Writer(FILES), Reader())
+        damaged = "writer/c/" + STATUS_FILE
+        if store.remote:
+            mem.pipe_file(f"/steps-test/root/{damaged}", b"{not json")
+        else:
+            (store.root / damaged).write_bytes(b"{not json")
+        asked = ["d", "c", "bad1", "a", "a", "zzz"]
+        many = store.load_many("writer", asked, readers=3)
+        assert many == [store.load("writer", i) for i in asked]
+        assert [None if r is None else (r.clip_id, r.status) for r in many] == [
+            None, None, ("bad1", "rejected"), ("a", "ok"), ("a", "ok"), None]
+        assert [r and r.clip_id for r in store.load_many("reader", ["a", "bad1"])] == ["a", None]

@@ -295,7 +295,7 @@ def test_preprocess_with_a_memory_output_root_writes_the_local_runs_shards(prefe
 
 def test_load_many_gives_loads_records_in_order_for_local_and_remote_roots(mem, tmp_path):
     """The stale listing's batched read: the same records as one `load` per clip, in the clips' order, None where a
-    clip has no status or a damaged one, on a local root (read in turn) and a remote one (a thread pool)."""
+    clip has no status or a damaged one, on a local root (read in turn) and a remote one (runs read in threads)."""
     ids = ["a", "bad1", "c", "d"]
     for store in (StepStore(tmp_path / "local"), StepStore(ROOT, scratch=tmp_path / "scratch")):
         _run(store, ids[:3], Writer(FILES), Reader())
